@@ -1,0 +1,3 @@
+from gspo_engine.cli import main
+
+main()

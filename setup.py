@@ -1,0 +1,39 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+
+def read_version() -> str:
+    for line in (ROOT / "gspo_engine" / "__init__.py").read_text().splitlines():
+        if line.startswith("__version__"):
+            return line.split("=", 1)[1].strip().strip('"')
+    raise RuntimeError("gspo_engine/__init__.py has no __version__")
+
+
+setup(
+    name="gspo-engine",
+    version=read_version(),
+    description="GSPO reinforcement-learning fine-tuning of Qwen3 models with fused Triton kernels",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["gspo_kernels", "gspo_kernels.*", "gspo_engine", "gspo_engine.*"]),
+    package_data={"gspo_engine": ["assets/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.51",
+        "tokenizers",
+        "safetensors",
+        "numpy",
+        "click>=8.0",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "bench": ["pytest-benchmark>=4", "liger-kernel"],
+    },
+    entry_points={"console_scripts": ["gspo-engine=gspo_engine.cli:main"]},
+)
