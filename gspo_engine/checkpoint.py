@@ -1,0 +1,279 @@
+"""Load and save Hugging Face Qwen3 / Qwen3-MoE checkpoints (config.json + safetensors) without transformers.
+
+Loading builds the model on the meta device, checks every tensor's key, shape and dtype against
+the safetensors headers before reading any data, then fills each parameter tensor by tensor into
+its final storage on the target device, so the weights never exist twice in memory. Released
+checkpoints hold one tensor per expert (`mlp.experts.{j}.{gate,up,down}_proj.weight`); they are
+copied into the grouped `gate_up [E, 2I, H]` and `down [E, H, I]` tensors, and split back on save.
+transformers' own grouped layout (`mlp.experts.gate_up_proj`, saved with
+save_original_format=False) loads as well. A checkpoint that does not fit the model is refused,
+never partly re-initialised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from gspo_engine.model import ModelArgs, Qwen3Model
+from gspo_engine.model.args import DTYPES
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Files next to the weights that a saved folder needs to be used like the released one.
+COPIED_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded into the model as it is."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One Hugging Face tensor and where it sits inside one of our tensors (index () = the whole tensor)."""
+
+    hf_key: str
+    index: tuple
+
+
+_EXPERTS = re.compile(r"layers\.(\d+)\.mlp\.(gate_up|down)$")
+
+
+def hf_pieces(name: str, tensor: torch.Tensor, args: ModelArgs, grouped_experts: bool = False) -> list[Piece]:
+    """The Hugging Face tensors that make up our tensor `name` (shape taken from `tensor`, meta is fine)."""
+    match = _EXPERTS.match(name.removesuffix(".weight"))
+    if match is None:
+        hf = name.replace(".mlp.router.", ".mlp.gate.")
+        return [Piece(hf if hf == "lm_head.weight" else f"model.{hf}", ())]
+    layer, kind = match.groups()
+    prefix = f"model.layers.{layer}.mlp.experts"
+    if grouped_experts:
+        return [Piece(f"{prefix}.{kind}_proj", ())]
+    inter = args.moe_intermediate_size
+    pieces = []
+    for expert in range(tensor.shape[0]):
+        if kind == "gate_up":
+            pieces.append(Piece(f"{prefix}.{expert}.gate_proj.weight", (expert, slice(0, inter))))
+            pieces.append(Piece(f"{prefix}.{expert}.up_proj.weight", (expert, slice(inter, 2 * inter))))
+        else:
+            pieces.append(Piece(f"{prefix}.{expert}.down_proj.weight", (expert,)))
+    return pieces
+
+
+def read_config(path: str | os.PathLike) -> ModelArgs:
+    config_path = Path(path) / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path} not found")
+    return ModelArgs.from_hf_config(json.loads(config_path.read_text()))
+
+
+def _weight_files(folder: Path) -> dict[str, Path]:
+    """HF key -> the safetensors file that holds it, from the index or the single file's header."""
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        files = {name: folder / name for name in sorted(set(weight_map.values()))}
+        for name, file in files.items():
+            if not file.is_file():
+                raise CheckpointError(f"missing shard file {name} (listed in {INDEX_FILE}) in {folder}")
+        return {key: files[name] for key, name in weight_map.items()}
+    single = folder / SINGLE_FILE
+    if not single.is_file():
+        raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
+    with safe_open(single, framework="pt") as f:
+        return {key: single for key in f.keys()}
+
+
+@dataclass
+class _Header:
+    shape: list[int]
+    dtype: str
+
+
+def _headers(weight_files: dict[str, Path]) -> dict[str, _Header]:
+    """Shape and dtype of every tensor, read from the safetensors headers only."""
+    headers: dict[str, _Header] = {}
+    for file in sorted(set(weight_files.values())):
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                tensor_slice = f.get_slice(key)
+                headers[key] = _Header(list(tensor_slice.get_shape()), tensor_slice.get_dtype())
+    for key, file in weight_files.items():
+        if key not in headers:
+            raise CheckpointError(f"tensor {key} is listed in {INDEX_FILE} but missing from {file.name}")
+    return headers
+
+
+def _plan(model: Qwen3Model, headers: dict[str, _Header]) -> dict[str, list[Piece]]:
+    """Our tensor name -> its pieces, with every key, shape and dtype checked against the headers."""
+    args = model.args
+    plan: dict[str, list[Piece]] = {}
+    for name, tensor in model.state_dict().items():
+        grouped = name.endswith((".mlp.gate_up", ".mlp.down")) and hf_pieces(name, tensor, args, True)[0].hf_key in headers
+        pieces = hf_pieces(name, tensor, args, grouped_experts=grouped)
+        for piece in pieces:
+            header = headers.get(piece.hf_key)
+            if header is None:
+                raise CheckpointError(f"missing tensor {piece.hf_key}")
+            expected = list(tensor[piece.index].shape)
+            if header.shape != expected:
+                raise CheckpointError(f"shape mismatch for {piece.hf_key}: expected {expected}, found {header.shape}")
+            if header.dtype not in SAFETENSORS_DTYPES:
+                raise CheckpointError(
+                    f"unsupported dtype {header.dtype} for {piece.hf_key}; supported: {', '.join(SAFETENSORS_DTYPES)}"
+                )
+        plan[name] = pieces
+    used = {piece.hf_key for pieces in plan.values() for piece in pieces}
+    # A tied checkpoint may still carry a copy of the embedding as lm_head; transformers ignores it too.
+    ignored = {"lm_head.weight"} if args.tie_word_embeddings else set()
+    unexpected = sorted(set(headers) - used - ignored)
+    if unexpected:
+        shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+        raise CheckpointError(f"unexpected tensor {shown} in the checkpoint")
+    return plan
+
+
+def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, leaf, torch.nn.Parameter(value))
+
+
+def load_pretrained(
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> Qwen3Model:
+    """A Qwen3Model with the weights of a Hugging Face checkpoint folder.
+
+    dtype defaults to the one in config.json (torch_dtype / dtype), device to the CPU. Raises
+    CheckpointError naming the file or tensor when the folder does not fit the config, and
+    ValueError for a config this model does not support.
+    """
+    folder = Path(path)
+    args = read_config(folder)
+    dtype = args.dtype if dtype is None else dtype
+    if dtype not in DTYPES.values():
+        raise CheckpointError(f"unsupported dtype {dtype}; supported: {', '.join(DTYPES)}")
+    device = torch.device(device or "cpu")
+    args.dtype = dtype
+    args.source_path = str(folder)
+
+    with torch.device("meta"):
+        model = Qwen3Model(args)
+    weight_files = _weight_files(folder)
+    plan = _plan(model, _headers(weight_files))
+
+    # Every tensor is allocated in its final place first (pages are only touched as they are
+    # filled); then each file is opened once, memory-mapped, and released before the next.
+    targets = {
+        name: torch.empty(tensor.shape, dtype=dtype, device=device) for name, tensor in model.state_dict().items()
+    }
+    by_file: dict[Path, list[tuple[str, Piece]]] = {}
+    for name, pieces in plan.items():
+        for piece in pieces:
+            by_file.setdefault(weight_files[piece.hf_key], []).append((name, piece))
+    for file, items in sorted(by_file.items()):
+        with safe_open(file, framework="pt") as f:
+            for name, piece in items:
+                targets[name][piece.index].copy_(f.get_tensor(piece.hf_key))
+    for name, tensor in targets.items():
+        _set_tensor(model, name, tensor)
+    return model
+
+
+def _hf_state_dict(model: Qwen3Model) -> dict[str, torch.Tensor]:
+    """HF key -> tensor (views into the model's tensors, per-expert keys split out), in key order."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        for piece in hf_pieces(name, tensor, model.args):
+            out[piece.hf_key] = tensor[piece.index]
+    return dict(sorted(out.items()))
+
+
+def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
+    """Keys split into consecutive shards of at most max_shard_bytes (a larger single tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def save_pretrained(
+    model: Qwen3Model,
+    path: str | os.PathLike,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+) -> None:
+    """Write `model` as a Hugging Face checkpoint folder that transformers and vLLM load like a released one.
+
+    config.json in the released key spelling, safetensors shards of at most max_shard_bytes (one
+    model.safetensors when everything fits, else model-0000i-of-0000n.safetensors plus
+    model.safetensors.index.json), tokenizer and generation files copied from the folder the model
+    was loaded from. The folder is written next to `path` and renamed into place, so a reader
+    never sees half a checkpoint; an existing folder at `path` is replaced.
+    """
+    target = Path(path).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tensors = _hf_state_dict(model)
+    dtype = next(iter(tensors.values())).dtype
+    config = model.args.to_hf_config() | {"torch_dtype": next(k for k, v in DTYPES.items() if v == dtype)}
+    shards = _shards(tensors, max_shard_bytes)
+    if len(shards) == 1:
+        names = [SINGLE_FILE]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        for name, keys in zip(names, shards):
+            # Copies on the CPU, one shard at a time: safetensors refuses views that share storage.
+            shard = {key: tensors[key].detach().to("cpu", copy=True).contiguous() for key in keys}
+            save_file(shard, staging / name, metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                "weight_map": {key: name for name, keys in zip(names, shards) for key in keys},
+            }
+            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        source = Path(model.args.source_path) if model.args.source_path else None
+        if source is not None:
+            for name in COPIED_FILES:
+                if (source / name).is_file():
+                    shutil.copy2(source / name, staging / name)
+        _replace_folder(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _replace_folder(staging: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    # rename() cannot replace a non-empty folder: move the old one aside first, delete it after.
+    old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+    os.rename(target, old / target.name)
+    os.rename(staging, target)
+    shutil.rmtree(old, ignore_errors=True)

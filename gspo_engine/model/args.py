@@ -1,0 +1,245 @@
+"""Model arguments of Qwen3 dense and Qwen3-MoE, read from (and written back to) Hugging Face config.json.
+
+Released checkpoints and transformers 5 name some fields differently; both spellings are read:
+
+    released (transformers 4)            transformers 5
+    num_experts                          num_local_experts
+    rope_theta, rope_scaling             rope_parameters {"rope_type", "rope_theta", ...}
+    torch_dtype                          dtype
+
+`to_hf_config` writes the released spelling, which every transformers version and vLLM read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+DENSE_ARCHITECTURE = "Qwen3ForCausalLM"
+MOE_ARCHITECTURE = "Qwen3MoeForCausalLM"
+SUPPORTED_ARCHITECTURES = (DENSE_ARCHITECTURE, MOE_ARCHITECTURE)
+_MODEL_TYPES = {"qwen3": DENSE_ARCHITECTURE, "qwen3_moe": MOE_ARCHITECTURE}
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Keys this module interprets, in either spelling. Everything else in a source config.json
+# (token ids, initializer_range, use_cache, ...) is carried through to the saved one untouched.
+_OWN_KEYS = {
+    "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
+    "rms_norm_eps", "tie_word_embeddings", "attention_bias", "use_sliding_window", "sliding_window",
+    "rope_theta", "rope_scaling", "rope_parameters", "torch_dtype", "dtype",
+    "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+    "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "layer_types", "max_window_layers",
+}
+
+
+@dataclass
+class RopeScaling:
+    """RoPE frequency scaling of released configs: "linear", "dynamic" (NTK) or "yarn"."""
+
+    rope_type: str
+    factor: float
+    original_max_position_embeddings: int | None = None  # yarn
+    attention_factor: float | None = None  # yarn
+    beta_fast: float | None = None  # yarn
+    beta_slow: float | None = None  # yarn
+    truncate: bool = True  # yarn
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # dense MLP width, also of the dense layers of a MoE model
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    dtype: torch.dtype = torch.bfloat16  # the dtype the checkpoint is stored in
+
+    # MoE (num_experts == 0 for a dense model)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: list[int] = field(default_factory=list)
+    router_aux_loss_coef: float = 0.0
+
+    # Runtime switches, never written to config.json; the model reads them at every forward.
+    activation_checkpointing: bool = False
+    router_aux_loss: bool = False  # add the Switch load-balancing loss to the model output
+    source_path: str | None = None  # the folder the weights were loaded from; tokenizer files are copied from it
+
+    # Keys of the source config.json that the model does not interpret, written back on save.
+    extra_config: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def architecture(self) -> str:
+        return MOE_ARCHITECTURE if self.is_moe else DENSE_ARCHITECTURE
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Which layers are sparse, exactly as transformers' Qwen3MoeDecoderLayer decides."""
+        return (
+            self.is_moe
+            and layer not in self.mlp_only_layers
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [layer for layer in range(self.num_hidden_layers) if self.is_moe_layer(layer)]
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> "ModelArgs":
+        """Arguments from a config.json dict, in either key spelling; ValueError on what is not supported."""
+        architecture = _architecture(config)
+        hidden_size = config["hidden_size"]
+        num_heads = config["num_attention_heads"]
+        if config.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {config['hidden_act']!r}: Qwen3 models use 'silu'")
+        if config.get("use_sliding_window", False):
+            raise ValueError("use_sliding_window=true is not supported: Qwen3 checkpoints use full attention")
+        rope_theta, rope_scaling = _rope(config)
+        dtype_name = config.get("dtype") or config.get("torch_dtype") or "bfloat16"
+        if dtype_name not in DTYPES:
+            raise ValueError(f"unsupported dtype {dtype_name!r} in config.json; supported: {', '.join(DTYPES)}")
+        args = cls(
+            vocab_size=config["vocab_size"],
+            hidden_size=hidden_size,
+            intermediate_size=config["intermediate_size"],
+            num_hidden_layers=config["num_hidden_layers"],
+            num_attention_heads=num_heads,
+            num_key_value_heads=config.get("num_key_value_heads") or num_heads,
+            head_dim=config.get("head_dim") or hidden_size // num_heads,
+            max_position_embeddings=config["max_position_embeddings"],
+            rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            attention_bias=config.get("attention_bias", False),
+            dtype=DTYPES[dtype_name],
+            extra_config={k: v for k, v in config.items() if k not in _OWN_KEYS},
+        )
+        if num_heads % args.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads "
+                f"({args.num_key_value_heads})"
+            )
+        if architecture == MOE_ARCHITECTURE:
+            args.num_experts = config.get("num_experts", config.get("num_local_experts"))
+            if not args.num_experts:
+                raise ValueError("a Qwen3MoeForCausalLM config needs num_experts (or num_local_experts) > 0")
+            args.num_experts_per_tok = config["num_experts_per_tok"]
+            args.moe_intermediate_size = config["moe_intermediate_size"]
+            args.norm_topk_prob = config.get("norm_topk_prob", False)
+            args.decoder_sparse_step = config.get("decoder_sparse_step", 1)
+            args.mlp_only_layers = list(config.get("mlp_only_layers") or [])
+            args.router_aux_loss_coef = config.get("router_aux_loss_coef", 0.001)
+        return args
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """config.json in the released spelling, with the source's other keys kept."""
+        config: dict[str, Any] = dict(self.extra_config)
+        config.update(
+            architectures=[self.architecture],
+            model_type="qwen3_moe" if self.is_moe else "qwen3",
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim,
+            hidden_act="silu",
+            max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps,
+            rope_theta=self.rope_theta,
+            rope_scaling=_rope_scaling_json(self.rope_scaling),
+            tie_word_embeddings=self.tie_word_embeddings,
+            attention_bias=self.attention_bias,
+            use_sliding_window=False,
+            sliding_window=None,
+            torch_dtype=_dtype_name(self.dtype),
+        )
+        if self.is_moe:
+            config.update(
+                num_experts=self.num_experts,
+                num_experts_per_tok=self.num_experts_per_tok,
+                moe_intermediate_size=self.moe_intermediate_size,
+                norm_topk_prob=self.norm_topk_prob,
+                decoder_sparse_step=self.decoder_sparse_step,
+                mlp_only_layers=list(self.mlp_only_layers),
+                router_aux_loss_coef=self.router_aux_loss_coef,
+            )
+        return dict(sorted(config.items()))
+
+
+def _architecture(config: dict[str, Any]) -> str:
+    architectures = config.get("architectures") or []
+    if not architectures and config.get("model_type") in _MODEL_TYPES:
+        architectures = [_MODEL_TYPES[config["model_type"]]]
+    if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {architectures or config.get('model_type')!r}; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return architectures[0]
+
+
+def _rope(config: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """rope_theta and the scaling, from rope_parameters (transformers 5) or rope_theta + rope_scaling."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    theta = params.pop("rope_theta", config.get("rope_theta", 10000.0))
+    # Older configs say "type" where newer ones say "rope_type".
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+    if rope_type == "default":
+        return theta, None
+    if "factor" not in params:
+        raise ValueError(f"rope type {rope_type!r} needs a 'factor'")
+    scaling = RopeScaling(rope_type=rope_type, factor=float(params["factor"]))
+    if rope_type == "yarn":
+        scaling.original_max_position_embeddings = params.get(
+            "original_max_position_embeddings", config["max_position_embeddings"]
+        )
+        scaling.attention_factor = params.get("attention_factor")
+        scaling.beta_fast = params.get("beta_fast")
+        scaling.beta_slow = params.get("beta_slow")
+        scaling.truncate = params.get("truncate", True)
+        if params.get("mscale") or params.get("mscale_all_dim"):
+            raise ValueError("yarn with mscale / mscale_all_dim (DeepSeek style) is not supported for Qwen3")
+    return theta, scaling
+
+
+def _rope_scaling_json(scaling: RopeScaling | None) -> dict[str, Any] | None:
+    if scaling is None:
+        return None
+    out: dict[str, Any] = {"rope_type": scaling.rope_type, "factor": scaling.factor}
+    if scaling.rope_type == "yarn":
+        out["original_max_position_embeddings"] = scaling.original_max_position_embeddings
+        for name in ("attention_factor", "beta_fast", "beta_slow"):
+            if getattr(scaling, name) is not None:
+                out[name] = getattr(scaling, name)
+        if not scaling.truncate:
+            out["truncate"] = False
+    return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in DTYPES.items() if value == dtype)

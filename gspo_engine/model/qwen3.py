@@ -1,0 +1,141 @@
+"""Qwen3 dense and Qwen3-MoE causal language model as one plain nn.Module."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from gspo_engine.model.args import ModelArgs
+from gspo_engine.model.layers import Attention, FeedForward, RMSNorm, attention_mask_4d
+from gspo_engine.model.moe import Routing, SparseMoE, switch_aux_loss
+from gspo_engine.model.rope import rotary_cos_sin
+
+
+@dataclass
+class ModelOutput:
+    """hidden_states [B, T, H] after the final norm; one Routing per MoE layer, in layer order.
+
+    aux_loss is router_aux_loss_coef times the mean over MoE layers of the Switch loss, or None
+    unless args.router_aux_loss is set.
+    """
+
+    hidden_states: torch.Tensor
+    routing: list[Routing] = field(default_factory=list)
+    aux_loss: torch.Tensor | None = None
+
+    @property
+    def expert_indices(self) -> list[torch.Tensor]:
+        """[N, k] per MoE layer: what a rollout records to replay in the update."""
+        return [r.expert_indices for r in self.routing]
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.self_attn = Attention(args)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.is_moe = args.is_moe_layer(layer)
+        self.mlp = SparseMoE(args) if self.is_moe else FeedForward(args.hidden_size, args.intermediate_size)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        forced_experts: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, Routing | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+        if not self.is_moe:
+            return x + self.mlp(self.post_attention_layernorm(x)), None
+        out, routing = self.mlp(self.post_attention_layernorm(x), forced_experts)
+        return x + out, routing
+
+
+class Qwen3Model(nn.Module):
+    """Token ids [B, T] -> hidden states [B, T, H] -> logits [B, T, V].
+
+    Training code takes `hidden_states` (or `run` for MoE routing) and `lm_head_weight` and
+    computes the loss with a fused kernel, so [B, T, V] is never built; `forward` gives logits.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(TransformerBlock(args, layer) for layer in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        """[V, H]: the output projection, which is the embedding when the checkpoint ties them."""
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        forced_experts: Sequence[torch.Tensor | None] | None = None,
+    ) -> ModelOutput:
+        """The full forward up to the final norm.
+
+        input_ids [B, T]; attention_mask [B, T] (1 = token, 0 = padding) or None; position_ids
+        [B, T] or None for 0..T-1 (as in transformers: a left-padded batch passes both, e.g.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)); forced_experts: one
+        [B, T, k] tensor (or None to route freely) per MoE layer, in layer order.
+        """
+        batch, seq = input_ids.shape
+        moe_layers = self.args.moe_layers
+        if forced_experts is not None and len(forced_experts) != len(moe_layers):
+            raise ValueError(f"forced_experts has {len(forced_experts)} entries for {len(moe_layers)} MoE layers")
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input_ids.device)[None]
+        x = self.embed_tokens(input_ids)
+        cos, sin = rotary_cos_sin(self.args, position_ids, x.dtype)
+        attn_mask = None if attention_mask is None else attention_mask_4d(attention_mask)
+
+        forced = iter(forced_experts or [None] * len(moe_layers))
+        routing: list[Routing] = []
+        for block in self.layers:
+            layer_forced = next(forced) if block.is_moe else None
+            if self.args.activation_checkpointing and torch.is_grad_enabled():
+                x, layer_routing = checkpoint(block, x, cos, sin, attn_mask, layer_forced, use_reentrant=False)
+            else:
+                x, layer_routing = block(x, cos, sin, attn_mask, layer_forced)
+            if layer_routing is not None:
+                routing.append(layer_routing)
+
+        output = ModelOutput(hidden_states=self.norm(x), routing=routing)
+        if self.args.router_aux_loss and routing:
+            token_mask = None if attention_mask is None else attention_mask.reshape(-1)
+            losses = [switch_aux_loss(r, self.args.num_experts, token_mask) for r in routing]
+            output.aux_loss = self.args.router_aux_loss_coef * torch.stack(losses).mean()
+        return output
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        forced_experts: Sequence[torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        """[B, T, H] after the final norm: what the fused lm_head loss consumes."""
+        return self.run(input_ids, attention_mask, position_ids, forced_experts).hidden_states
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        forced_experts: Sequence[torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] in the model dtype."""
+        return F.linear(self.hidden_states(input_ids, attention_mask, position_ids, forced_experts), self.lm_head_weight)
