@@ -2,5 +2,6 @@
 
 from gspo_kernels import reference
 from gspo_kernels.backend import use_backend
+from gspo_kernels.loss import gspo_loss
 
-__all__ = ["reference", "use_backend"]
+__all__ = ["gspo_loss", "reference", "use_backend"]

@@ -77,7 +77,7 @@ def gspo_loss_reference(
             ratio_mean = torch.where(response, token_ratio, zero).sum() / lengths.sum().clamp(min=1)
 
     per_seq_loss = per_seq_policy_loss
-    num_tokens = lengths.sum().clamp(min=1)
+    num_tokens = lengths.sum().clamp(min=1).to(logps.dtype)
     if ref_logps is not None:
         ref_logps = torch.where(response, ref_logps.to(logps.dtype), zero)
         log_ref_ratio = (ref_logps - logps).clamp(max=KL_LOG_RATIO_MAX)
