@@ -1,0 +1,379 @@
+"""Qwen3-MoE routing and grouped SwiGLU experts: public functions, validation, autograd, CPU path.
+
+    topk_weights, topk_idx = moe_route(router_logits [N, E], top_k)
+    y [N, H] = moe_experts(x [N, H], topk_idx [N, k], topk_weights [N, k], w_gate_up [E, 2I, H], w_down [E, H, I])
+    y[n] = sum_j topk_weights[n, j] * down_e(silu(gate_e(x_n)) * up_e(x_n)),  e = topk_idx[n, j]
+
+The experts run the same algorithm in the Triton kernels (gspo_kernels/moe_triton.py) and in
+the PyTorch path below, on the N*k (token, slot) pairs, pair p = token * k + slot:
+
+1. permutation: a stable counting sort of the pairs by expert. `sorted_pair[s]` is the pair at
+   sorted row s; the rows of one expert are contiguous and in token order. Nothing is copied:
+   the GPU kernels read each pair's row of x (or of dy) through these indices.
+2. gate/up: gate_up[s] = x[token(s)] @ w_gate_up[e]^T, h[s] = silu(gate) * up.
+3. down: each pair's row w[p] * (h[s] @ w_down[e]^T) is written to its own row p of an
+   [N*k, H] buffer and y is the sum over the k slots of a token. Every row is written exactly
+   once and summed in a fixed order, no atomics: results are bitwise reproducible run to run.
+
+Backward keeps the gate/up pre-activations [N*k, 2I] from the forward pass (h is recomputed from
+them, not stored) plus the inputs and the permutation; it computes dh = dy[token] @ w_down[e],
+d topk_weights = <dh, h>, the SwiGLU derivative, dx through w_gate_up (scattered and summed over
+slots as in forward) and the weight gradients as per-expert sums of X^T dY. Experts that receive
+no token get exactly zero gradient.
+
+Routing ranks experts by logit (the order of the softmax probabilities), ties going to the lower
+expert index on every backend, so routing is deterministic.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from gspo_kernels import reference
+from gspo_kernels.backend import resolve_backend
+
+
+class ExpertPlan(NamedTuple):
+    """The permutation of the (token, slot) pairs by expert; see the module docstring."""
+
+    sorted_pair: torch.Tensor  # [N*k] pair index at each sorted row
+    counts: torch.Tensor  # [E] rows per expert
+    starts: torch.Tensor  # [E] first sorted row of each expert
+    top_k: int
+
+
+def _describe(name: str, tensor: torch.Tensor) -> str:
+    return f"{name} {tuple(tensor.shape)} {str(tensor.dtype).replace('torch.', '')}"
+
+
+def _check_tensor(name: str, value) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+
+
+def _check_expert_indices(name: str, indices: torch.Tensor, num_experts: int) -> None:
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer expert indices; got {_describe(name, indices)}")
+    if indices.numel() == 0:
+        return
+    low, high = torch.stack(torch.aminmax(indices)).tolist()  # one host sync for both bounds
+    if low < 0 or high >= num_experts:
+        raise ValueError(f"{name} must lie in [0, {num_experts}); got values from {low} to {high}")
+
+
+def validate_route_inputs(router_logits, top_k, forced_experts) -> None:
+    """Raise ValueError naming the argument for every input moe_route cannot take."""
+    _check_tensor("router_logits", router_logits)
+    if router_logits.dim() != 2 or not router_logits.is_floating_point():
+        raise ValueError(f"router_logits must be a floating-point [N, E] tensor; got {_describe('router_logits', router_logits)}")
+    num_experts = router_logits.shape[1]
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be an int in [1, E = {num_experts}]; got {top_k!r}")
+    if forced_experts is not None:
+        _check_tensor("forced_experts", forced_experts)
+        if tuple(forced_experts.shape) != (router_logits.shape[0], top_k):
+            raise ValueError(
+                f"forced_experts must be [N, top_k] = [{router_logits.shape[0]}, {top_k}]; "
+                f"got {_describe('forced_experts', forced_experts)}"
+            )
+        if forced_experts.device != router_logits.device:
+            raise ValueError("forced_experts must be on the device of router_logits")
+        _check_expert_indices("forced_experts", forced_experts, num_experts)
+
+
+def validate_experts_inputs(x, topk_idx, topk_weights, w_gate_up, w_down) -> None:
+    """Raise ValueError naming the argument for every input moe_experts cannot take."""
+    named = {"x": x, "topk_idx": topk_idx, "topk_weights": topk_weights, "w_gate_up": w_gate_up, "w_down": w_down}
+    for name, value in named.items():
+        _check_tensor(name, value)
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point [N, H] tensor; got {_describe('x', x)}")
+    tokens, hidden = x.shape
+    if topk_idx.dim() != 2 or topk_idx.shape[0] != tokens or topk_idx.shape[1] < 1:
+        raise ValueError(f"topk_idx must be [N = {tokens}, k] with k >= 1; got {_describe('topk_idx', topk_idx)}")
+    if topk_weights.shape != topk_idx.shape or not topk_weights.is_floating_point():
+        raise ValueError(
+            f"topk_weights must be floating point with the shape of topk_idx {tuple(topk_idx.shape)}; "
+            f"got {_describe('topk_weights', topk_weights)}"
+        )
+    if w_gate_up.dim() != 3 or w_gate_up.shape[2] != hidden or w_gate_up.shape[1] % 2 or w_gate_up.shape[1] == 0:
+        raise ValueError(f"w_gate_up must be [E, 2I, H = {hidden}]; got {_describe('w_gate_up', w_gate_up)}")
+    num_experts, intermediate = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+    if tuple(w_down.shape) != (num_experts, hidden, intermediate):
+        raise ValueError(
+            f"w_down must be [E, H, I] = [{num_experts}, {hidden}, {intermediate}]; got {_describe('w_down', w_down)}"
+        )
+    for name in ("w_gate_up", "w_down"):
+        if named[name].dtype != x.dtype:
+            raise ValueError(f"{name} must have the dtype of x ({x.dtype}); got {_describe(name, named[name])}")
+    for name, value in named.items():
+        if value.device != x.device:
+            raise ValueError(f"{name} must be on the device of x ({x.device}); got {value.device}")
+    _check_expert_indices("topk_idx", topk_idx, num_experts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing
+
+
+def route_topk(
+    router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool, forced_experts: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch path of moe_route; autograd differentiates it."""
+    logits = router_logits.to(torch.promote_types(router_logits.dtype, torch.float32))
+    probs = torch.softmax(logits, dim=-1)
+    if forced_experts is None:
+        # A stable sort keeps equal logits in expert order: ties go to the lower index, as in
+        # the Triton kernel (torch.topk leaves the order of ties unspecified).
+        topk_idx = torch.sort(logits.detach(), dim=-1, descending=True, stable=True).indices[:, :top_k]
+    else:
+        topk_idx = forced_experts.to(torch.int64)
+    topk_weights = probs.gather(1, topk_idx)
+    if norm_topk_prob:
+        topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+    return topk_weights, topk_idx
+
+
+def route_backward(
+    router_logits: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_idx: torch.Tensor,
+    grad_weights: torch.Tensor,
+    norm_topk_prob: bool,
+) -> torch.Tensor:
+    """d router_logits [N, E] from d topk_weights [N, k].
+
+    Renormalised, the weights are a softmax over the chosen logits alone (the full softmax
+    denominator cancels), so only chosen logits get gradient: w * (dw - <w, dw>). Without
+    renormalisation w = p[idx] and every logit gets -p * <w, dw> on top of w * dw at the chosen ones.
+    scatter_add sums the slots of an expert chosen twice (possible with forced experts).
+    """
+    weights = topk_weights.to(grad_weights.dtype)
+    weighted = weights * grad_weights
+    if norm_topk_prob:
+        chosen = weighted - weights * weighted.sum(dim=-1, keepdim=True)
+        grad = torch.zeros(router_logits.shape, dtype=grad_weights.dtype, device=grad_weights.device)
+    else:
+        probs = torch.softmax(router_logits.to(grad_weights.dtype), dim=-1)
+        chosen = weighted
+        grad = -probs * weighted.sum(dim=-1, keepdim=True)
+    return grad.scatter_add_(1, topk_idx, chosen).to(router_logits.dtype)
+
+
+class _RouteTopKTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, router_logits, top_k, norm_topk_prob, forced_experts):
+        from gspo_kernels import moe_triton
+
+        topk_weights, topk_idx = moe_triton.route_topk(router_logits, top_k, norm_topk_prob, forced_experts)
+        ctx.save_for_backward(router_logits, topk_weights, topk_idx)
+        ctx.norm_topk_prob = norm_topk_prob
+        ctx.mark_non_differentiable(topk_idx)
+        return topk_weights, topk_idx
+
+    @staticmethod
+    def backward(ctx, grad_weights, _grad_idx):
+        router_logits, topk_weights, topk_idx = ctx.saved_tensors
+        grad = route_backward(router_logits, topk_weights, topk_idx, grad_weights, ctx.norm_topk_prob)
+        return grad, None, None, None
+
+
+def moe_route(
+    router_logits: torch.Tensor,
+    top_k: int,
+    *,
+    norm_topk_prob: bool = True,
+    forced_experts: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3-MoE routing: softmax in fp32, top-k, renormalised when `norm_topk_prob`.
+
+    router_logits [N, E] -> topk_weights [N, k] (fp32, fp64 for fp64 logits; differentiable with
+    respect to router_logits) and topk_idx [N, k] (int64). Ties go to the lower expert index.
+
+    Routing replay: with forced_experts [N, k] (experts recorded at rollout) those experts are
+    returned as topk_idx and the weights are their softmax probabilities under the current logits
+    (renormalised when asked), so the router keeps its gradient.
+    """
+    validate_route_inputs(router_logits, top_k, forced_experts)
+    backend = resolve_backend(router_logits)
+    if backend == "reference" and forced_experts is None:
+        return reference.moe_route_reference(router_logits, top_k, norm_topk_prob=norm_topk_prob)
+    if backend == "triton" and router_logits.dtype != torch.float64 and router_logits.shape[0] > 0:
+        return _RouteTopKTriton.apply(router_logits, top_k, bool(norm_topk_prob), forced_experts)
+    return route_topk(router_logits, top_k, norm_topk_prob, forced_experts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Experts: PyTorch path
+
+
+def sort_pairs(topk_idx: torch.Tensor, num_experts: int) -> ExpertPlan:
+    flat = topk_idx.reshape(-1)
+    sorted_pair = torch.sort(flat, stable=True).indices
+    counts = torch.bincount(flat, minlength=num_experts)
+    return ExpertPlan(sorted_pair, counts, torch.cumsum(counts, 0) - counts, topk_idx.shape[1])
+
+
+def _aligned_16(tensor: torch.Tensor) -> bool:
+    size = tensor.element_size()
+    return tensor.data_ptr() % 16 == 0 and all(
+        (stride * size) % 16 == 0 for stride, dim in zip(tensor.stride(), tensor.shape) if stride != 1 and dim > 1
+    )
+
+
+def _grouped_mm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """torch._grouped_mm on CPU takes fp32/bf16 operands whose strides are multiples of 16 bytes."""
+    return (
+        hasattr(torch, "_grouped_mm")
+        and a.device.type == "cpu"
+        and a.dtype in (torch.float32, torch.bfloat16)
+        and a.dtype == b.dtype
+        and a.shape[0] > 0
+        and _aligned_16(a)
+        and _aligned_16(b)
+    )
+
+
+def _expert_rows(plan: ExpertPlan):
+    """(expert, first row, end row) of every expert that receives at least one pair."""
+    ends = torch.cumsum(plan.counts, 0).tolist()
+    for expert, count in enumerate(plan.counts.tolist()):
+        if count:
+            yield expert, ends[expert] - count, ends[expert]
+
+
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
+    """a [S, K] in sorted rows, b [E, K, M] -> [S, M]: the rows of expert e times b[e]."""
+    if _grouped_mm_fits(a, b):
+        return torch._grouped_mm(a, b, offs=torch.cumsum(plan.counts, 0).to(torch.int32))
+    out = a.new_empty(a.shape[0], b.shape[2])
+    for expert, start, end in _expert_rows(plan):
+        torch.mm(a[start:end], b[expert], out=out[start:end])
+    return out
+
+
+def grouped_weight_grad(a: torch.Tensor, b: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
+    """a [S, M], b [S, K] in sorted rows -> [E, M, K]: sum over the rows of expert e of a^T b."""
+    a_t = a.t()
+    if _grouped_mm_fits(a_t, b):
+        return torch._grouped_mm(a_t, b, offs=torch.cumsum(plan.counts, 0).to(torch.int32))
+    out = a.new_zeros(plan.counts.shape[0], a.shape[1], b.shape[1])
+    for expert, start, end in _expert_rows(plan):
+        torch.mm(a_t[:, start:end], b[start:end], out=out[expert])
+    return out
+
+
+def _sum_over_slots(per_sorted_row: torch.Tensor, plan: ExpertPlan, dtype: torch.dtype) -> torch.Tensor:
+    """[S, H] in sorted rows -> [N, H]: each row back to its pair's place, then summed over the k slots."""
+    per_pair = torch.empty(per_sorted_row.shape, dtype=dtype, device=per_sorted_row.device)
+    per_pair[plan.sorted_pair] = per_sorted_row.to(dtype)
+    return per_pair.view(-1, plan.top_k, per_pair.shape[1]).sum(dim=1)
+
+
+def experts_forward(x, topk_weights, w_gate_up, w_down, plan: ExpertPlan, keep_gate_up: bool):
+    """PyTorch path: y [N, H] and, when keep_gate_up, the pre-activations [S, 2I] backward needs."""
+    token = plan.sorted_pair // plan.top_k
+    gate_up = grouped_matmul(x[token], w_gate_up.transpose(1, 2), plan)
+    gate, up = gate_up.chunk(2, dim=-1)
+    hidden = F.silu(gate) * up
+    out = grouped_matmul(hidden, w_down.transpose(1, 2), plan)
+    weight = topk_weights.reshape(-1)[plan.sorted_pair]
+    y = _sum_over_slots(out * weight[:, None], plan, x.dtype)
+    return y, (gate_up if keep_gate_up else None)
+
+
+def experts_backward(grad_y, x, topk_weights, w_gate_up, w_down, plan: ExpertPlan, gate_up, needs_grad):
+    """PyTorch path: (dx, d topk_weights, d w_gate_up, d w_down), None where needs_grad is False."""
+    token = plan.sorted_pair // plan.top_k
+    weight = topk_weights.reshape(-1)[plan.sorted_pair]
+    grad_y_rows = grad_y.to(x.dtype)[token]
+    grad_hidden = grouped_matmul(grad_y_rows, w_down, plan)
+    gate, up = gate_up.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    hidden = silu * up
+    compute = torch.promote_types(x.dtype, torch.float32)
+    grad_weights = None
+    if needs_grad[1]:
+        grad_weights_sorted = (grad_hidden.to(compute) * hidden.to(compute)).sum(dim=-1)
+        grad_weights = torch.empty(weight.shape, dtype=topk_weights.dtype, device=x.device)
+        grad_weights[plan.sorted_pair] = grad_weights_sorted.to(topk_weights.dtype)
+        grad_weights = grad_weights.view(topk_weights.shape)
+    grad_hidden = grad_hidden * weight[:, None].to(compute)
+    grad_gate = grad_hidden * up * sig * (1 + gate * (1 - sig))
+    grad_gate_up = torch.cat([grad_gate, grad_hidden * silu], dim=-1).to(x.dtype)
+    grad_x = _sum_over_slots(grouped_matmul(grad_gate_up, w_gate_up, plan), plan, x.dtype) if needs_grad[0] else None
+    grad_w_gate_up = grouped_weight_grad(grad_gate_up, x[token], plan) if needs_grad[2] else None
+    grad_w_down = None
+    if needs_grad[3]:
+        weighted_grad_y = (grad_y_rows * weight[:, None].to(compute)).to(x.dtype)
+        grad_w_down = grouped_weight_grad(weighted_grad_y, hidden.to(x.dtype), plan)
+    return grad_x, grad_weights, grad_w_gate_up, grad_w_down
+
+
+class ExpertOps(NamedTuple):
+    """One backend's implementation of the three steps; both share the signatures above."""
+
+    sort_pairs: Callable
+    forward: Callable
+    backward: Callable
+
+
+TORCH_OPS = ExpertOps(sort_pairs, experts_forward, experts_backward)
+
+
+def _triton_ops() -> ExpertOps:
+    from gspo_kernels import moe_triton
+
+    return ExpertOps(moe_triton.sort_pairs, moe_triton.experts_forward, moe_triton.experts_backward)
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, topk_idx, topk_weights, w_gate_up, w_down, ops):
+        plan = ops.sort_pairs(topk_idx, w_gate_up.shape[0])
+        y, gate_up = ops.forward(x, topk_weights, w_gate_up, w_down, plan, True)
+        ctx.save_for_backward(x, topk_weights, w_gate_up, w_down, gate_up, plan.sorted_pair, plan.counts, plan.starts)
+        ctx.top_k = plan.top_k
+        ctx.ops = ops
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, topk_weights, w_gate_up, w_down, gate_up, sorted_pair, counts, starts = ctx.saved_tensors
+        plan = ExpertPlan(sorted_pair, counts, starts, ctx.top_k)
+        needs = (ctx.needs_input_grad[0],) + tuple(ctx.needs_input_grad[2:5])
+        grad_x, grad_weights, grad_w_gate_up, grad_w_down = ctx.ops.backward(
+            grad_y, x, topk_weights, w_gate_up, w_down, plan, gate_up, needs
+        )
+        return grad_x, None, grad_weights, grad_w_gate_up, grad_w_down, None
+
+
+def moe_experts(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+) -> torch.Tensor:
+    """Grouped SwiGLU experts of Qwen3-MoE, y [N, H] in the dtype of x.
+
+    x [N, H]; topk_idx [N, k] integer in [0, E); topk_weights [N, k] (any float dtype, applied in
+    fp32); w_gate_up [E, 2I, H] (gate rows first, then up), w_down [E, H, I], both in the dtype of x.
+    Differentiable with respect to x, topk_weights, w_gate_up and w_down. float64 inputs and
+    empty batches run the PyTorch path on every device.
+    """
+    validate_experts_inputs(x, topk_idx, topk_weights, w_gate_up, w_down)
+    backend = resolve_backend(x)
+    if backend == "reference":
+        return reference.moe_experts_reference(x, topk_idx, topk_weights, w_gate_up, w_down)
+    use_triton = backend == "triton" and x.dtype != torch.float64 and x.shape[0] > 0
+    ops = _triton_ops() if use_triton else TORCH_OPS
+    differentiable = (x, topk_weights, w_gate_up, w_down)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in differentiable):
+        return _GroupedSwiGLU.apply(x, topk_idx, topk_weights, w_gate_up, w_down, ops)
+    plan = ops.sort_pairs(topk_idx, w_gate_up.shape[0])
+    return ops.forward(x, topk_weights, w_gate_up, w_down, plan, False)[0]
