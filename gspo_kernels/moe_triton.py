@@ -1,0 +1,485 @@
+"""Triton kernels of MoE routing and the grouped SwiGLU experts; the algorithm is in gspo_kernels.moe.
+
+Routing: `_route_topk_kernel`, one program per block of tokens: fp32 softmax, top-k by repeated
+argmax (ties to the lower expert index), renormalisation.
+
+Permutation, a two-pass stable counting sort of the N*k (token, slot) pairs by expert:
+`_count_experts_kernel` counts the pairs of each block of 128 per expert, a cumsum over blocks
+(PyTorch, [blocks, E] integers) gives each block its first row per expert, and
+`_place_pairs_kernel` writes every pair to its sorted row. Padding to the GEMM tile exists only in
+the tile lookup: every GEMM program finds its (expert, rows) tile from the per-expert counts
+(`_expert_tile`), so tiles never straddle two experts and no row of x is ever copied or padded.
+
+GEMMs (fp32 accumulation, operands in the storage dtype so bf16 runs on tensor cores):
+- `_gate_up_kernel`: h = silu(x[token] @ Wg^T) * (x[token] @ Wu^T), x rows gathered in the loads,
+  both projections in one program, SwiGLU in the epilogue; stores the pre-activations when
+  backward needs them.
+- `_scatter_matmul_kernel`: out[pair] = scale[pair] * (A[s] @ W_e): the down projection times
+  the routing weight (forward) and dx through w_gate_up (backward), each row written to its
+  pair's own row, so the sum over the k slots is a deterministic reduction, not atomics.
+- `_swiglu_grad_kernel`: dh = dy[token] @ Wd_e, d topk_weights = <dh, h> (per group of 16
+  columns, summed afterwards, so the result does not depend on the tile shape), the SwiGLU
+  derivative, and h recomputed from the stored pre-activations for the weight gradient.
+- `_expert_weight_grad_kernel`: dW_e = sum over the expert's rows of A^T B, one program per
+  (expert, output tile), looping over the expert's rows; an expert with no row writes zeros.
+
+Block sizes are autotuned per (N rounded up to a power of two, E, H, I), which covers both the
+training regime (thousands of tokens) and decoding (a few tokens, weight-bound). Under
+TRITON_INTERPRET=1 the kernels run with one fixed small tile instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from gspo_kernels.moe import ExpertPlan
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+PAIR_BLOCK = 128  # pairs per program of the counting sort
+GROUP = 16  # columns per partial sum of d topk_weights
+
+# Output allocator; tests swap in one that poisons outputs with NaN to prove every element is written.
+allocate_output = torch.empty
+
+_GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    # decoding: a few rows per expert, the time goes into reading the weights
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+]
+_INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+_FIXED_BLOCKS = _INTERPRET_BLOCKS if INTERPRET else {}
+
+
+def _autotuned(*key: str):
+    """Autotune over _GEMM_CONFIGS keyed on `key`; the interpreter would time every config, so it runs one fixed tile."""
+
+    def wrap(kernel):
+        return kernel if INTERPRET else triton.autotune(configs=_GEMM_CONFIGS, key=list(key))(kernel)
+
+    return wrap
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs keep fp32 products (tf32 would cost ~1e-3 relative error); others use tensor cores.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Routing
+
+
+@triton.jit
+def _route_topk_kernel(
+    logits_ptr, weights_ptr, idx_ptr, forced_ptr,
+    N, E, stride_ln,
+    TOP_K: tl.constexpr, K_PAD: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    NORMALIZE: tl.constexpr, FORCED: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    experts = tl.arange(0, E_PAD)
+    slots = tl.arange(0, K_PAD)
+    row_ok = rows < N
+    valid = row_ok[:, None] & (experts[None, :] < E)
+    logits = tl.load(
+        logits_ptr + rows[:, None].to(tl.int64) * stride_ln + experts[None, :], mask=valid, other=-float("inf")
+    ).to(tl.float32)
+    # Rows past N hold only -inf: shift and normalise them by harmless values instead of NaN.
+    row_max = tl.where(row_ok, tl.max(logits, axis=1), 0.0)
+    exp_logits = tl.exp(logits - row_max[:, None])
+    total = tl.where(row_ok, tl.sum(exp_logits, axis=1), 1.0)
+    probs = exp_logits / total[:, None]
+
+    chosen_weight = tl.zeros([BLOCK_T, K_PAD], dtype=tl.float32)
+    chosen_expert = tl.zeros([BLOCK_T, K_PAD], dtype=tl.int32)
+    taken = (experts[None, :] >= E) | (rows[:, None] < 0)  # [BLOCK_T, E_PAD]; padding experts never win
+    for slot in tl.static_range(TOP_K):
+        if FORCED:
+            pick = tl.load(forced_ptr + rows * TOP_K + slot, mask=row_ok, other=0).to(tl.int32)
+        else:
+            score = tl.where(taken, -float("inf"), logits)
+            best = tl.max(score, axis=1)
+            tied = (score == best[:, None]) & (~taken)
+            pick = tl.min(tl.where(tied, experts[None, :], E_PAD), axis=1)
+            taken = taken | (experts[None, :] == pick[:, None])
+        weight = tl.sum(tl.where(experts[None, :] == pick[:, None], probs, 0.0), axis=1)
+        chosen_weight = tl.where(slots[None, :] == slot, weight[:, None], chosen_weight)
+        chosen_expert = tl.where(slots[None, :] == slot, pick[:, None], chosen_expert)
+    if NORMALIZE:
+        norm = tl.where(row_ok, tl.sum(chosen_weight, axis=1), 1.0)
+        chosen_weight = chosen_weight / norm[:, None]
+    out = rows[:, None] * TOP_K + slots[None, :]
+    out_ok = row_ok[:, None] & (slots[None, :] < TOP_K)
+    tl.store(weights_ptr + out, chosen_weight, mask=out_ok)
+    tl.store(idx_ptr + out, chosen_expert.to(tl.int64), mask=out_ok)
+
+
+def route_topk(router_logits, top_k, norm_topk_prob, forced_experts):
+    """topk_weights [N, k] fp32 and topk_idx [N, k] int64 from one kernel launch."""
+    tokens, num_experts = router_logits.shape
+    logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
+    weights = allocate_output(tokens, top_k, dtype=torch.float32, device=logits.device)
+    idx = allocate_output(tokens, top_k, dtype=torch.int64, device=logits.device)
+    forced = forced_experts.contiguous() if forced_experts is not None else idx
+    experts_pad = triton.next_power_of_2(num_experts)
+    block_t = max(1, min(64, 4096 // experts_pad))
+    _route_topk_kernel[(triton.cdiv(tokens, block_t),)](
+        logits, weights, idx, forced, tokens, num_experts, logits.stride(0),
+        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=experts_pad, BLOCK_T=block_t,
+        NORMALIZE=bool(norm_topk_prob), FORCED=forced_experts is not None,
+    )
+    return weights, idx
+
+
+# ---------------------------------------------------------------------------------------------
+# Permutation
+
+
+@triton.jit
+def _count_experts_kernel(idx_ptr, block_counts_ptr, S, E, BLOCK_P: tl.constexpr, E_PAD: tl.constexpr):
+    """block_counts[b, e] = pairs of block b routed to expert e."""
+    block = tl.program_id(0)
+    pairs = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    expert = tl.load(idx_ptr + pairs, mask=pairs < S, other=E_PAD).to(tl.int32)
+    experts = tl.arange(0, E_PAD)
+    hits = (expert[:, None] == experts[None, :]).to(tl.int32)
+    tl.store(block_counts_ptr + block * E + experts, tl.sum(hits, axis=0), mask=experts < E)
+
+
+@triton.jit
+def _place_pairs_kernel(idx_ptr, block_base_ptr, sorted_pair_ptr, S, E, BLOCK_P: tl.constexpr):
+    """sorted_pair[block_base[b, e] + rank] = pair, rank = earlier pairs of the block with the same expert."""
+    block = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_P)
+    pairs = block * BLOCK_P + offs
+    ok = pairs < S
+    expert = tl.load(idx_ptr + pairs, mask=ok, other=-1).to(tl.int32)
+    earlier_same = (expert[:, None] == expert[None, :]) & (offs[None, :] < offs[:, None])
+    rank = tl.sum(earlier_same.to(tl.int32), axis=1)
+    base = tl.load(block_base_ptr + block * E + expert, mask=ok, other=0)
+    tl.store(sorted_pair_ptr + base + rank, pairs, mask=ok)
+
+
+def sort_pairs(topk_idx: torch.Tensor, num_experts: int) -> ExpertPlan:
+    """The stable permutation of the pairs by expert: two kernel launches and a small cumsum."""
+    flat = topk_idx.reshape(-1).contiguous()
+    pairs = flat.numel()
+    blocks = triton.cdiv(pairs, PAIR_BLOCK)
+    device = flat.device
+    block_counts = allocate_output(blocks, num_experts, dtype=torch.int32, device=device)
+    _count_experts_kernel[(blocks,)](
+        flat, block_counts, pairs, num_experts, BLOCK_P=PAIR_BLOCK, E_PAD=triton.next_power_of_2(num_experts)
+    )
+    counts = block_counts.sum(dim=0, dtype=torch.int32)
+    starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts
+    block_base = starts[None, :] + torch.cumsum(block_counts, 0, dtype=torch.int32) - block_counts
+    sorted_pair = allocate_output(pairs, dtype=torch.int32, device=device)
+    _place_pairs_kernel[(blocks,)](flat, block_base, sorted_pair, pairs, num_experts, BLOCK_P=PAIR_BLOCK)
+    return ExpertPlan(sorted_pair, counts, starts, topk_idx.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped GEMMs
+
+
+@triton.jit
+def _expert_tile(pid, counts_ptr, starts_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
+    """(expert, first sorted row, end row) of the pid-th BLOCK_M tile; tiles never span two experts.
+
+    Programs past the last tile get an empty row range (the grid is sized for the worst case,
+    S / BLOCK_M + E tiles, so that the host never waits for the counts).
+    """
+    experts = tl.arange(0, E_PAD)
+    counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, axis=0)
+    expert = tl.minimum(tl.sum((tile_end <= pid).to(tl.int32), axis=0), E - 1)
+    first_tile = tl.sum(tl.where(experts == expert, tile_end - tiles, 0), axis=0)
+    start = tl.load(starts_ptr + expert)
+    row_start = start + (pid - first_tile) * BLOCK_M
+    row_end = start + tl.load(counts_ptr + expert)
+    return expert, row_start, row_end
+
+
+@_autotuned("N_BUCKET", "E", "H", "I")
+@triton.jit
+def _gate_up_kernel(
+    x_ptr, w_ptr, sorted_pair_ptr, counts_ptr, starts_ptr, h_ptr, gate_up_ptr,
+    H, I, E, TOP_K, N_BUCKET,
+    stride_xn, stride_xh, stride_we, stride_wo, stride_wh,
+    STORE_GATE_UP: tl.constexpr, E_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    expert, row_start, row_end = _expert_tile(tl.program_id(0), counts_ptr, starts_ptr, E, BLOCK_M, E_PAD)
+    if row_start >= row_end:
+        return
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    token = tl.load(sorted_pair_ptr + rows, mask=row_ok, other=0) // TOP_K
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < I
+    ks = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + token[:, None].to(tl.int64) * stride_xn
+    w_expert = w_ptr + expert.to(tl.int64) * stride_we
+    gate_cols = w_expert + cols[None, :].to(tl.int64) * stride_wo
+    up_cols = w_expert + (cols[None, :] + I).to(tl.int64) * stride_wo
+    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < H
+        a = tl.load(x_rows + k[None, :] * stride_xh, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_mask = k_ok[:, None] & col_ok[None, :]
+        gate_w = tl.load(gate_cols + k[:, None] * stride_wh, mask=w_mask, other=0.0)
+        up_w = tl.load(up_cols + k[:, None] * stride_wh, mask=w_mask, other=0.0)
+        acc_gate = tl.dot(a, gate_w, acc_gate, input_precision=DOT_PRECISION)
+        acc_up = tl.dot(a, up_w, acc_up, input_precision=DOT_PRECISION)
+    h = acc_gate * tl.sigmoid(acc_gate) * acc_up
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    out_rows = rows[:, None].to(tl.int64)
+    tl.store(h_ptr + out_rows * I + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=out_ok)
+    if STORE_GATE_UP:
+        gate_up_rows = gate_up_ptr + out_rows * (2 * I) + cols[None, :]
+        tl.store(gate_up_rows, acc_gate.to(gate_up_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(gate_up_rows + I, acc_up.to(gate_up_ptr.dtype.element_ty), mask=out_ok)
+
+
+@_autotuned("N_BUCKET", "E", "H", "I", "K")
+@triton.jit
+def _scatter_matmul_kernel(
+    a_ptr, w_ptr, sorted_pair_ptr, counts_ptr, starts_ptr, scale_ptr, out_ptr,
+    H, I, E, K, N_BUCKET,
+    stride_as, stride_ak, stride_we, stride_wk, stride_wh,
+    HAS_SCALE: tl.constexpr, E_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[pair(s), :H] = scale[pair(s)] * (a[s, :K] @ W_e[:K, :H]) for the sorted rows s of expert e."""
+    expert, row_start, row_end = _expert_tile(tl.program_id(0), counts_ptr, starts_ptr, E, BLOCK_M, E_PAD)
+    if row_start >= row_end:
+        return
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    pair = tl.load(sorted_pair_ptr + rows, mask=row_ok, other=0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < H
+    ks = tl.arange(0, BLOCK_K)
+    a_rows = a_ptr + rows[:, None].to(tl.int64) * stride_as
+    w_cols = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wh
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < K
+        a = tl.load(a_rows + k[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_cols + k[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    if HAS_SCALE:
+        acc = acc * tl.load(scale_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    out = out_ptr + pair[:, None].to(tl.int64) * H + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@_autotuned("N_BUCKET", "E", "H", "I")
+@triton.jit
+def _swiglu_grad_kernel(
+    dy_ptr, w_ptr, sorted_pair_ptr, counts_ptr, starts_ptr, weights_ptr, gate_up_ptr,
+    d_gate_up_ptr, h_ptr, d_weight_ptr,
+    H, I, E, TOP_K, N_BUCKET, N_GROUPS,
+    stride_dyn, stride_dyh, stride_we, stride_wh, stride_wi,
+    E_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    expert, row_start, row_end = _expert_tile(tl.program_id(0), counts_ptr, starts_ptr, E, BLOCK_M, E_PAD)
+    if row_start >= row_end:
+        return
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    pair = tl.load(sorted_pair_ptr + rows, mask=row_ok, other=0)
+    token = pair // TOP_K
+    pid_n = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < I
+    ks = tl.arange(0, BLOCK_K)
+    dy_rows = dy_ptr + token[:, None].to(tl.int64) * stride_dyn
+    w_cols = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wi
+    grad_h = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < H
+        a = tl.load(dy_rows + k[None, :] * stride_dyh, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_cols + k[:, None].to(tl.int64) * stride_wh, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        grad_h = tl.dot(a, w, grad_h, input_precision=DOT_PRECISION)
+
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    gate_up_rows = rows[:, None].to(tl.int64) * (2 * I) + cols[None, :]
+    gate = tl.load(gate_up_ptr + gate_up_rows, mask=tile_ok, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_ptr + gate_up_rows + I, mask=tile_ok, other=0.0).to(tl.float32)
+    sig = tl.sigmoid(gate)
+    silu = gate * sig
+    h = silu * up
+
+    groups = pid_n * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)
+    partial = tl.sum(tl.reshape(grad_h * h, [BLOCK_M, BLOCK_N // GROUP, GROUP]), axis=2)
+    tl.store(
+        d_weight_ptr + pair[:, None].to(tl.int64) * N_GROUPS + groups[None, :], partial,
+        mask=row_ok[:, None] & (groups[None, :] < N_GROUPS),
+    )
+
+    grad_h = grad_h * tl.load(weights_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
+    grad_gate = grad_h * up * sig * (1.0 + gate * (1.0 - sig))
+    dtype = d_gate_up_ptr.dtype.element_ty
+    tl.store(d_gate_up_ptr + gate_up_rows, grad_gate.to(dtype), mask=tile_ok)
+    tl.store(d_gate_up_ptr + gate_up_rows + I, (grad_h * silu).to(dtype), mask=tile_ok)
+    tl.store(h_ptr + rows[:, None].to(tl.int64) * I + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@_autotuned("N_BUCKET", "E", "M", "N")
+@triton.jit
+def _expert_weight_grad_kernel(
+    a_ptr, b_ptr, sorted_pair_ptr, counts_ptr, starts_ptr, scale_ptr, out_ptr,
+    M, N, E, TOP_K, N_BUCKET,
+    stride_as, stride_am, stride_bs, stride_bn, stride_oe, stride_om, stride_on,
+    A_BY_TOKEN: tl.constexpr, B_BY_TOKEN: tl.constexpr, HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out[e] = sum over the sorted rows s of expert e of (scale[pair] * a[row_a])^T b[row_b].
+
+    row_a / row_b is the sorted row s itself or, BY_TOKEN, the token of the pair at row s.
+    """
+    expert = tl.program_id(0)
+    ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ns = tl.program_id(2) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = ms < M
+    n_ok = ns < N
+    start = tl.load(starts_ptr + expert)
+    end = start + tl.load(counts_ptr + expert)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for s0 in range(start, end, BLOCK_K):
+        rows = s0 + tl.arange(0, BLOCK_K)
+        rows_ok = rows < end
+        pair = tl.load(sorted_pair_ptr + rows, mask=rows_ok, other=0)
+        a_rows = pair // TOP_K if A_BY_TOKEN else rows
+        b_rows = pair // TOP_K if B_BY_TOKEN else rows
+        a = tl.load(
+            a_ptr + a_rows[None, :].to(tl.int64) * stride_as + ms[:, None] * stride_am,
+            mask=m_ok[:, None] & rows_ok[None, :], other=0.0,
+        )
+        if HAS_SCALE:
+            scale = tl.load(scale_ptr + pair, mask=rows_ok, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * scale[None, :]).to(a_ptr.dtype.element_ty)
+        b = tl.load(
+            b_ptr + b_rows[:, None].to(tl.int64) * stride_bs + ns[None, :] * stride_bn,
+            mask=rows_ok[:, None] & n_ok[None, :], other=0.0,
+        )
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    out = out_ptr + expert.to(tl.int64) * stride_oe + ms[:, None] * stride_om + ns[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+
+
+def _tile_grid(pairs: int, num_experts: int, columns: int):
+    return lambda meta: (triton.cdiv(pairs, meta["BLOCK_M"]) + num_experts, triton.cdiv(columns, meta["BLOCK_N"]))
+
+
+def _sum_over_slots(per_pair: torch.Tensor, top_k: int) -> torch.Tensor:
+    """[N*k, H] in pair order -> [N, H]: a fixed-order sum over the k slots of each token."""
+    return per_pair.view(-1, top_k, per_pair.shape[1]).sum(dim=1)
+
+
+def experts_forward(x, topk_weights, w_gate_up, w_down, plan: ExpertPlan, keep_gate_up: bool):
+    """y [N, H] and, when keep_gate_up, the pre-activations [S, 2I] backward needs."""
+    tokens, hidden = x.shape
+    num_experts, intermediate = w_gate_up.shape[0], w_down.shape[2]
+    pairs = plan.sorted_pair.numel()
+    bucket = triton.next_power_of_2(tokens)
+    experts_pad = triton.next_power_of_2(num_experts)
+    precision = _dot_precision(x.dtype)
+    h = allocate_output(pairs, intermediate, dtype=x.dtype, device=x.device)
+    gate_up = allocate_output(pairs, 2 * intermediate, dtype=x.dtype, device=x.device) if keep_gate_up else h
+    _gate_up_kernel[_tile_grid(pairs, num_experts, intermediate)](
+        x, w_gate_up, plan.sorted_pair, plan.counts, plan.starts, h, gate_up,
+        hidden, intermediate, num_experts, plan.top_k, bucket,
+        x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2),
+        STORE_GATE_UP=keep_gate_up, E_PAD=experts_pad, DOT_PRECISION=precision, **_FIXED_BLOCKS,
+    )
+    per_pair = allocate_output(pairs, hidden, dtype=x.dtype, device=x.device)
+    weights = topk_weights.reshape(-1).contiguous()
+    _scatter_matmul_kernel[_tile_grid(pairs, num_experts, hidden)](
+        h, w_down, plan.sorted_pair, plan.counts, plan.starts, weights, per_pair,
+        hidden, intermediate, num_experts, intermediate, bucket,
+        h.stride(0), h.stride(1), w_down.stride(0), w_down.stride(2), w_down.stride(1),
+        HAS_SCALE=True, E_PAD=experts_pad, DOT_PRECISION=precision, **_FIXED_BLOCKS,
+    )
+    return _sum_over_slots(per_pair, plan.top_k), (gate_up if keep_gate_up else None)
+
+
+def _weight_grad(a, a_by_token, b, b_by_token, plan, scale, out, bucket, precision):
+    """out [E, M, N] = per expert sum of (scale * a)^T b over its rows, one launch."""
+    num_experts, rows_m, cols_n = out.shape
+
+    def grid(meta):
+        return num_experts, triton.cdiv(rows_m, meta["BLOCK_M"]), triton.cdiv(cols_n, meta["BLOCK_N"])
+
+    _expert_weight_grad_kernel[grid](
+        a, b, plan.sorted_pair, plan.counts, plan.starts, scale if scale is not None else a, out,
+        rows_m, cols_n, num_experts, plan.top_k, bucket,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
+        A_BY_TOKEN=a_by_token, B_BY_TOKEN=b_by_token, HAS_SCALE=scale is not None, DOT_PRECISION=precision,
+        **_FIXED_BLOCKS,
+    )
+    return out
+
+
+def experts_backward(grad_y, x, topk_weights, w_gate_up, w_down, plan: ExpertPlan, gate_up, needs_grad):
+    """(dx, d topk_weights, d w_gate_up, d w_down), None where needs_grad is False."""
+    tokens, hidden = x.shape
+    num_experts, intermediate = w_gate_up.shape[0], w_down.shape[2]
+    pairs = plan.sorted_pair.numel()
+    bucket = triton.next_power_of_2(tokens)
+    experts_pad = triton.next_power_of_2(num_experts)
+    precision = _dot_precision(x.dtype)
+    grad_y = grad_y.to(x.dtype)
+    weights = topk_weights.reshape(-1).contiguous()
+    n_groups = triton.cdiv(intermediate, GROUP)
+
+    d_gate_up = allocate_output(pairs, 2 * intermediate, dtype=x.dtype, device=x.device)
+    h = allocate_output(pairs, intermediate, dtype=x.dtype, device=x.device)
+    d_weight_parts = allocate_output(pairs, n_groups, dtype=torch.float32, device=x.device)
+    _swiglu_grad_kernel[_tile_grid(pairs, num_experts, intermediate)](
+        grad_y, w_down, plan.sorted_pair, plan.counts, plan.starts, weights, gate_up,
+        d_gate_up, h, d_weight_parts,
+        hidden, intermediate, num_experts, plan.top_k, bucket, n_groups,
+        grad_y.stride(0), grad_y.stride(1), w_down.stride(0), w_down.stride(1), w_down.stride(2),
+        E_PAD=experts_pad, DOT_PRECISION=precision, GROUP=GROUP, **_FIXED_BLOCKS,
+    )
+    grad_weights = d_weight_parts.sum(dim=1).view(topk_weights.shape).to(topk_weights.dtype) if needs_grad[1] else None
+
+    grad_x = None
+    if needs_grad[0]:
+        per_pair = allocate_output(pairs, hidden, dtype=x.dtype, device=x.device)
+        _scatter_matmul_kernel[_tile_grid(pairs, num_experts, hidden)](
+            d_gate_up, w_gate_up, plan.sorted_pair, plan.counts, plan.starts, weights, per_pair,
+            hidden, intermediate, num_experts, 2 * intermediate, bucket,
+            d_gate_up.stride(0), d_gate_up.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2),
+            HAS_SCALE=False, E_PAD=experts_pad, DOT_PRECISION=precision, **_FIXED_BLOCKS,
+        )
+        grad_x = _sum_over_slots(per_pair, plan.top_k)
+    grad_w_gate_up = None
+    if needs_grad[2]:
+        out = allocate_output(w_gate_up.shape, dtype=w_gate_up.dtype, device=x.device)
+        grad_w_gate_up = _weight_grad(d_gate_up, False, x, True, plan, None, out, bucket, precision)
+    grad_w_down = None
+    if needs_grad[3]:
+        out = allocate_output(w_down.shape, dtype=w_down.dtype, device=x.device)
+        grad_w_down = _weight_grad(grad_y, True, h, False, plan, weights, out, bucket, precision)
+    return grad_x, grad_weights, grad_w_gate_up, grad_w_down
