@@ -9,6 +9,8 @@ import gspo_kernels as gk
 from gspo_kernels import reference
 
 BACKENDS = ["triton", "torch", "reference"]
+# The Triton backend runs on the GPU when there is one, else in Triton's interpreter on the CPU.
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 LEVELS = ["sequence", "sequence_token", "token"]
 EPS_PAIRS = [(3e-4, 4e-4), (0.2, 0.28)]
 
@@ -81,13 +83,14 @@ def make_inputs(seed, batch=6, length=37, log_ratio_scale=0.01, token_advantages
 
 def run(backend, logps, old_logps, advantages, mask, dtype=torch.float32, **kwargs):
     """Loss, metrics and d loss / d logps (as float64) through one backend."""
-    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    cast = lambda t: None if t is None else t.to(device=device, dtype=dtype)  # noqa: E731
     leaf = cast(logps).requires_grad_()
     ref = kwargs.pop("ref_logps", None)
     with gk.use_backend(backend):
-        loss, metrics = gk.gspo_loss(leaf, cast(old_logps), cast(advantages), mask, ref_logps=cast(ref), **kwargs)
+        loss, metrics = gk.gspo_loss(leaf, cast(old_logps), cast(advantages), mask.to(device), ref_logps=cast(ref), **kwargs)
     (grad,) = torch.autograd.grad(loss, leaf)
-    return loss.detach().double(), {k: float(v) for k, v in metrics.items()}, grad.double()
+    return loss.detach().double().cpu(), {k: float(v) for k, v in metrics.items()}, grad.double().cpu()
 
 
 def expected(logps, old_logps, advantages, mask, **kwargs):
@@ -213,13 +216,14 @@ def test_sequence_loss_is_a_mean_over_sequences_not_tokens():
     assert float(loss) == pytest.approx(-(1.0 + 3.0) / 2)
 
 
+@pytest.mark.parametrize("backend", ["torch"] + (["triton"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("level", LEVELS)
-def test_bfloat16_on_the_cpu_path(level):
+def test_bfloat16(backend, level):
     inputs = make_inputs(9, token_advantages=level != "sequence", log_ratio_scale=0.05)
     logps, old_logps, advantages, mask, ref_logps = inputs
     # The bf16 rounding of the inputs is part of the problem; compare against float64 on the rounded values.
     rounded = tuple(None if t is None else t.to(torch.bfloat16).double() for t in (logps, old_logps, advantages, ref_logps))
-    check("torch", (rounded[0], rounded[1], rounded[2], mask, rounded[3]), dtype=torch.bfloat16, rel=1e-2,
+    check(backend, (rounded[0], rounded[1], rounded[2], mask, rounded[3]), dtype=torch.bfloat16, rel=1e-2,
           level=level, eps_low=0.2, eps_high=0.28, beta=0.1)
 
 
@@ -239,10 +243,12 @@ def test_triton_writes_every_output_element(level, monkeypatch):
 
     monkeypatch.setattr(loss_triton, "allocate_output", poisoned)
     logps, old_logps, advantages, mask, ref_logps = make_inputs(10, token_advantages=level != "sequence")
-    args = [t.float() for t in (logps, old_logps, advantages)]
-    stats = loss_triton.forward_stats(*args, mask, ref_logps.float(), level, 0.2, 0.28, 0.1)
+    args = [t.float().to(TRITON_DEVICE) for t in (logps, old_logps, advantages)]
+    mask, ref_logps = mask.to(TRITON_DEVICE), ref_logps.float().to(TRITON_DEVICE)
+    stats = loss_triton.forward_stats(*args, mask, ref_logps, level, 0.2, 0.28, 0.1)
     assert torch.isfinite(stats).all()
-    grad = loss_triton.backward_grad(*args, mask, ref_logps.float(), stats, level, 0.2, 0.28, 0.1, torch.tensor(1.0))
+    scale = torch.tensor(1.0, device=TRITON_DEVICE)
+    grad = loss_triton.backward_grad(*args, mask, ref_logps, stats, level, 0.2, 0.28, 0.1, scale)
     assert torch.isfinite(grad).all()
 
 

@@ -1,0 +1,47 @@
+"""gspo_loss forward + backward against the plain PyTorch reference.
+
+Bytes of one forward + backward, the floor any implementation pays: logps, old_logps,
+ref_logps and the bool mask read once, the gradient written once, plus the advantages.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import gspo_kernels as gk
+from gspo_kernels import reference
+
+SHAPES = [(64, 4096), (512, 2048)]
+IMPLEMENTATIONS = {"gspo_kernels": gk.gspo_loss, "reference": reference.gspo_loss_reference}
+
+
+def loss_bytes(batch: int, length: int, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    token_arrays = 4  # logps, old_logps, ref_logps, gradient
+    return batch * length * (token_arrays * element + 1) + batch * 4
+
+
+def loss_inputs(batch: int, length: int, dtype: torch.dtype, device: torch.device):
+    """Random log-probs near a realistic operating point, ragged response lengths."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    logps = -torch.rand(batch, length, generator=gen, device=device) * 3
+    old_logps = logps + torch.randn(batch, length, generator=gen, device=device) * 1e-3
+    ref_logps = logps + torch.randn(batch, length, generator=gen, device=device) * 0.1
+    advantages = torch.randn(batch, generator=gen, device=device)
+    lengths = torch.randint(length // 4, length + 1, (batch,), generator=gen, device=device)
+    mask = torch.arange(length, device=device)[None, :] < lengths[:, None]
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    return cast(logps).requires_grad_(), cast(old_logps), advantages, mask, cast(ref_logps)
+
+
+def loss_step(implementation: str, inputs, level: str):
+    """One forward + backward of `implementation` on `inputs`, as a zero-argument callable."""
+    loss_fn = IMPLEMENTATIONS[implementation]
+    logps, old_logps, advantages, mask, ref_logps = inputs
+
+    def step():
+        logps.grad = None
+        loss, _ = loss_fn(logps, old_logps, advantages, mask, level=level, ref_logps=ref_logps, beta=0.01)
+        loss.backward()
+
+    return step
