@@ -1,0 +1,307 @@
+"""Training configuration: YAML -> typed dataclasses, validated with messages that name the key.
+
+Every section is a dataclass whose fields carry their defaults; `Literal` fields list the
+valid choices. `load_config(path, overrides)` reads YAML, applies `section.key=value`
+overrides, and checks unknown keys, types and value ranges before anything is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and what it accepts."""
+
+
+@dataclass
+class ModelConfig:
+    # A Hugging Face Qwen3 / Qwen3-MoE folder (config.json, safetensors, tokenizer files), or
+    # "tiny-moe" / "tiny-dense": a small random model built on the fly with the tiny tokenizer.
+    name_or_path: str = "tiny-moe"
+    seed: int = 0  # initialisation of the tiny random models
+    activation_checkpointing: bool = False
+    # Routing replay (gspo.md): record the rollout's experts and reuse them in the update.
+    # GSPO does not need it; it is here for comparison with token-level GRPO.
+    routing_replay: bool = False
+    router_aux_loss_coef: float = 0.0  # Switch load-balancing loss; 0 leaves it off
+
+
+@dataclass
+class DataConfig:
+    # A local JSONL / JSON / parquet file with a `prompt` column, or "builtin:TASK" for the
+    # generated tasks of the tiny default (for example builtin:reverse).
+    dataset: str = "builtin:reverse"
+    task_length: int = 4  # digits per built-in task
+    max_prompt_tokens: int = 512  # longer prompts are skipped and counted, never cut
+    chat_template: bool = False  # apply the tokenizer's chat template to string prompts
+    enable_thinking: bool = False  # passed to Qwen3's chat template
+    seed: int = 0  # shuffling order
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_step: int = 8
+    group_size: int = 8  # completions sampled per prompt
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class RewardSpec:
+    name: str  # a built-in reward or "module.path:function"
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GSPOConfig:
+    level: Literal["sequence", "sequence_token", "token"] = "sequence"
+    eps_low: float = 3e-4  # the paper's clip range (section 5.1)
+    eps_high: float = 4e-4
+    beta: float = 0.0  # k3 KL to the initial policy; 0 keeps no reference model
+    old_logps: Literal["recompute", "rollout"] = "recompute"
+    num_minibatches: int = 4  # the paper splits each rollout batch in 4, so the ratio moves off 1
+    advantage_scale: Literal["group", "batch", "none"] = "group"
+    advantage_eps: float = 1e-6
+    micro_batch_tokens: int = 8192  # padded tokens per forward/backward; accumulation covers the rest
+
+
+@dataclass
+class OptimConfig:
+    learning_rate: float = 1e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr_ratio: float = 0.0  # cosine floor, as a fraction of learning_rate
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # fp32: everything fp32 (the CPU default). bf16-mixed: fp32 master weights and optimizer
+    # states, bf16 autocast compute. bf16: bf16 weights, fp32 optimizer states.
+    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
+    max_consecutive_skips: int = 5  # non-finite updates in a row before the run stops
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0 saves only the final model
+    keep_last: int = 2
+    resume: str = "none"  # "none", "auto" (latest in output_dir) or a checkpoint folder
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 1
+    sample_every: int = 0  # print a sample completion every N steps; 0 never
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    rewards: list[RewardSpec] = field(default_factory=list)
+    gspo: GSPOConfig = field(default_factory=GSPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    output_dir: str = "runs/gspo"
+
+
+# Value checks beyond the type, by dotted key: (predicate, what the key accepts).
+_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
+    "rollout.prompts_per_step": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.group_size": (lambda v: v >= 2, "an integer >= 2 (advantages compare completions of one prompt)"),
+    "rollout.max_new_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "rollout.temperature": (lambda v: v >= 0, "a number >= 0 (0 is greedy)"),
+    "rollout.top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "rollout.top_k": (lambda v: v >= 0, "an integer >= 0 (0 disables it)"),
+    "data.task_length": (lambda v: v >= 1, "an integer >= 1"),
+    "data.max_prompt_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "gspo.eps_low": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "gspo.eps_high": (lambda v: v >= 0, "a number >= 0"),
+    "gspo.beta": (lambda v: v >= 0, "a number >= 0"),
+    "gspo.num_minibatches": (lambda v: v >= 1, "an integer >= 1"),
+    "gspo.advantage_eps": (lambda v: v > 0, "a number > 0"),
+    "gspo.micro_batch_tokens": (lambda v: v >= 1, "an integer >= 1"),
+    "optim.learning_rate": (lambda v: v > 0, "a number > 0"),
+    "optim.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "optim.max_grad_norm": (lambda v: v > 0, "a number > 0"),
+    "optim.warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "optim.min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "optim.eps": (lambda v: v > 0, "a number > 0"),
+    "train.steps": (lambda v: v >= 1, "an integer >= 1"),
+    "train.max_consecutive_skips": (lambda v: v >= 1, "an integer >= 1"),
+    "checkpoint.every": (lambda v: v >= 0, "an integer >= 0"),
+    "checkpoint.keep_last": (lambda v: v >= 1, "an integer >= 1"),
+    "logging.every": (lambda v: v >= 1, "an integer >= 1"),
+    "logging.sample_every": (lambda v: v >= 0, "an integer >= 0"),
+    "model.router_aux_loss_coef": (lambda v: v >= 0, "a number >= 0"),
+}
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(choice) for choice in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint)).replace("typing.", "")
+
+
+def _convert(value: Any, hint: Any, key: str) -> Any:
+    """`value` checked against (and, for dataclasses and tuples, built as) the type `hint`."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            raise ConfigError(f"{key}: {value!r} is not valid; choose {_type_name(hint)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _convert(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0])
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        items = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)) or len(value) != len(items):
+            raise ConfigError(f"{key}: expected a list of {len(items)} values, got {value!r}")
+        return tuple(_convert(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads 1e-6 (no dot) as a string; people write it that way.
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{key}: expected {_type_name(hint)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(data).__name__} {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; valid keys{' of ' + prefix if prefix else ''}: {', '.join(fields)}")
+    values = {}
+    for name, spec in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name in data:
+            values[name] = _convert(data[name], hints[name], key)
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key} is required")
+        if name in values and key in _RULES:
+            check, accepts = _RULES[key]
+            if not check(values[name]):
+                raise ConfigError(f"{key}: {values[name]!r} is not valid; expected {accepts}")
+    return cls(**values)
+
+
+def _parse_scalar(text: str) -> Any:
+    """A command-line value as YAML reads it: numbers, booleans, lists, or a plain string."""
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one `section.key=value` to the raw YAML mapping."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like section.key=value")
+    dotted, text = assignment.split("=", 1)
+    parts = dotted.strip().split(".")
+    target = data
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"override {assignment!r}: {part} is not a section")
+    target[parts[-1]] = _parse_scalar(text)
+
+
+def config_from_dict(data: dict, overrides: list[str] = ()) -> Config:
+    data = dict(data or {})
+    for assignment in overrides:
+        apply_override(data, assignment)
+    config = _build(Config, data, "")
+    _check_consistency(config)
+    return config
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """The Config of a YAML file (or the defaults when path is None), with overrides applied."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path} is not valid YAML: {error}") from error
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    return config_from_dict(data, overrides)
+
+
+def _check_consistency(config: Config) -> None:
+    batch = config.rollout.prompts_per_step * config.rollout.group_size
+    if config.gspo.num_minibatches > batch:
+        raise ConfigError(
+            f"gspo.num_minibatches: {config.gspo.num_minibatches} minibatches for {batch} sequences per step "
+            "(rollout.prompts_per_step x rollout.group_size); use at most that many"
+        )
+    if not config.rewards and not config.data.dataset.startswith("builtin:"):
+        raise ConfigError("rewards: a dataset other than a built-in task needs at least one reward")
+    if config.model.routing_replay and config.gspo.old_logps == "rollout":
+        raise ConfigError("model.routing_replay needs gspo.old_logps: recompute (the replayed routing is the rollout's)")
+
+
+def config_to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def dump_config(config: Config) -> str:
+    """The resolved config as YAML, as it is printed at start and saved in the output folder."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False)
