@@ -13,6 +13,7 @@ never partly re-initialised.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ COPIED_FILES = (
 )
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+MAPPED_WINDOW_BYTES = 64 * 2**20
 
 
 class CheckpointError(ValueError):
@@ -148,6 +150,35 @@ def _plan(model: Qwen3Model, headers: dict[str, _Header]) -> dict[str, list[Piec
     return plan
 
 
+def _read_windows(
+    plan: dict[str, list[Piece]], weight_files: dict[str, Path], headers: dict[str, _Header]
+) -> list[tuple[Path, list[tuple[str, Piece]]]]:
+    """The pieces to copy, grouped by file and cut into windows of about MAPPED_WINDOW_BYTES.
+
+    Pages of a memory-mapped file that have been read stay resident (and count in RSS) until the
+    file is closed; reopening the file for each window keeps them to one window instead of a
+    whole shard, so loading peaks at about the model's size plus one window.
+    """
+    by_file: dict[Path, list[tuple[str, Piece]]] = {}
+    for name, pieces in plan.items():
+        for piece in pieces:
+            by_file.setdefault(weight_files[piece.hf_key], []).append((name, piece))
+    windows: list[tuple[Path, list[tuple[str, Piece]]]] = []
+    for file, items in sorted(by_file.items()):
+        window: list[tuple[str, Piece]] = []
+        window_bytes = 0
+        for name, piece in items:
+            header = headers[piece.hf_key]
+            nbytes = math.prod(header.shape) * SAFETENSORS_DTYPES[header.dtype].itemsize
+            if window and window_bytes + nbytes > MAPPED_WINDOW_BYTES:
+                windows.append((file, window))
+                window, window_bytes = [], 0
+            window.append((name, piece))
+            window_bytes += nbytes
+        windows.append((file, window))
+    return windows
+
+
 def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
@@ -177,20 +208,17 @@ def load_pretrained(
     with torch.device("meta"):
         model = Qwen3Model(args)
     weight_files = _weight_files(folder)
-    plan = _plan(model, _headers(weight_files))
+    headers = _headers(weight_files)
+    plan = _plan(model, headers)
 
-    # Every tensor is allocated in its final place first (pages are only touched as they are
-    # filled); then each file is opened once, memory-mapped, and released before the next.
+    # Every tensor is allocated in its final place first (its pages are only touched as it is
+    # filled), then filled piece by piece from the memory-mapped files.
     targets = {
         name: torch.empty(tensor.shape, dtype=dtype, device=device) for name, tensor in model.state_dict().items()
     }
-    by_file: dict[Path, list[tuple[str, Piece]]] = {}
-    for name, pieces in plan.items():
-        for piece in pieces:
-            by_file.setdefault(weight_files[piece.hf_key], []).append((name, piece))
-    for file, items in sorted(by_file.items()):
+    for file, window in _read_windows(plan, weight_files, headers):
         with safe_open(file, framework="pt") as f:
-            for name, piece in items:
+            for name, piece in window:
                 targets[name][piece.index].copy_(f.get_tensor(piece.hf_key))
     for name, tensor in targets.items():
         _set_tensor(model, name, tensor)
