@@ -30,6 +30,8 @@ setup(
         "numpy",
         "click>=8.0",
         "pyyaml",
+        "tqdm",
+        "matplotlib",
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4"],

@@ -1,0 +1,92 @@
+"""Rollout samples -> padded training tensors, minibatches and token-budgeted micro-batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Sample:
+    """One completion of one prompt, with what the update needs to score it."""
+
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    advantage: float = 0.0
+    rollout_logps: torch.Tensor | None = None  # [len(completion_ids)] from the sampler
+    old_logps: torch.Tensor | None = None  # [len(completion_ids)], set before the update
+    reward: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        """Positions the training forward runs: prompt + completion minus the last token."""
+        return len(self.prompt_ids) + len(self.completion_ids) - 1
+
+
+@dataclass
+class TrainBatch:
+    """Right-padded tensors where position t predicts targets[:, t].
+
+    input_ids, targets, mask [B, L]; mask is 1 where the target is a completion token.
+    Right padding keeps every real token at its natural position, so no attention mask is needed:
+    causal attention never lets a real token see the padding after it.
+    """
+
+    input_ids: torch.Tensor
+    targets: torch.Tensor
+    mask: torch.Tensor
+    advantages: torch.Tensor  # [B] fp32
+
+    def scatter(self, per_sample: list[torch.Tensor]) -> torch.Tensor:
+        """[B, L] fp32 holding each sample's completion values at its mask positions, 0 elsewhere."""
+        out = torch.zeros(self.mask.shape, dtype=torch.float32, device=self.mask.device)
+        out[self.mask] = torch.cat([v.to(torch.float32) for v in per_sample]).to(self.mask.device)
+        return out
+
+
+def collate(samples: list[Sample], pad_id: int, device: torch.device | str = "cpu") -> TrainBatch:
+    length = max(sample.length for sample in samples)
+    input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    targets = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(samples), length, dtype=torch.bool)
+    for row, sample in enumerate(samples):
+        tokens = torch.tensor(sample.prompt_ids + sample.completion_ids, dtype=torch.long)
+        n = sample.length
+        input_ids[row, :n] = tokens[:-1]
+        targets[row, :n] = tokens[1:]
+        mask[row, len(sample.prompt_ids) - 1 : n] = True
+    advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+    return TrainBatch(input_ids.to(device), targets.to(device), mask.to(device), advantages.to(device))
+
+
+def split_minibatches(samples: list[Sample], num_minibatches: int) -> list[list[Sample]]:
+    """`num_minibatches` contiguous, near-equal slices (sizes differ by at most one)."""
+    size, extra = divmod(len(samples), num_minibatches)
+    slices, start = [], 0
+    for index in range(num_minibatches):
+        end = start + size + (1 if index < extra else 0)
+        slices.append(samples[start:end])
+        start = end
+    return [s for s in slices if s]
+
+
+def split_micro_batches(samples: list[Sample], token_budget: int) -> list[list[Sample]]:
+    """Consecutive groups whose padded size (rows x longest row) stays within `token_budget`.
+
+    A sequence longer than the budget gets a micro-batch of its own.
+    """
+    batches: list[list[Sample]] = []
+    current: list[Sample] = []
+    longest = 0
+    for sample in samples:
+        candidate = max(longest, sample.length)
+        if current and candidate * (len(current) + 1) > token_budget:
+            batches.append(current)
+            current, candidate = [], sample.length
+        current.append(sample)
+        longest = candidate
+    if current:
+        batches.append(current)
+    return batches

@@ -1,0 +1,92 @@
+"""Training checkpoints: `checkpoint-STEP/` folders that transformers loads and the trainer resumes from.
+
+Each folder holds the model as Hugging Face safetensors (save_pretrained) plus trainer_state.pt:
+optimizer, LR scheduler, RNG states, data position, step and counters. A folder is complete or
+absent: it is written under a temporary name and renamed into place, so a crash mid-save
+leaves the previous checkpoint as the latest one.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gspo_engine.checkpoint import save_pretrained
+
+STATE_FILE = "trainer_state.pt"
+_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders in `output_dir`, oldest first."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        match = _PATTERN.match(child.name)
+        if match and (child / STATE_FILE).is_file():
+            found.append((int(match.group(1)), child))
+    return [path for _, path in sorted(found)]
+
+
+def save_checkpoint(output_dir: str | Path, step: int, model, trainer_state: dict[str, Any], keep_last: int) -> Path:
+    """Write checkpoint-STEP atomically, then delete all but the newest `keep_last`."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    target = output_dir / f"checkpoint-{step}"
+    staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
+    try:
+        model_folder = staging / "checkpoint"
+        save_pretrained(model, model_folder)
+        torch.save(trainer_state | {"rng": rng_state()}, model_folder / STATE_FILE)
+        if target.exists():
+            shutil.rmtree(target)
+        model_folder.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
+    path = Path(checkpoint) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a training checkpoint: {STATE_FILE} is missing")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: None for "none", the newest for "auto", else the given folder."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint.resume: {resume} is not a training checkpoint ({STATE_FILE} missing)")
+    return path
