@@ -7,8 +7,9 @@ Permutation, a two-pass stable counting sort of the N*k (token, slot) pairs by e
 `_count_experts_kernel` counts the pairs of each block of 128 per expert, a cumsum over blocks
 (PyTorch, [blocks, E] integers) gives each block its first row per expert, and
 `_place_pairs_kernel` writes every pair to its sorted row. Padding to the GEMM tile exists only in
-the tile lookup: every GEMM program finds its (expert, rows) tile from the per-expert counts
-(`_expert_tile`), so tiles never straddle two experts and no row of x is ever copied or padded.
+the tile table (`tile_table`: expert, first row, end row of every BLOCK_M tile, built with a few
+small PyTorch ops and no host sync), so tiles never straddle two experts and no row of x is ever
+copied or padded.
 
 GEMMs (fp32 accumulation, operands in the storage dtype so bf16 runs on tensor cores):
 - `_gate_up_kernel`: h = silu(x[token] @ Wg^T) * (x[token] @ Wu^T), x rows gathered in the loads,
@@ -23,9 +24,9 @@ GEMMs (fp32 accumulation, operands in the storage dtype so bf16 runs on tensor c
 - `_expert_weight_grad_kernel`: dW_e = sum over the expert's rows of A^T B, one program per
   (expert, output tile), looping over the expert's rows; an expert with no row writes zeros.
 
-Block sizes are autotuned per (N rounded up to a power of two, E, H, I), which covers both the
-training regime (thousands of tokens) and decoding (a few tokens, weight-bound). Under
-TRITON_INTERPRET=1 the kernels run with one fixed small tile instead.
+BLOCK_M follows the average rows per expert (16 when decoding a few tokens, up to 128 when
+training on thousands); the other block sizes, warps and stages are autotuned per (N rounded up
+to a power of two, E, H, I). Under TRITON_INTERPRET=1 the kernels run one fixed small tile.
 """
 
 from __future__ import annotations
@@ -45,25 +46,33 @@ GROUP = 16  # columns per partial sum of d topk_weights
 # Output allocator; tests swap in one that poisons outputs with NaN to prove every element is written.
 allocate_output = torch.empty
 
+# Row-tile GEMMs: BLOCK_M comes from block_rows(); these tile the columns and the reduction.
 _GEMM_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 256, "BLOCK_K": 64}, num_warps=8, num_stages=3),
+]
+# Weight gradients: an output tile BLOCK_M x BLOCK_N per program, BLOCK_K sorted rows per step.
+_WEIGHT_GRAD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-    # decoding: a few rows per expert, the time goes into reading the weights
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
 ]
-_INTERPRET_BLOCKS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
-_FIXED_BLOCKS = _INTERPRET_BLOCKS if INTERPRET else {}
+# The interpreter would time every config; it runs one small tile (several steps of every loop).
+_INTERPRET_GEMM_BLOCKS = {"BLOCK_N": 32, "BLOCK_K": 32}
+_INTERPRET_WEIGHT_GRAD_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
+_GEMM_BLOCKS = _INTERPRET_GEMM_BLOCKS if INTERPRET else {}
+_WEIGHT_GRAD_BLOCKS = _INTERPRET_WEIGHT_GRAD_BLOCKS if INTERPRET else {}
 
 
-def _autotuned(*key: str):
-    """Autotune over _GEMM_CONFIGS keyed on `key`; the interpreter would time every config, so it runs one fixed tile."""
+def _autotuned(configs, *key: str):
+    """Autotune over `configs` keyed on `key`, except in the interpreter."""
 
     def wrap(kernel):
-        return kernel if INTERPRET else triton.autotune(configs=_GEMM_CONFIGS, key=list(key))(kernel)
+        return kernel if INTERPRET else triton.autotune(configs=configs, key=list(key))(kernel)
 
     return wrap
 
@@ -190,39 +199,50 @@ def sort_pairs(topk_idx: torch.Tensor, num_experts: int) -> ExpertPlan:
 # Grouped GEMMs
 
 
-@triton.jit
-def _expert_tile(pid, counts_ptr, starts_ptr, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr):
-    """(expert, first sorted row, end row) of the pid-th BLOCK_M tile; tiles never span two experts.
+def block_rows(pairs: int, num_experts: int) -> int:
+    """BLOCK_M of the row-tile GEMMs: about the rows an expert receives on average, 16 to 128."""
+    per_expert = pairs / num_experts
+    return next((block for block in (16, 32, 64) if per_expert <= block), 128)
 
-    Programs past the last tile get an empty row range (the grid is sized for the worst case,
-    S / BLOCK_M + E tiles, so that the host never waits for the counts).
+
+def tile_table(plan: ExpertPlan, block_m: int) -> torch.Tensor:
+    """[3, T] int32: expert, first sorted row and end row of every BLOCK_M tile of every expert.
+
+    T = pairs // block_m + min(E, pairs) bounds the number of tiles whatever the counts, so the
+    grid is known without waiting for them; tiles past the last one get an empty row range.
     """
-    experts = tl.arange(0, E_PAD)
-    counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
-    tiles = (counts + BLOCK_M - 1) // BLOCK_M
-    tile_end = tl.cumsum(tiles, axis=0)
-    expert = tl.minimum(tl.sum((tile_end <= pid).to(tl.int32), axis=0), E - 1)
-    first_tile = tl.sum(tl.where(experts == expert, tile_end - tiles, 0), axis=0)
-    start = tl.load(starts_ptr + expert)
-    row_start = start + (pid - first_tile) * BLOCK_M
-    row_end = start + tl.load(counts_ptr + expert)
-    return expert, row_start, row_end
+    counts, starts = plan.counts, plan.starts
+    num_experts, pairs = counts.numel(), plan.sorted_pair.numel()
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)
+    tile = torch.arange(pairs // block_m + min(num_experts, pairs), device=counts.device, dtype=torch.int32)
+    expert = torch.searchsorted(tile_end, tile, right=True).clamp_(max=num_experts - 1).to(torch.int32)
+    first_row = starts[expert] + (tile - (tile_end - tiles)[expert]) * block_m
+    end_row = starts[expert] + counts[expert]
+    return torch.stack([expert, first_row, end_row]).to(torch.int32)
 
 
-@_autotuned("N_BUCKET", "E", "H", "I")
+@triton.jit
+def _tile(tiles_ptr, T):
+    """(expert, first sorted row, end row) of this program's tile."""
+    tile = tl.program_id(0)
+    return tl.load(tiles_ptr + tile), tl.load(tiles_ptr + T + tile), tl.load(tiles_ptr + 2 * T + tile)
+
+
+@_autotuned(_GEMM_CONFIGS, "N_BUCKET", "E", "H", "I", "BLOCK_M")
 @triton.jit
 def _gate_up_kernel(
-    x_ptr, w_ptr, sorted_pair_ptr, counts_ptr, starts_ptr, h_ptr, gate_up_ptr,
-    H, I, E, TOP_K, N_BUCKET,
+    x_ptr, w_ptr, sorted_pair_ptr, tiles_ptr, h_ptr, gate_up_ptr,
+    H, I, E, T, TOP_K, N_BUCKET,
     stride_xn, stride_xh, stride_we, stride_wo, stride_wh,
-    STORE_GATE_UP: tl.constexpr, E_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STORE_GATE_UP: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    expert, row_start, row_end = _expert_tile(tl.program_id(0), counts_ptr, starts_ptr, E, BLOCK_M, E_PAD)
-    if row_start >= row_end:
+    expert, first_row, end_row = _tile(tiles_ptr, T)
+    if first_row >= end_row:
         return
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_ok = rows < end_row
     token = tl.load(sorted_pair_ptr + rows, mask=row_ok, other=0) // TOP_K
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < I
@@ -252,21 +272,21 @@ def _gate_up_kernel(
         tl.store(gate_up_rows + I, acc_up.to(gate_up_ptr.dtype.element_ty), mask=out_ok)
 
 
-@_autotuned("N_BUCKET", "E", "H", "I", "K")
+@_autotuned(_GEMM_CONFIGS, "N_BUCKET", "E", "H", "I", "K", "BLOCK_M")
 @triton.jit
 def _scatter_matmul_kernel(
-    a_ptr, w_ptr, sorted_pair_ptr, counts_ptr, starts_ptr, scale_ptr, out_ptr,
-    H, I, E, K, N_BUCKET,
+    a_ptr, w_ptr, sorted_pair_ptr, tiles_ptr, scale_ptr, out_ptr,
+    H, I, E, T, K, N_BUCKET,
     stride_as, stride_ak, stride_we, stride_wk, stride_wh,
-    HAS_SCALE: tl.constexpr, E_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SCALE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """out[pair(s), :H] = scale[pair(s)] * (a[s, :K] @ W_e[:K, :H]) for the sorted rows s of expert e."""
-    expert, row_start, row_end = _expert_tile(tl.program_id(0), counts_ptr, starts_ptr, E, BLOCK_M, E_PAD)
-    if row_start >= row_end:
+    expert, first_row, end_row = _tile(tiles_ptr, T)
+    if first_row >= end_row:
         return
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_ok = rows < end_row
     pair = tl.load(sorted_pair_ptr + rows, mask=row_ok, other=0)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
@@ -286,21 +306,21 @@ def _scatter_matmul_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@_autotuned("N_BUCKET", "E", "H", "I")
+@_autotuned(_GEMM_CONFIGS, "N_BUCKET", "E", "H", "I", "BLOCK_M")
 @triton.jit
 def _swiglu_grad_kernel(
-    dy_ptr, w_ptr, sorted_pair_ptr, counts_ptr, starts_ptr, weights_ptr, gate_up_ptr,
+    dy_ptr, w_ptr, sorted_pair_ptr, tiles_ptr, weights_ptr, gate_up_ptr,
     d_gate_up_ptr, h_ptr, d_weight_ptr,
-    H, I, E, TOP_K, N_BUCKET, N_GROUPS,
+    H, I, E, T, TOP_K, N_BUCKET, N_GROUPS,
     stride_dyn, stride_dyh, stride_we, stride_wh, stride_wi,
-    E_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GROUP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    expert, row_start, row_end = _expert_tile(tl.program_id(0), counts_ptr, starts_ptr, E, BLOCK_M, E_PAD)
-    if row_start >= row_end:
+    expert, first_row, end_row = _tile(tiles_ptr, T)
+    if first_row >= end_row:
         return
-    rows = row_start + tl.arange(0, BLOCK_M)
-    row_ok = rows < row_end
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_ok = rows < end_row
     pair = tl.load(sorted_pair_ptr + rows, mask=row_ok, other=0)
     token = pair // TOP_K
     pid_n = tl.program_id(1)
@@ -340,7 +360,7 @@ def _swiglu_grad_kernel(
     tl.store(h_ptr + rows[:, None].to(tl.int64) * I + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=tile_ok)
 
 
-@_autotuned("N_BUCKET", "E", "M", "N")
+@_autotuned(_WEIGHT_GRAD_CONFIGS, "N_BUCKET", "E", "M", "N")
 @triton.jit
 def _expert_weight_grad_kernel(
     a_ptr, b_ptr, sorted_pair_ptr, counts_ptr, starts_ptr, scale_ptr, out_ptr,
@@ -387,44 +407,52 @@ def _expert_weight_grad_kernel(
 # Launchers
 
 
-def _tile_grid(pairs: int, num_experts: int, columns: int):
-    return lambda meta: (triton.cdiv(pairs, meta["BLOCK_M"]) + num_experts, triton.cdiv(columns, meta["BLOCK_N"]))
-
-
 def _sum_over_slots(per_pair: torch.Tensor, top_k: int) -> torch.Tensor:
     """[N*k, H] in pair order -> [N, H]: a fixed-order sum over the k slots of each token."""
     return per_pair.view(-1, top_k, per_pair.shape[1]).sum(dim=1)
 
 
+class _Launch:
+    """What every row-tile GEMM launch of one call shares: the tile table, its BLOCK_M, the tuning key."""
+
+    def __init__(self, x: torch.Tensor, w_gate_up: torch.Tensor, plan: ExpertPlan):
+        self.tokens, self.hidden = x.shape
+        self.num_experts, self.intermediate = w_gate_up.shape[0], w_gate_up.shape[1] // 2
+        self.pairs = plan.sorted_pair.numel()
+        self.block_m = block_rows(self.pairs, self.num_experts)
+        self.tiles = tile_table(plan, self.block_m)
+        self.bucket = triton.next_power_of_2(self.tokens)
+        self.precision = _dot_precision(x.dtype)
+
+    def grid(self, columns: int):
+        num_tiles = self.tiles.shape[1]
+        return lambda meta: (num_tiles, triton.cdiv(columns, meta["BLOCK_N"]))
+
+
 def experts_forward(x, topk_weights, w_gate_up, w_down, plan: ExpertPlan, keep_gate_up: bool):
     """y [N, H] and, when keep_gate_up, the pre-activations [S, 2I] backward needs."""
-    tokens, hidden = x.shape
-    num_experts, intermediate = w_gate_up.shape[0], w_down.shape[2]
-    pairs = plan.sorted_pair.numel()
-    bucket = triton.next_power_of_2(tokens)
-    experts_pad = triton.next_power_of_2(num_experts)
-    precision = _dot_precision(x.dtype)
-    h = allocate_output(pairs, intermediate, dtype=x.dtype, device=x.device)
-    gate_up = allocate_output(pairs, 2 * intermediate, dtype=x.dtype, device=x.device) if keep_gate_up else h
-    _gate_up_kernel[_tile_grid(pairs, num_experts, intermediate)](
-        x, w_gate_up, plan.sorted_pair, plan.counts, plan.starts, h, gate_up,
-        hidden, intermediate, num_experts, plan.top_k, bucket,
+    run = _Launch(x, w_gate_up, plan)
+    h = allocate_output(run.pairs, run.intermediate, dtype=x.dtype, device=x.device)
+    gate_up = allocate_output(run.pairs, 2 * run.intermediate, dtype=x.dtype, device=x.device) if keep_gate_up else h
+    _gate_up_kernel[run.grid(run.intermediate)](
+        x, w_gate_up, plan.sorted_pair, run.tiles, h, gate_up,
+        run.hidden, run.intermediate, run.num_experts, run.tiles.shape[1], plan.top_k, run.bucket,
         x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2),
-        STORE_GATE_UP=keep_gate_up, E_PAD=experts_pad, DOT_PRECISION=precision, **_FIXED_BLOCKS,
+        STORE_GATE_UP=keep_gate_up, DOT_PRECISION=run.precision, BLOCK_M=run.block_m, **_GEMM_BLOCKS,
     )
-    per_pair = allocate_output(pairs, hidden, dtype=x.dtype, device=x.device)
+    per_pair = allocate_output(run.pairs, run.hidden, dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).contiguous()
-    _scatter_matmul_kernel[_tile_grid(pairs, num_experts, hidden)](
-        h, w_down, plan.sorted_pair, plan.counts, plan.starts, weights, per_pair,
-        hidden, intermediate, num_experts, intermediate, bucket,
+    _scatter_matmul_kernel[run.grid(run.hidden)](
+        h, w_down, plan.sorted_pair, run.tiles, weights, per_pair,
+        run.hidden, run.intermediate, run.num_experts, run.tiles.shape[1], run.intermediate, run.bucket,
         h.stride(0), h.stride(1), w_down.stride(0), w_down.stride(2), w_down.stride(1),
-        HAS_SCALE=True, E_PAD=experts_pad, DOT_PRECISION=precision, **_FIXED_BLOCKS,
+        HAS_SCALE=True, DOT_PRECISION=run.precision, BLOCK_M=run.block_m, **_GEMM_BLOCKS,
     )
     return _sum_over_slots(per_pair, plan.top_k), (gate_up if keep_gate_up else None)
 
 
-def _weight_grad(a, a_by_token, b, b_by_token, plan, scale, out, bucket, precision):
-    """out [E, M, N] = per expert sum of (scale * a)^T b over its rows, one launch."""
+def _weight_grad(run: _Launch, plan: ExpertPlan, a, a_by_token, b, b_by_token, scale, out):
+    """out [E, M, N] = per expert sum over its rows of (scale * a)^T b, one launch."""
     num_experts, rows_m, cols_n = out.shape
 
     def grid(meta):
@@ -432,54 +460,51 @@ def _weight_grad(a, a_by_token, b, b_by_token, plan, scale, out, bucket, precisi
 
     _expert_weight_grad_kernel[grid](
         a, b, plan.sorted_pair, plan.counts, plan.starts, scale if scale is not None else a, out,
-        rows_m, cols_n, num_experts, plan.top_k, bucket,
+        rows_m, cols_n, num_experts, plan.top_k, run.bucket,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        A_BY_TOKEN=a_by_token, B_BY_TOKEN=b_by_token, HAS_SCALE=scale is not None, DOT_PRECISION=precision,
-        **_FIXED_BLOCKS,
+        A_BY_TOKEN=a_by_token, B_BY_TOKEN=b_by_token, HAS_SCALE=scale is not None, DOT_PRECISION=run.precision,
+        **_WEIGHT_GRAD_BLOCKS,
     )
     return out
 
 
 def experts_backward(grad_y, x, topk_weights, w_gate_up, w_down, plan: ExpertPlan, gate_up, needs_grad):
     """(dx, d topk_weights, d w_gate_up, d w_down), None where needs_grad is False."""
-    tokens, hidden = x.shape
-    num_experts, intermediate = w_gate_up.shape[0], w_down.shape[2]
-    pairs = plan.sorted_pair.numel()
-    bucket = triton.next_power_of_2(tokens)
-    experts_pad = triton.next_power_of_2(num_experts)
-    precision = _dot_precision(x.dtype)
+    run = _Launch(x, w_gate_up, plan)
     grad_y = grad_y.to(x.dtype)
     weights = topk_weights.reshape(-1).contiguous()
-    n_groups = triton.cdiv(intermediate, GROUP)
+    n_groups = triton.cdiv(run.intermediate, GROUP)
 
-    d_gate_up = allocate_output(pairs, 2 * intermediate, dtype=x.dtype, device=x.device)
-    h = allocate_output(pairs, intermediate, dtype=x.dtype, device=x.device)
-    d_weight_parts = allocate_output(pairs, n_groups, dtype=torch.float32, device=x.device)
-    _swiglu_grad_kernel[_tile_grid(pairs, num_experts, intermediate)](
-        grad_y, w_down, plan.sorted_pair, plan.counts, plan.starts, weights, gate_up,
+    d_gate_up = allocate_output(run.pairs, 2 * run.intermediate, dtype=x.dtype, device=x.device)
+    h = allocate_output(run.pairs, run.intermediate, dtype=x.dtype, device=x.device)
+    d_weight_parts = allocate_output(run.pairs, n_groups, dtype=torch.float32, device=x.device)
+    _swiglu_grad_kernel[run.grid(run.intermediate)](
+        grad_y, w_down, plan.sorted_pair, run.tiles, weights, gate_up,
         d_gate_up, h, d_weight_parts,
-        hidden, intermediate, num_experts, plan.top_k, bucket, n_groups,
+        run.hidden, run.intermediate, run.num_experts, run.tiles.shape[1], plan.top_k, run.bucket, n_groups,
         grad_y.stride(0), grad_y.stride(1), w_down.stride(0), w_down.stride(1), w_down.stride(2),
-        E_PAD=experts_pad, DOT_PRECISION=precision, GROUP=GROUP, **_FIXED_BLOCKS,
+        DOT_PRECISION=run.precision, GROUP=GROUP, BLOCK_M=run.block_m, **_GEMM_BLOCKS,
     )
-    grad_weights = d_weight_parts.sum(dim=1).view(topk_weights.shape).to(topk_weights.dtype) if needs_grad[1] else None
+    grad_weights = None
+    if needs_grad[1]:
+        grad_weights = d_weight_parts.sum(dim=1).view(topk_weights.shape).to(topk_weights.dtype)
 
     grad_x = None
     if needs_grad[0]:
-        per_pair = allocate_output(pairs, hidden, dtype=x.dtype, device=x.device)
-        _scatter_matmul_kernel[_tile_grid(pairs, num_experts, hidden)](
-            d_gate_up, w_gate_up, plan.sorted_pair, plan.counts, plan.starts, weights, per_pair,
-            hidden, intermediate, num_experts, 2 * intermediate, bucket,
+        per_pair = allocate_output(run.pairs, run.hidden, dtype=x.dtype, device=x.device)
+        _scatter_matmul_kernel[run.grid(run.hidden)](
+            d_gate_up, w_gate_up, plan.sorted_pair, run.tiles, weights, per_pair,
+            run.hidden, run.intermediate, run.num_experts, run.tiles.shape[1], 2 * run.intermediate, run.bucket,
             d_gate_up.stride(0), d_gate_up.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2),
-            HAS_SCALE=False, E_PAD=experts_pad, DOT_PRECISION=precision, **_FIXED_BLOCKS,
+            HAS_SCALE=False, DOT_PRECISION=run.precision, BLOCK_M=run.block_m, **_GEMM_BLOCKS,
         )
         grad_x = _sum_over_slots(per_pair, plan.top_k)
     grad_w_gate_up = None
     if needs_grad[2]:
         out = allocate_output(w_gate_up.shape, dtype=w_gate_up.dtype, device=x.device)
-        grad_w_gate_up = _weight_grad(d_gate_up, False, x, True, plan, None, out, bucket, precision)
+        grad_w_gate_up = _weight_grad(run, plan, d_gate_up, False, x, True, None, out)
     grad_w_down = None
     if needs_grad[3]:
         out = allocate_output(w_down.shape, dtype=w_down.dtype, device=x.device)
-        grad_w_down = _weight_grad(grad_y, True, h, False, plan, weights, out, bucket, precision)
+        grad_w_down = _weight_grad(run, plan, grad_y, True, h, False, weights, out)
     return grad_x, grad_weights, grad_w_gate_up, grad_w_down
