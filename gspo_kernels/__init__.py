@@ -3,5 +3,6 @@
 from gspo_kernels import reference
 from gspo_kernels.backend import use_backend
 from gspo_kernels.loss import gspo_loss
+from gspo_kernels.moe import moe_experts, moe_route
 
-__all__ = ["gspo_loss", "reference", "use_backend"]
+__all__ = ["gspo_loss", "moe_experts", "moe_route", "reference", "use_backend"]
