@@ -1,0 +1,262 @@
+"""Prompt datasets: local JSONL / JSON / parquet files (or generated rows), tokenized once, and a
+loader with a deterministic, resumable order.
+
+Each row has a prompt column (a string, or a list of chat messages `{"role", "content"}`); every
+other column (`answer`, `tests`, ...) is kept and handed to the reward functions. Prompts longer
+than the limit are skipped and counted, never cut. A row that cannot be read is an error naming
+its file and line (or row).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
+
+from gspo_engine.tokenizer import encode_texts, render_prompt
+
+logger = logging.getLogger(__name__)
+
+JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
+JSON_SUFFIXES = (".json",)
+PARQUET_SUFFIXES = (".parquet", ".pq")
+
+
+class DataError(ValueError):
+    """A dataset file or row that cannot be used, with where it is."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str
+    prompt_column: str = "prompt"
+    max_prompt_tokens: int = 1024
+    chat_template: bool = False  # render plain-string prompts through the chat template too
+    enable_thinking: bool | None = None  # passed to Qwen3's chat template; None keeps its default
+
+    def __post_init__(self) -> None:
+        if self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be positive, got {self.max_prompt_tokens}")
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    index: int  # position in the dataset, after skipped rows
+    text: str  # the prompt as the model sees it (chat template applied), handed to rewards
+    token_ids: list[int]
+    columns: dict = field(default_factory=dict)  # the row's other columns
+
+
+def read_rows(path: str | Path) -> list[tuple[str, dict]]:
+    """Rows of a JSONL, JSON or parquet file, each with where it comes from (`file:line`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"dataset file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in JSON_LINES_SUFFIXES:
+        return _read_json_lines(path, path.read_text(encoding="utf-8"))
+    if suffix in JSON_SUFFIXES:
+        return _read_json(path)
+    if suffix in PARQUET_SUFFIXES:
+        return _read_parquet(path)
+    raise DataError(
+        f"dataset file {path}: unknown format {suffix!r}; use one of "
+        f"{', '.join(JSON_LINES_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES)}"
+    )
+
+
+def _read_json_lines(path: Path, text: str) -> list[tuple[str, dict]]:
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not valid JSON: {error.msg} (column {error.colno})") from error
+        rows.append((f"{path}:{number}", row))
+    return rows
+
+
+def _read_json(path: Path) -> list[tuple[str, dict]]:
+    text = path.read_text(encoding="utf-8")
+    if not text.lstrip().startswith("["):
+        # `datasets` and pandas write .json files as JSON lines by default.
+        return _read_json_lines(path, text)
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}: not valid JSON: {error.msg} (column {error.colno})") from error
+    return [(f"{path}: item {number}", item) for number, item in enumerate(items)]
+
+
+def _read_parquet(path: Path) -> list[tuple[str, dict]]:
+    try:
+        import pyarrow.parquet
+    except ImportError as error:
+        raise DataError(f"reading {path} needs pyarrow: pip install pyarrow") from error
+    try:
+        table = pyarrow.parquet.read_table(path)
+    except Exception as error:  # pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: not a readable parquet file: {error}") from error
+    return [(f"{path}: row {number}", row) for number, row in enumerate(table.to_pylist())]
+
+
+def _check_prompt(where: str, row, prompt_column: str):
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    if prompt_column not in row:
+        raise DataError(f"{where}: no {prompt_column!r} column (columns: {sorted(row)})")
+    prompt = row[prompt_column]
+    if isinstance(prompt, str):
+        if not prompt:
+            raise DataError(f"{where}: the prompt is empty")
+        return prompt
+    if isinstance(prompt, list) and prompt and all(
+        isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)
+        for message in prompt
+    ):
+        return prompt
+    raise DataError(f"{where}: the prompt must be a string or a list of {{'role', 'content'}} messages")
+
+
+class PromptDataset:
+    """Tokenized prompts with their other columns; `num_skipped` counts prompts over the limit."""
+
+    def __init__(self, examples: list[PromptExample], num_skipped: int = 0):
+        self.examples = examples
+        self.num_skipped = num_skipped
+
+    @classmethod
+    def load(cls, config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PromptDataset:
+        return cls.from_rows(
+            read_rows(config.path), tokenizer, prompt_column=config.prompt_column,
+            max_prompt_tokens=config.max_prompt_tokens, chat_template=config.chat_template,
+            enable_thinking=config.enable_thinking, source=config.path,
+        )
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: list[tuple[str, dict]] | list[dict],
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        prompt_column: str = "prompt",
+        max_prompt_tokens: int = 1024,
+        chat_template: bool = False,
+        enable_thinking: bool | None = None,
+        source: str = "rows",
+    ) -> PromptDataset:
+        """`rows`: plain dicts (generated rows) or `(where, row)` pairs from `read_rows`."""
+        located = [row if isinstance(row, tuple) else (f"{source}: row {number}", row) for number, row in enumerate(rows)]
+        prompts = [_check_prompt(where, row, prompt_column) for where, row in located]
+        texts = [
+            render_prompt(tokenizer, prompt, chat_template=chat_template, enable_thinking=enable_thinking)
+            for prompt in prompts
+        ]
+        templated = [chat_template or not isinstance(prompt, str) for prompt in prompts]
+        token_ids = encode_texts(tokenizer, texts, templated)
+        examples = []
+        for (_, row), text, ids in zip(located, texts, token_ids):
+            if len(ids) > max_prompt_tokens:
+                continue
+            columns = {name: value for name, value in row.items() if name != prompt_column}
+            examples.append(PromptExample(len(examples), text, ids, columns))
+        num_skipped = len(located) - len(examples)
+        if num_skipped:
+            logger.warning(
+                "%s: skipped %d of %d prompts longer than %d tokens", source, num_skipped, len(located), max_prompt_tokens
+            )
+        if not examples:
+            raise DataError(f"{source}: no prompt left (rows: {len(located)}, over {max_prompt_tokens} tokens: {num_skipped})")
+        return cls(examples, num_skipped)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> PromptExample:
+        return self.examples[index]
+
+
+def reward_inputs(examples: list[PromptExample], group_size: int) -> tuple[list[str], dict[str, list]]:
+    """Prompts and columns for the reward functions, each prompt repeated for its `group_size`
+    completions (in order: all completions of the first prompt, then the second's, ...). A column
+    missing from some rows is None there."""
+    names = sorted({name for example in examples for name in example.columns})
+    prompts = [example.text for example in examples for _ in range(group_size)]
+    columns = {name: [example.columns.get(name) for example in examples for _ in range(group_size)] for name in names}
+    return prompts, columns
+
+
+class PromptLoader:
+    """Batches of examples in a deterministic order: a fresh permutation of the dataset each
+    epoch, drawn from (seed, epoch). A batch that reaches the end of an epoch is completed from the
+    next one. `state_dict()` records the position; `load_state_dict` resumes from it exactly.
+    With `num_epochs`, iteration stops after that many passes (the last batch may be short)."""
+
+    def __init__(
+        self,
+        dataset: PromptDataset,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        num_epochs: int | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if num_epochs is not None and num_epochs < 1:
+            raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_epochs = num_epochs
+        self.epoch = 0
+        self.position = 0  # examples of the current epoch already handed out
+        self._order = self._epoch_order(0)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.dataset)))
+        if self.shuffle:
+            # Seeding with a string is stable across Python versions and processes (no hash salt).
+            random.Random(f"{self.seed}:{epoch}").shuffle(order)
+        return order
+
+    def __iter__(self) -> PromptLoader:
+        return self
+
+    def __next__(self) -> list[PromptExample]:
+        batch: list[PromptExample] = []
+        while len(batch) < self.batch_size:
+            if self.position == len(self._order):
+                if self.num_epochs is not None and self.epoch + 1 >= self.num_epochs:
+                    break
+                self.epoch += 1
+                self.position = 0
+                self._order = self._epoch_order(self.epoch)
+            take = min(self.batch_size - len(batch), len(self._order) - self.position)
+            batch.extend(self.dataset[index] for index in self._order[self.position : self.position + take])
+            self.position += take
+        if not batch:
+            raise StopIteration
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "shuffle": self.shuffle,
+                "dataset_size": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        expected = {"seed": self.seed, "shuffle": self.shuffle, "dataset_size": len(self.dataset)}
+        different = {key: (state.get(key), value) for key, value in expected.items() if state.get(key) != value}
+        if different:
+            raise ValueError(f"cannot resume the prompt order: saved vs current {different}")
+        if not 0 <= state["position"] <= len(self.dataset):
+            raise ValueError(f"saved position {state['position']} is outside a dataset of {len(self.dataset)}")
+        self.epoch = state["epoch"]
+        self.position = state["position"]
+        self._order = self._epoch_order(self.epoch)
