@@ -60,19 +60,26 @@ class OnlineLogSumExp:
         self.sum_exp_z = torch.zeros(rows, dtype=dtype, device=targets.device) if with_entropy else None
         self.target_logit = torch.zeros(rows, dtype=dtype, device=targets.device)
 
-    def update(self, tile: torch.Tensor, v0: int) -> None:
-        v1 = v0 + tile.shape[1]
-        new_max = torch.maximum(self.max, tile.amax(dim=1))
-        rescale = torch.exp(self.max - new_max)
-        p = torch.exp(tile - new_max[:, None])
-        self.sum_exp = self.sum_exp * rescale + p.sum(dim=1)
-        if self.sum_exp_z is not None:
-            self.sum_exp_z = self.sum_exp_z * rescale + (p * tile).sum(dim=1)
-        self.max = new_max
-        in_tile = (self.targets >= v0) & (self.targets < v1)
+    def update_(self, tile: torch.Tensor, v0: int) -> torch.Tensor:
+        """Fold in the tile z [R, Vc] at vocabulary offset v0; returns the row max m it used.
+
+        Without entropy the tile is overwritten with exp(z - m), which a kept tile reuses in
+        backward (p = exp(z - m) * exp(m - lse)) instead of exponentiating again.
+        """
+        in_tile = (self.targets >= v0) & (self.targets < v0 + tile.shape[1])
         local = (self.targets - v0).clamp(0, tile.shape[1] - 1)
         picked = tile.gather(1, local[:, None]).squeeze(1)
         self.target_logit = torch.where(in_tile, picked, self.target_logit)
+        new_max = torch.maximum(self.max, tile.amax(dim=1))
+        rescale = torch.exp(self.max - new_max)
+        if self.sum_exp_z is None:
+            p = tile.sub_(new_max[:, None]).exp_()
+        else:
+            p = torch.exp(tile - new_max[:, None])
+            self.sum_exp_z = self.sum_exp_z * rescale + (p * tile).sum(dim=1)
+        self.sum_exp = self.sum_exp * rescale + p.sum(dim=1)
+        self.max = new_max
+        return new_max
 
     def result(self):
         """(logp of the target, lse, entropy or None), each [R]."""
@@ -86,7 +93,7 @@ def stream_stats_torch(hidden_rows, weight, bias, targets, inv_temperature, with
     stats = OnlineLogSumExp(targets, accumulation_dtype(hidden_rows.dtype), with_entropy)
     for v0 in range(0, weight.shape[0], VOCAB_CHUNK):
         v1 = min(v0 + VOCAB_CHUNK, weight.shape[0])
-        stats.update(logits_tile(hidden_rows, weight, bias, v0, v1, inv_temperature), v0)
+        stats.update_(logits_tile(hidden_rows, weight, bias, v0, v1, inv_temperature), v0)
     return stats.result()
 
 
@@ -138,21 +145,25 @@ def stream_grads_torch(hidden_rows, weight, bias, targets, lse, entropy, grad_lo
 
 
 def kept_logits(hidden_rows, weight, bias, targets, inv_temperature):
-    """All vocabulary tiles of z for rows [R, H], kept: (tiles, logp [R], lse [R])."""
+    """Every vocabulary tile of rows [R, H], kept as (exp(z - m), m [R]): (tiles, logp [R], lse [R])."""
     stats = OnlineLogSumExp(targets, accumulation_dtype(hidden_rows.dtype), with_entropy=False)
     tiles = []
     for v0 in range(0, weight.shape[0], VOCAB_CHUNK):
         v1 = min(v0 + VOCAB_CHUNK, weight.shape[0])
-        tiles.append(logits_tile(hidden_rows, weight, bias, v0, v1, inv_temperature))
-        stats.update(tiles[-1], v0)
+        tile = logits_tile(hidden_rows, weight, bias, v0, v1, inv_temperature)
+        tiles.append((tile, stats.update_(tile, v0)))
     logp, lse, _ = stats.result()
     return tiles, logp, lse
 
 
 def kept_grads(tiles, hidden_rows, weight, targets, lse, grad_logp, inv_temperature, grads: Grads, rows: slice):
     """Turn kept tiles into d logits in place, one at a time, and accumulate their gradients."""
-    for index, tile in enumerate(tiles):
+    for index, (tile, tile_max) in enumerate(tiles):
         v0 = index * VOCAB_CHUNK
-        logits_to_dlogits_(tile, v0, targets, lse, None, grad_logp, None, inv_temperature)
+        # d logits = g (onehot - p) / temperature, with p = tile * exp(m - lse)
+        tile.mul_((-grad_logp * torch.exp(tile_max - lse) * inv_temperature)[:, None])
+        in_tile = (targets >= v0) & (targets < v0 + tile.shape[1])
+        hit = in_tile.nonzero().squeeze(1)
+        tile[hit, targets[hit] - v0] += grad_logp[hit] * inv_temperature
         accumulate_tile_grads(tile, hidden_rows, weight, v0, rows, grads)
         tiles[index] = None  # free each tile as soon as its gradients are in

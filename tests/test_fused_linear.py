@@ -1,0 +1,341 @@
+"""token_logprobs, fused_linear_gspo_loss and LinearGSPOLoss against float64 full-logits references."""
+
+import pytest
+import torch
+
+import gspo_kernels as gk
+from gspo_kernels import fused_linear, reference
+
+BACKENDS = ["triton", "torch", "reference"]
+LEVELS = ["sequence", "sequence_token", "token"]
+# V not a multiple of any tile, T not a multiple of any row block.
+BATCH, STEPS, HIDDEN, VOCAB = 3, 37, 64, 4099
+# Room for 30 response tokens' logits: the batch below mixes kept groups and recomputed sequences.
+MIXED_BUDGET_MIB = 30 * VOCAB * 4 / 2**20
+
+
+def rel_err(value, expected):
+    value, expected = value.detach().double(), expected.detach().double()
+    assert torch.isfinite(value).all(), "non-finite values"
+    return float((value - expected).norm() / expected.norm().clamp(min=1e-30))
+
+
+def make_lm_head(seed, batch=BATCH, steps=STEPS, hidden=HIDDEN, vocab=VOCAB, with_bias=True):
+    """float64 hidden [B, T, H], weight [V, H], bias [V], targets [B, T], with logits of O(5)."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden_states = torch.randn(batch, steps, hidden, generator=gen, dtype=torch.float64)
+    weight = torch.randn(vocab, hidden, generator=gen, dtype=torch.float64) * 0.6
+    bias = torch.randn(vocab, generator=gen, dtype=torch.float64) * 0.5 if with_bias else None
+    targets = torch.randint(0, vocab, (batch, steps), generator=gen)
+    return (*fp32_exact(hidden_states, weight, bias), targets)
+
+
+def fp32_exact(*tensors):
+    """Round float64 data to fp32 values, so fp32 runs and float64 references see the same inputs."""
+    return [None if t is None else t.float().double() for t in tensors]
+
+
+def make_rollout(seed, logps):
+    """old / ref log-probs near logps, advantages [B], a mask with ragged and one empty row."""
+    gen = torch.Generator().manual_seed(seed + 1000)
+    batch, steps = logps.shape
+    old = logps.detach() + 0.02 * torch.randn(batch, steps, generator=gen, dtype=logps.dtype)
+    ref = logps.detach() + 0.5 * torch.randn(batch, steps, generator=gen, dtype=logps.dtype)
+    advantages = torch.randn(batch, generator=gen, dtype=logps.dtype)
+    mask = (torch.rand(batch, steps, generator=gen) < 0.8).long()
+    mask[1] = 0  # a sequence without response tokens
+    mask[0, :3] = 0  # prompt-like leading padding
+    return (*fp32_exact(old, ref, advantages), mask)
+
+
+def leaves(*tensors, dtype=torch.float32):
+    return [None if t is None else t.detach().to(dtype).requires_grad_() for t in tensors]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_token_logprobs_and_entropy_match_float64_reference(backend, seed):
+    hidden, weight, bias, targets = make_lm_head(seed)
+    temperature = 0.7
+    expected_logps, expected_entropy = reference.token_logprobs_reference(
+        *leaves(hidden, weight, dtype=torch.float64), targets, bias=bias, temperature=temperature, return_entropy=True
+    )
+    gen = torch.Generator().manual_seed(seed + 7)
+    upstream_logp = torch.randn(hidden.shape[:2], generator=gen, dtype=torch.float64)
+    upstream_entropy = torch.randn(hidden.shape[:2], generator=gen, dtype=torch.float64)
+
+    exact = leaves(hidden, weight, bias, dtype=torch.float64)
+    ref_logps, ref_entropy = reference.token_logprobs_reference(
+        exact[0], exact[1], targets, bias=exact[2], temperature=temperature, return_entropy=True
+    )
+    ref_grads = torch.autograd.grad((ref_logps * upstream_logp).sum() + (ref_entropy * upstream_entropy).sum(), exact)
+
+    inputs = leaves(hidden, weight, bias)
+    with gk.use_backend(backend):
+        logps, entropy = gk.token_logprobs(
+            inputs[0], inputs[1], targets, bias=inputs[2], temperature=temperature, return_entropy=True
+        )
+        grads = torch.autograd.grad(
+            (logps * upstream_logp.float()).sum() + (entropy * upstream_entropy.float()).sum(), inputs
+        )
+    assert logps.dtype == torch.float32 and logps.shape == targets.shape
+    assert rel_err(logps, expected_logps) < 1e-5
+    assert rel_err(entropy, expected_entropy) < 1e-5
+    for name, grad, ref_grad in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert rel_err(grad, ref_grad) < 1e-5, name
+
+
+def test_token_logprobs_without_entropy_skips_rows_with_zero_gradient():
+    hidden, weight, bias, targets = make_lm_head(2, with_bias=False)
+    exact = leaves(hidden, weight, dtype=torch.float64)
+    upstream = torch.randn(hidden.shape[:2], dtype=torch.float64) * (torch.rand(hidden.shape[:2]) < 0.5)
+    ref_grads = torch.autograd.grad((reference.token_logprobs_reference(*exact, targets) * upstream).sum(), exact)
+    inputs = leaves(hidden, weight)
+    with gk.use_backend("torch"):
+        grads = torch.autograd.grad((gk.token_logprobs(*inputs, targets) * upstream.float()).sum(), inputs)
+    assert all(rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
+    assert (grads[0][upstream == 0] == 0).all()
+
+
+def fused_case(seed, level):
+    hidden, weight, bias, targets = make_lm_head(seed)
+    with torch.no_grad():
+        logps = reference.token_logprobs_reference(hidden, weight, targets, bias=bias, temperature=0.7)
+    old, ref, advantages, mask = make_rollout(seed, logps)
+    if level != "sequence":
+        advantages = fp32_exact(advantages[:, None] + 0.1 * torch.randn(targets.shape, dtype=torch.float64))[0]
+    options = dict(temperature=0.7, level=level, eps_low=3e-3, eps_high=4e-3, beta=0.05)
+    return (hidden, weight, bias, targets), (old, advantages, mask, ref), options
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", LEVELS)
+def test_fused_linear_gspo_loss_matches_float64_reference(backend, level):
+    seed = LEVELS.index(level)
+    (hidden, weight, bias, targets), (old, advantages, mask, ref), options = fused_case(seed, level)
+    exact = leaves(hidden, weight, bias, dtype=torch.float64)
+    ref_loss, ref_metrics = reference.fused_linear_gspo_loss_reference(
+        exact[0], exact[1], targets, old, advantages, mask, bias=exact[2], ref_logps=ref, **options
+    )
+    ref_grads = torch.autograd.grad(ref_loss, exact)
+
+    inputs = leaves(hidden, weight, bias)
+    with gk.use_backend(backend):
+        loss, metrics = gk.fused_linear_gspo_loss(
+            inputs[0], inputs[1], targets, old.float(), advantages.float(), mask, bias=inputs[2],
+            ref_logps=ref.float(), chunk_budget_mib=MIXED_BUDGET_MIB, **options,
+        )
+        grads = torch.autograd.grad(loss, inputs)
+    assert abs(float(loss) - float(ref_loss)) < 1e-5 * max(1.0, abs(float(ref_loss)))
+    assert metrics.keys() == ref_metrics.keys()
+    for name in metrics:
+        assert abs(float(metrics[name]) - float(ref_metrics[name])) < 1e-5, name
+    for name, grad, ref_grad in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert rel_err(grad, ref_grad) < 2e-5, name
+    assert (grads[0][1] == 0).all(), "a sequence without response tokens gets no gradient"
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_float64_inputs_agree_with_reference_to_rounding(level):
+    """In float64 the streamed algorithm must equal the full-logits one up to rounding, not fp32 noise."""
+    (hidden, weight, bias, targets), (old, advantages, mask, ref), options = fused_case(20, level)
+    results = []
+    for fn, backend in ((reference.fused_linear_gspo_loss_reference, "reference"), (gk.fused_linear_gspo_loss, "torch")):
+        inputs = leaves(hidden, weight, bias, dtype=torch.float64)
+        with gk.use_backend(backend):
+            loss, _ = fn(inputs[0], inputs[1], targets, old, advantages, mask, bias=inputs[2], ref_logps=ref, **options)
+            results.append((loss, torch.autograd.grad(loss, inputs)))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert abs(float(loss) - float(ref_loss)) < 1e-12
+    assert all(rel_err(g, r) < 1e-10 for g, r in zip(grads, ref_grads))
+
+
+def test_fused_loss_is_exactly_gspo_loss_of_token_logprobs():
+    (hidden, weight, bias, targets), (old, advantages, mask, ref), options = fused_case(3, "sequence")
+    hidden, weight, bias, old, advantages, ref = (t.float() for t in (hidden, weight, bias, old, advantages, ref))
+    loss_options = {k: v for k, v in options.items() if k != "temperature"}
+    with gk.use_backend("torch"):
+        logps = gk.token_logprobs(hidden, weight, targets, bias=bias, temperature=0.7)
+        chained, chained_metrics = gk.gspo_loss(logps, old, advantages, mask, ref_logps=ref, **loss_options)
+        for budget in (1e-3, MIXED_BUDGET_MIB, 512):
+            inputs = leaves(hidden, weight, bias)
+            loss, metrics = gk.fused_linear_gspo_loss(
+                inputs[0], inputs[1], targets, old, advantages, mask, bias=inputs[2], ref_logps=ref,
+                chunk_budget_mib=budget, **options,
+            )
+            assert torch.allclose(loss, chained, rtol=1e-6, atol=1e-7)
+            assert all(torch.allclose(metrics[k], chained_metrics[k], rtol=1e-6, atol=1e-7) for k in metrics)
+
+
+def test_keep_and_recompute_give_the_same_gradients():
+    (hidden, weight, bias, targets), (old, advantages, mask, ref), options = fused_case(4, "sequence")
+    results = []
+    for budget in (1e-3, MIXED_BUDGET_MIB, 512):  # all recomputed, mixed, all kept
+        inputs = leaves(hidden, weight, bias)
+        with gk.use_backend("torch"):
+            loss, _ = gk.fused_linear_gspo_loss(
+                inputs[0], inputs[1], targets, old.float(), advantages.float(), mask, bias=inputs[2],
+                ref_logps=ref.float(), chunk_budget_mib=budget, **options,
+            )
+            results.append(torch.autograd.grad(loss, inputs))
+    for other in results[1:]:
+        assert all(rel_err(g, r) < 1e-6 for g, r in zip(other, results[0]))
+
+
+def test_plan_groups_keeps_what_fits_and_recomputes_long_sequences():
+    # capacity: 10 rows of a 1024-entry fp32 vocabulary in 40 KiB
+    plan = fused_linear.plan_groups([4, 5, 12, 3, 0, 8, 11], vocab_size=1024, element_bytes=4, budget_mib=40 / 1024)
+    assert plan == [(0, 2, True), (2, 3, False), (3, 5, True), (5, 6, True), (6, 7, False)]
+
+
+def test_tied_weights_get_both_gradients():
+    """weight shared with the input embedding: its gradient sums the embedding and lm_head paths."""
+    _, weight, bias, targets = make_lm_head(5, with_bias=False)
+    input_ids = torch.randint(0, VOCAB, targets.shape)
+    old, _, advantages, mask = make_rollout(5, torch.full(targets.shape, -8.0, dtype=torch.float64))
+
+    def run(fn, dtype):
+        embedding = weight.detach().to(dtype).requires_grad_()
+        hidden = torch.tanh(torch.nn.functional.embedding(input_ids, embedding))
+        loss, _ = fn(hidden, embedding, targets, old.to(dtype), advantages.to(dtype), mask, temperature=1.3, level="sequence")
+        return torch.autograd.grad(loss, embedding)[0]
+
+    expected = run(reference.fused_linear_gspo_loss_reference, torch.float64)
+    with gk.use_backend("torch"):
+        grad = run(gk.fused_linear_gspo_loss, torch.float32)
+    assert rel_err(grad, expected) < 1e-5
+
+
+def test_all_masked_batch_gives_zero_loss_and_zero_gradients():
+    hidden, weight, bias, targets = make_lm_head(6)
+    inputs = leaves(hidden, weight, bias)
+    mask = torch.zeros(targets.shape, dtype=torch.long)
+    old = torch.full(targets.shape, float("nan"))
+    with gk.use_backend("torch"):
+        loss, metrics = gk.fused_linear_gspo_loss(inputs[0], inputs[1], targets, old, torch.randn(BATCH), mask, bias=inputs[2])
+        grads = torch.autograd.grad(loss, inputs)
+    assert float(loss) == 0.0 and all(torch.isfinite(v) for v in metrics.values())
+    assert all((g == 0).all() for g in grads)
+
+
+def test_no_grad_forward_matches_reference():
+    (hidden, weight, bias, targets), (old, advantages, mask, ref), options = fused_case(7, "token")
+    expected, _ = reference.fused_linear_gspo_loss_reference(
+        hidden, weight, targets, old, advantages, mask, bias=bias, ref_logps=ref, **options
+    )
+    with torch.no_grad(), gk.use_backend("torch"):
+        loss, _ = gk.fused_linear_gspo_loss(
+            *(t.float() for t in (hidden, weight)), targets, old.float(), advantages.float(), mask,
+            bias=bias.float(), ref_logps=ref.float(), **options,
+        )
+    assert abs(float(loss) - float(expected)) < 1e-5
+
+
+def test_bf16_inputs_on_the_torch_path():
+    hidden, weight, bias, targets = make_lm_head(8, with_bias=False)
+    exact = leaves(hidden.bfloat16(), weight.bfloat16(), dtype=torch.float64)
+    expected = reference.token_logprobs_reference(*exact, targets)
+    ref_grads = torch.autograd.grad(expected.sum(), exact)
+    inputs = leaves(hidden, weight, dtype=torch.bfloat16)
+    with gk.use_backend("torch"):
+        logps = gk.token_logprobs(*inputs, targets)
+        grads = torch.autograd.grad(logps.sum(), inputs)
+    assert logps.dtype == torch.float32
+    assert rel_err(logps, expected) < 1e-2
+    assert all(rel_err(g, r) < 1e-2 for g, r in zip(grads, ref_grads))
+
+
+def test_large_logits_stay_finite():
+    hidden, weight, _, targets = make_lm_head(9, with_bias=False)
+    weight = weight * 40  # logits of O(300): exp overflows without the running max
+    exact = leaves(hidden, weight, dtype=torch.float64)
+    expected = reference.token_logprobs_reference(*exact, targets, temperature=0.5)
+    ref_grads = torch.autograd.grad(expected.sum(), exact)
+    for backend in ("torch", "triton"):
+        inputs = leaves(hidden, weight)
+        with gk.use_backend(backend):
+            logps = gk.token_logprobs(*inputs, targets, temperature=0.5)
+            grads = torch.autograd.grad(logps.sum(), inputs)
+        assert rel_err(logps, expected) < 1e-5
+        assert all(rel_err(g, r) < 1e-4 for g, r in zip(grads, ref_grads))
+
+
+def test_linear_gspo_loss_module_on_policy():
+    (hidden, weight, bias, targets), (_, advantages, mask, ref), _ = fused_case(10, "sequence")
+    exact = leaves(hidden, weight, dtype=torch.float64)
+    logps = reference.token_logprobs_reference(*exact, targets, temperature=0.9)
+    ref_loss, _ = reference.gspo_loss_reference(logps, logps.detach(), advantages, mask, ref_logps=ref, beta=0.1)
+    ref_grads = torch.autograd.grad(ref_loss, exact)
+    module = gk.LinearGSPOLoss(level="sequence", beta=0.1, temperature=0.9)
+    inputs = leaves(hidden, weight)
+    with gk.use_backend("torch"):
+        loss, metrics = module(inputs[0], inputs[1], targets, mask, advantages.float(), ref_per_token_logps=ref.float())
+        grads = torch.autograd.grad(loss, inputs)
+    assert abs(float(loss) - float(ref_loss)) < 1e-5
+    assert float(metrics["ratio_mean"]) == pytest.approx(1.0)
+    assert all(rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
+
+
+def test_matches_liger_sequence_level_grpo_loss():
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    hidden, weight, bias, targets = make_lm_head(11)
+    with torch.no_grad():
+        logps = reference.token_logprobs_reference(hidden, weight, targets, bias=bias)
+    old, _, advantages, mask = make_rollout(11, logps)
+    mask[1, :5] = 1  # Liger averages over every sequence, this project over non-empty ones
+    liger_loss_fn = liger.LigerFusedLinearGRPOLoss(
+        beta=0.0, compiled=False, use_ref_model=False, epsilon_low=3e-3, epsilon_high=4e-3,
+        loss_type="grpo", importance_sampling_level="sequence",
+    )
+    ours_fn = gk.LinearGSPOLoss(level="sequence", eps_low=3e-3, eps_high=4e-3)
+    results = []
+    for fn in (liger_loss_fn, ours_fn):
+        inputs = leaves(hidden, weight, bias)
+        with gk.use_backend("torch"):
+            loss = fn(inputs[0], inputs[1], targets, mask, advantages.float(), bias=inputs[2],
+                      old_per_token_logps=old.float())[0]
+        results.append((loss, torch.autograd.grad(loss, inputs)))
+    (liger_loss, liger_grads), (loss, grads) = results
+    assert abs(float(loss) - float(liger_loss)) < 1e-5
+    assert all(rel_err(g, r) < 1e-4 for g, r in zip(grads, liger_grads))
+
+
+def test_triton_kernels_write_every_element():
+    pytest.importorskip("triton")
+    from gspo_kernels import fused_linear_triton
+
+    hidden, weight, bias, targets = (t.float() if t.is_floating_point() else t for t in make_lm_head(12))
+    rows, flat_targets = hidden.reshape(-1, HIDDEN)[:71], targets.reshape(-1)[:71]
+    logp, lse, entropy = fused_linear_triton.logprob_stats(rows, weight, bias, flat_targets, 1.0, True)
+    assert all(torch.isfinite(t).all() for t in (logp, lse, entropy))
+    dlogits = fused_linear_triton.dlogits_tile(
+        rows, weight, bias, 1000, 1000 + 333, flat_targets, lse, entropy, torch.randn(71), torch.randn(71), 1.0
+    )
+    assert dlogits.shape == (71, 333) and torch.isfinite(dlogits).all()
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(targets=lambda t: t.clone().index_fill_(1, torch.tensor([3]), VOCAB)), r"targets must lie in \[0, 4099\)"),
+        (dict(targets=lambda t: t.clone().index_fill_(1, torch.tensor([3]), -1)), r"targets must lie in \[0, 4099\)"),
+        (dict(targets=lambda t: t.float()), "targets must hold integer"),
+        (dict(targets=lambda t: t[:, :5]), r"targets must be \[B, T\]"),
+        (dict(hidden=lambda h: h[0]), r"hidden must be \[B, T, H\]"),
+        (dict(weight=lambda w: w[:, :10]), r"weight must be \[V, H\]"),
+        (dict(bias=lambda b: b[:10]), r"bias must be \[V\]"),
+        (dict(temperature=lambda _: 0.0), "temperature must be a positive"),
+    ],
+)
+def test_invalid_inputs_raise_value_error_naming_the_argument(change, message):
+    hidden, weight, bias, targets = make_lm_head(13)
+    args = dict(hidden=hidden, weight=weight, bias=bias, targets=targets, temperature=1.0)
+    for name, edit in change.items():
+        args[name] = edit(args[name])
+    with pytest.raises(ValueError, match=message):
+        gk.token_logprobs(args["hidden"], args["weight"], args["targets"], bias=args["bias"], temperature=args["temperature"])
+    with pytest.raises(ValueError, match=message):
+        gk.fused_linear_gspo_loss(
+            args["hidden"], args["weight"], args["targets"], None, torch.zeros(BATCH),
+            torch.ones(targets.shape), bias=args["bias"], temperature=args["temperature"],
+        )
