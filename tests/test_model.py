@@ -53,8 +53,8 @@ def test_logits_match_transformers(tmp_path, name):
     [
         {"rope_type": "linear", "factor": 2.0},
         {"rope_type": "dynamic", "factor": 3.0},
-        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4},
-        {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8, "beta_fast": 16, "beta_slow": 2},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2},
+        {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 4, "beta_fast": 16, "beta_slow": 2},
     ],
     ids=["linear", "dynamic", "yarn", "yarn_betas"],
 )
