@@ -95,14 +95,14 @@ def save_tiny_tokenizer(folder: str | Path, model_max_length: int = 256) -> Path
     # One piece per task tag, one per other character; Fuse joins them back without spaces.
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"<[a-z]+>|[\s\S]"), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
-    # <unk> stays an ordinary token: decoding must show it, so that a completion cannot hide text from the reward.
+    # <unk> stays an ordinary token (not special, and not named in the config, where transformers would
+    # make it special): decoding must show it, so that a completion cannot hide text from the reward.
     tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in (PAD, EOS)])
     tokenizer.save(str(folder / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "pad_token": PAD,
         "eos_token": EOS,
-        "unk_token": UNK,
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
     }

@@ -64,8 +64,12 @@ def build_reward(spec: str, options: dict | None = None) -> RewardFn:
             raise ValueError(f"reward {spec!r}: bad options {sorted(options)}: {error}") from error
     if not options:
         return target
-    try:
-        inspect.signature(target).bind_partial([], [], **options)
-    except TypeError as error:
-        raise ValueError(f"reward {spec!r} does not take options {sorted(options)}: {error}") from error
+    # Only named parameters count: `**columns` would swallow a misspelt option without a word.
+    named = {
+        name for name, parameter in inspect.signature(target).parameters.items()
+        if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+    }
+    unknown = sorted(set(options) - named)
+    if unknown:
+        raise ValueError(f"reward {spec!r} does not take options {unknown} (its parameters: {sorted(named)})")
     return functools.partial(target, **options)
