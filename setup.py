@@ -32,6 +32,8 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",
+        "pyarrow",  # parquet prompt datasets
+        "math-verify",  # the `math` reward
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4"],
