@@ -12,6 +12,7 @@ never partly re-initialised.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -53,12 +54,12 @@ class Piece:
     index: tuple
 
 
-_EXPERTS = re.compile(r"layers\.(\d+)\.mlp\.(gate_up|down)$")
+_GROUPED_EXPERTS = re.compile(r"layers\.(\d+)\.mlp\.(gate_up|down)")
 
 
 def hf_pieces(name: str, tensor: torch.Tensor, args: ModelArgs, grouped_experts: bool = False) -> list[Piece]:
     """The Hugging Face tensors that make up our tensor `name` (shape taken from `tensor`, meta is fine)."""
-    match = _EXPERTS.match(name.removesuffix(".weight"))
+    match = _GROUPED_EXPERTS.fullmatch(name)
     if match is None:
         hf = name.replace(".mlp.router.", ".mlp.gate.")
         return [Piece(hf if hf == "lm_head.weight" else f"model.{hf}", ())]
@@ -126,8 +127,10 @@ def _plan(model: Qwen3Model, headers: dict[str, _Header]) -> dict[str, list[Piec
     args = model.args
     plan: dict[str, list[Piece]] = {}
     for name, tensor in model.state_dict().items():
-        grouped = name.endswith((".mlp.gate_up", ".mlp.down")) and hf_pieces(name, tensor, args, True)[0].hf_key in headers
-        pieces = hf_pieces(name, tensor, args, grouped_experts=grouped)
+        pieces = hf_pieces(name, tensor, args)
+        grouped = hf_pieces(name, tensor, args, grouped_experts=True)
+        if len(pieces) > 1 and grouped[0].hf_key in headers:
+            pieces = grouped
         for piece in pieces:
             header = headers.get(piece.hf_key)
             if header is None:
@@ -225,7 +228,7 @@ def load_pretrained(
     return model
 
 
-def _hf_state_dict(model: Qwen3Model) -> dict[str, torch.Tensor]:
+def hf_state_dict(model: Qwen3Model) -> dict[str, torch.Tensor]:
     """HF key -> tensor (views into the model's tensors, per-expert keys split out), in key order."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
@@ -263,9 +266,9 @@ def save_pretrained(
     """
     target = Path(path).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    tensors = _hf_state_dict(model)
-    dtype = next(iter(tensors.values())).dtype
-    config = model.args.to_hf_config() | {"torch_dtype": next(k for k, v in DTYPES.items() if v == dtype)}
+    tensors = hf_state_dict(model)
+    # The dtype the weights are in now, which may differ from the one they were loaded in.
+    config = dataclasses.replace(model.args, dtype=next(iter(tensors.values())).dtype).to_hf_config()
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         names = [SINGLE_FILE]
@@ -273,6 +276,7 @@ def save_pretrained(
         names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private to this user; a checkpoint is meant to be shared
     try:
         (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         for name, keys in zip(names, shards):

@@ -175,9 +175,9 @@ def test_save_then_transformers_loads_the_same_model(tmp_path, tied):
     assert max_logit_error(load_pretrained(saved), hf) < TOL
 
 
-def test_save_replaces_an_existing_folder_and_keeps_the_dtype(tmp_path, moe_checkpoint):
+def test_save_replaces_an_existing_folder_and_writes_the_current_dtype(tmp_path, moe_checkpoint):
     _, path = moe_checkpoint
-    model = load_pretrained(path, dtype=torch.bfloat16)
+    model = load_pretrained(path).to(torch.bfloat16)
     target = tmp_path / "out"
     target.mkdir()
     (target / "stale.safetensors").write_text("old")
@@ -289,6 +289,14 @@ def test_tensor_listed_in_index_but_absent_from_its_shard(tmp_path):
         load_pretrained(path)
 
 
+def test_config_key_missing(dense_checkpoint):
+    config = json.loads((dense_checkpoint / "config.json").read_text())
+    del config["hidden_size"]
+    (dense_checkpoint / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="config.json lacks hidden_size"):
+        load_pretrained(dense_checkpoint)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -325,13 +333,13 @@ WRITE_BIG_CHECKPOINT = textwrap.dedent(
     import json, sys
     import torch
     from safetensors.torch import save_file
-    from gspo_engine.checkpoint import _hf_state_dict
+    from gspo_engine.checkpoint import hf_state_dict
     from gspo_engine.model import ModelArgs, Qwen3Model
 
     folder = sys.argv[1]
     with torch.device("meta"):
         model = Qwen3Model(ModelArgs.from_hf_config(json.load(open(folder + "/config.json"))))
-    tensors = {key: torch.full(t.shape, 0.01) for key, t in _hf_state_dict(model).items()}
+    tensors = {key: torch.full(t.shape, 0.01) for key, t in hf_state_dict(model).items()}
     save_file(tensors, folder + "/model.safetensors")
     print(sum(t.numel() * t.element_size() for t in tensors.values()) / 2**20)
     """

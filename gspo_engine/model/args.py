@@ -33,8 +33,13 @@ _OWN_KEYS = {
     "rms_norm_eps", "tie_word_embeddings", "attention_bias", "use_sliding_window", "sliding_window",
     "rope_theta", "rope_scaling", "rope_parameters", "torch_dtype", "dtype",
     "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
-    "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "layer_types", "max_window_layers",
+    "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef",
 }
+_REQUIRED_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "max_position_embeddings",
+)
+_REQUIRED_MOE_KEYS = ("num_experts_per_tok", "moe_intermediate_size")
 
 
 @dataclass
@@ -65,7 +70,7 @@ class ModelArgs:
     rope_scaling: RopeScaling | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False
-    dtype: torch.dtype = torch.bfloat16  # the dtype the checkpoint is stored in
+    dtype: torch.dtype = torch.bfloat16  # of the weights: config.json's torch_dtype / dtype, or the one loaded in
 
     # MoE (num_experts == 0 for a dense model)
     num_experts: int = 0
@@ -108,6 +113,11 @@ class ModelArgs:
     def from_hf_config(cls, config: dict[str, Any]) -> "ModelArgs":
         """Arguments from a config.json dict, in either key spelling; ValueError on what is not supported."""
         architecture = _architecture(config)
+        missing = [key for key in _REQUIRED_KEYS if key not in config]
+        if architecture == MOE_ARCHITECTURE:
+            missing += [key for key in _REQUIRED_MOE_KEYS if key not in config]
+        if missing:
+            raise ValueError(f"config.json lacks {', '.join(missing)}")
         hidden_size = config["hidden_size"]
         num_heads = config["num_attention_heads"]
         if config.get("hidden_act", "silu") != "silu":

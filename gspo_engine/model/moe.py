@@ -57,9 +57,10 @@ class SparseMoE(nn.Module):
         self.norm_topk_prob = args.norm_topk_prob
         experts, hidden, inter = args.num_experts, args.hidden_size, args.moe_intermediate_size
         self.router = nn.Linear(hidden, experts, bias=False)
-        # gate rows first, then up rows: the layout of transformers' fused Qwen3MoeExperts.gate_up_proj
-        self.gate_up = nn.Parameter(torch.empty(experts, 2 * inter, hidden))
-        self.down = nn.Parameter(torch.empty(experts, hidden, inter))
+        # gate rows first, then up rows: the layout of transformers' fused Qwen3MoeExperts.gate_up_proj.
+        # Initialised as transformers does (normal, std 0.02); a checkpoint overwrites them.
+        self.gate_up = nn.Parameter(torch.empty(experts, 2 * inter, hidden).normal_(0, 0.02))
+        self.down = nn.Parameter(torch.empty(experts, hidden, inter).normal_(0, 0.02))
 
     def forward(
         self, x: torch.Tensor, forced_experts: torch.Tensor | None = None
