@@ -367,7 +367,10 @@ class LinearGSPOLoss(nn.Module):
 
     `forward(_input [B, T, H], lin_weight [V, H], selected_token_ids [B, T], attention_mask [B, T],
     advantages [B] or [B, T], bias=None, ref_per_token_logps=None, old_per_token_logps=None)`
-    returns `(loss, metrics)`; `old_per_token_logps=None` means on-policy.
+    returns `(loss, metrics)`; `old_per_token_logps=None` means on-policy. `metrics` is laid out
+    as Liger lays it out, because trainers index it (TRL's GRPOTrainer reads metrics[0] as the KL
+    when beta != 0 and metrics[-1] as the clipped fraction): `[kl, clip_frac]` when beta != 0,
+    else `[clip_frac]`. `fused_linear_gspo_loss` returns every metric by name.
     """
 
     def __init__(self, level: str = "sequence", eps_low: float = 3e-4, eps_high: float = 4e-4, beta: float = 0.0,
@@ -378,12 +381,14 @@ class LinearGSPOLoss(nn.Module):
 
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
                 ref_per_token_logps=None, old_per_token_logps=None):
-        return fused_linear_gspo_loss(
+        loss, metrics = fused_linear_gspo_loss(
             _input, lin_weight, selected_token_ids, old_per_token_logps, advantages, attention_mask,
             bias=bias, temperature=self.temperature, level=self.level, eps_low=self.eps_low,
             eps_high=self.eps_high, ref_logps=ref_per_token_logps if self.beta != 0.0 else None,
             beta=self.beta, chunk_budget_mib=self.chunk_budget_mib,
         )
+        liger_layout = [metrics["kl"], metrics["clip_frac"]] if self.beta != 0.0 else [metrics["clip_frac"]]
+        return loss, liger_layout
 
     def extra_repr(self) -> str:
         return (f"level={self.level!r}, eps_low={self.eps_low}, eps_high={self.eps_high}, beta={self.beta}, "

@@ -264,7 +264,7 @@ def test_linear_gspo_loss_module_on_policy():
     (hidden, weight, bias, targets), (_, advantages, mask, ref), _ = fused_case(10, "sequence")
     exact = leaves(hidden, weight, dtype=torch.float64)
     logps = reference.token_logprobs_reference(*exact, targets, temperature=0.9)
-    ref_loss, _ = reference.gspo_loss_reference(logps, logps.detach(), advantages, mask, ref_logps=ref, beta=0.1)
+    ref_loss, ref_metrics = reference.gspo_loss_reference(logps, logps.detach(), advantages, mask, ref_logps=ref, beta=0.1)
     ref_grads = torch.autograd.grad(ref_loss, exact)
     module = gk.LinearGSPOLoss(level="sequence", beta=0.1, temperature=0.9)
     inputs = leaves(hidden, weight)
@@ -272,7 +272,9 @@ def test_linear_gspo_loss_module_on_policy():
         loss, metrics = module(inputs[0], inputs[1], targets, mask, advantages.float(), ref_per_token_logps=ref.float())
         grads = torch.autograd.grad(loss, inputs)
     assert abs(float(loss) - float(ref_loss)) < 1e-5
-    assert float(metrics["ratio_mean"]) == pytest.approx(1.0)
+    # Liger's layout, which TRL indexes: [kl, clip_frac] when beta != 0
+    assert len(metrics) == 2 and float(metrics[-1]) == 0.0
+    assert float(metrics[0]) == pytest.approx(float(ref_metrics["kl"]), rel=1e-5)
     assert all(rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
 
 
@@ -292,11 +294,13 @@ def test_matches_liger_sequence_level_grpo_loss():
     for fn in (liger_loss_fn, ours_fn):
         inputs = leaves(hidden, weight, bias)
         with gk.use_backend("torch"):
-            loss = fn(inputs[0], inputs[1], targets, mask, advantages.float(), bias=inputs[2],
-                      old_per_token_logps=old.float())[0]
-        results.append((loss, torch.autograd.grad(loss, inputs)))
-    (liger_loss, liger_grads), (loss, grads) = results
+            loss, metrics = fn(inputs[0], inputs[1], targets, mask, advantages.float(), bias=inputs[2],
+                               old_per_token_logps=old.float())
+        results.append((loss, metrics, torch.autograd.grad(loss, inputs)))
+    (liger_loss, liger_metrics, liger_grads), (loss, metrics, grads) = results
     assert abs(float(loss) - float(liger_loss)) < 1e-5
+    assert len(metrics) == len(liger_metrics) == 1
+    assert float(metrics[-1]) == pytest.approx(float(liger_metrics[-1]), abs=1e-6)  # clipped fraction
     assert all(rel_err(g, r) < 1e-4 for g, r in zip(grads, liger_grads))
 
 

@@ -1,0 +1,155 @@
+"""lm_head + GSPO loss on CPU, side by side: peak RSS above inputs and gradients, and time.
+
+Each implementation runs one forward + backward in a fresh subprocess, so that no allocator
+cache or earlier peak leaks between them; the parent prints a markdown table.
+
+    PYTHONPATH=. python bench/fused_linear_memory.py                      # B=4 T=512 H=512 V=151936 fp32
+    PYTHONPATH=. python bench/fused_linear_memory.py --repeats 3 --impls reference,fused
+
+Implementations: "reference" (logits -> log_softmax -> gather -> GSPO loss, as TRL computes it),
+"fused" (gspo_kernels.fused_linear_gspo_loss), "liger" (Liger-Kernel's LigerFusedLinearGRPOLoss,
+sequence-level importance sampling, loss_type="grpo", beta=0, uncompiled; skipped when missing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import gspo_kernels as gk
+from gspo_kernels import reference
+
+IMPLEMENTATIONS = ("reference", "fused", "liger")
+EPS_LOW, EPS_HIGH = 3e-4, 4e-4
+
+
+def available(name: str) -> bool:
+    return name != "liger" or importlib.util.find_spec("liger_kernel") is not None
+
+
+def make_inputs(batch, steps, hidden_size, vocab, dtype=torch.float32, device="cpu", seed=0):
+    """lm_head inputs and a rollout whose old log-probs sit near the current ones (ratios near 1)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    # normal_ in place: no temporary of the weight's size raises the peak before the measurement
+    hidden = torch.empty(batch, steps, hidden_size, dtype=dtype, device=device).normal_(generator=gen)
+    weight = torch.empty(vocab, hidden_size, dtype=dtype, device=device).normal_(0.0, 0.05, generator=gen)
+    targets = torch.randint(0, vocab, (batch, steps), generator=gen, device=device)
+    with torch.no_grad():
+        logps = gk.token_logprobs(hidden, weight, targets)
+    old_logps = logps + 0.01 * torch.randn(logps.shape, generator=gen, device=device)
+    advantages = torch.randn(batch, generator=gen, device=device)
+    mask = torch.ones(batch, steps, dtype=torch.long, device=device)
+    hidden.requires_grad_()
+    weight.requires_grad_()
+    return dict(hidden=hidden, weight=weight, targets=targets, old_logps=old_logps, advantages=advantages, mask=mask)
+
+
+def make_step(name, inputs):
+    """One forward + backward of implementation `name` on `inputs`; gradients land in .grad."""
+    hidden, weight, targets = inputs["hidden"], inputs["weight"], inputs["targets"]
+    old_logps, advantages, mask = inputs["old_logps"], inputs["advantages"], inputs["mask"]
+    options = dict(level="sequence", eps_low=EPS_LOW, eps_high=EPS_HIGH)
+    if name == "reference":
+        def loss():
+            return reference.fused_linear_gspo_loss_reference(hidden, weight, targets, old_logps, advantages, mask, **options)[0]
+    elif name == "fused":
+        def loss():
+            return gk.fused_linear_gspo_loss(hidden, weight, targets, old_logps, advantages, mask, **options)[0]
+    elif name == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+
+        module = LigerFusedLinearGRPOLoss(
+            beta=0.0, compiled=False, use_ref_model=False, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
+            loss_type="grpo", importance_sampling_level="sequence",
+        )
+
+        def loss():
+            return module(hidden, weight, targets, mask, advantages, old_per_token_logps=old_logps)[0]
+    else:
+        raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(IMPLEMENTATIONS)}")
+
+    def step():
+        hidden.grad = weight.grad = None
+        loss().backward()
+
+    return step
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure_in_this_process(name: str, batch: int, steps: int, hidden_size: int, vocab: int) -> dict:
+    # a tiny run first: thread pools and lazy imports are not what is measured
+    make_step(name, make_inputs(2, 8, 16, 64))()
+    inputs = make_inputs(batch, steps, hidden_size, vocab)
+    step = make_step(name, inputs)
+    base = resident_bytes()
+    grad_bytes = sum(inputs[k].numel() * inputs[k].element_size() for k in ("hidden", "weight"))
+    start = time.perf_counter()
+    step()
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return dict(impl=name, extra_mib=(peak - base - grad_bytes) / 2**20, seconds=seconds)
+
+
+def measure_in_subprocess(name: str, shape: tuple[int, int, int, int]) -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--child", name, "--shape", *map(str, shape)]
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def side_by_side(shape, impls, repeats: int) -> dict[str, dict]:
+    """Per implementation: the largest extra memory and the median time over `repeats` fresh runs."""
+    runs = {name: [] for name in impls}
+    for _ in range(repeats):
+        for name in impls:  # interleaved, so that load from other processes hits every one alike
+            runs[name].append(measure_in_subprocess(name, shape))
+    return {
+        name: dict(extra_mib=max(r["extra_mib"] for r in rs), seconds=statistics.median(r["seconds"] for r in rs))
+        for name, rs in runs.items()
+    }
+
+
+def table(results: dict[str, dict]) -> list[str]:
+    ref = results.get("reference")
+    lines = ["| implementation | extra peak RSS (MiB) | time (s) | memory / reference | time / reference |",
+             "| --- | --- | --- | --- | --- |"]
+    for name, r in results.items():
+        mem_ratio = f"{r['extra_mib'] / ref['extra_mib']:.3f}" if ref else "-"
+        time_ratio = f"{r['seconds'] / ref['seconds']:.2f}" if ref else "-"
+        lines.append(f"| {name} | {r['extra_mib']:.0f} | {r['seconds']:.2f} | {mem_ratio} | {time_ratio} |")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", nargs=4, type=int, default=[4, 512, 512, 151936], metavar=("B", "T", "H", "V"))
+    parser.add_argument("--impls", default=",".join(IMPLEMENTATIONS))
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(measure_in_this_process(args.child, *args.shape)))
+        return 0
+    impls = [name for name in args.impls.split(",") if available(name)]
+    results = side_by_side(tuple(args.shape), impls, args.repeats)
+    batch, steps, hidden_size, vocab = args.shape
+    print(f"B={batch} T={steps} H={hidden_size} V={vocab} fp32, CPU, {torch.get_num_threads()} threads, "
+          f"{args.repeats} fresh run(s) each")
+    print("\n".join(table(results)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
