@@ -14,6 +14,7 @@ import pytest
 
 from gspo_engine.rewards.sandbox import Sandbox, SandboxLimits, plan_tests
 
+AS_ROOT = os.geteuid() == 0
 ADD_TESTS = "assert add(1, 2) == 3\nassert add(2, 2) == 4\nassert add(-1, 1) == 0\n"
 FAST = SandboxLimits(timeout_s=2.0, cpu_s=2, memory_mib=256, file_size_mib=4, max_processes=8)
 MARKER_FILE = Path(tempfile.gettempdir()) / "gspo-sandbox-test-marker"
@@ -103,6 +104,8 @@ def test_fraction_of_tests_passed_in_parallel():
     assert [result.passed for result in results] == [3, 2, 0, 3]
     assert results[1].failures == {2: "AssertionError"}
     assert results[2].failures == {0: "NameError", 1: "NameError", 2: "NameError"}
+    assert results[2].solution_error == "SyntaxError" and results[3].solution_error == "SystemExit"
+    assert results[0].solution_error == ""
     assert results[0].fraction == 1.0 and not results[0].timed_out
 
 
@@ -132,13 +135,25 @@ def test_hostile_code_scores_zero(hostile_results, case):
     assert results[case].fraction == 0.0
 
 
-def test_hostile_code_leaves_nothing_running_or_on_disk(hostile_results):
-    results, elapsed, folders_before = hostile_results
+def test_hostile_code_is_stopped_in_parallel(hostile_results):
+    results, elapsed, _ = hostile_results
     assert results["hang"].timed_out and results["escape_session"].timed_out
-    # Parallel: all cases together take about one timeout, not one each.
+    # All cases together take about one timeout, not one each.
     assert elapsed < FAST.timeout_s * 3
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="without root, a child that calls setsid escapes the killed process group")
+def test_hostile_code_leaves_nothing_running(hostile_results):
     assert sandbox_processes() == []
+
+
+def test_hostile_code_leaves_no_folder_behind(hostile_results):
+    _, _, folders_before = hostile_results
     assert sandbox_folders() == folders_before
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="without a sandbox uid, files written outside the folder are not traced")
+def test_hostile_code_leaves_no_file_in_shared_temp_folders(hostile_results):
     assert not MARKER_FILE.exists()
 
 
@@ -160,6 +175,7 @@ print(json.dumps(result.failures))
 """
 
 
+@pytest.mark.skipif(not AS_ROOT, reason="without a sandbox uid, /proc/<parent>/environ is readable")
 def test_code_cannot_read_the_parents_environment():
     # The secret must be in the trainer's environment from its start, where /proc/<pid>/environ shows it.
     env = dict(os.environ, GSPO_TEST_SECRET="hunter2")
@@ -170,8 +186,14 @@ def test_code_cannot_read_the_parents_environment():
     assert failures == {"0": "AssertionError", "1": "AssertionError"}
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a sandbox uid needs root")
+@pytest.mark.skipif(not AS_ROOT, reason="a sandbox uid needs root")
 def test_sandbox_runs_under_its_own_uid():
-    tests = f"assert os.getuid() != 0\nassert os.getuid() != {os.getuid()}\nassert os.getcwd().startswith({tempfile.gettempdir()!r})\n"
+    tests = [
+        "assert os.getuid() != 0 and os.getgid() != 0 and os.getgroups() == []",
+        f"assert os.getcwd().startswith({tempfile.gettempdir()!r})",
+        "try:\n    open('/root/gspo-sandbox-probe', 'w')\nexcept PermissionError:\n    pass\n"
+        "else:\n    raise AssertionError('wrote into /root')",
+        "import math, json, collections",
+    ]
     result = Sandbox(FAST).run("import os\n", plan_tests(tests))
-    assert result.passed == 3, result.failures
+    assert result.passed == len(tests), result.failures

@@ -7,11 +7,16 @@ wall-clock timeout that kills its whole process group.
 
 When the trainer runs as root (the usual container), the child also switches to a uid of its own
 (one per worker slot of this process): the kernel does not apply RLIMIT_NPROC to root, and
-another uid cannot read the trainer's /proc/<pid>/environ. Cleanup then kills every process of
-that uid (which catches a child that left the process group with setsid) and removes what the
-uid left in the shared temporary folders. Run as an ordinary user, the child keeps the trainer's
-uid: the process count limit then counts all of that user's processes, and a child that calls
-setsid, or that reads /proc/<trainer pid>/environ, is beyond what the sandbox can stop.
+another uid can neither read the trainer's /proc/<pid>/environ nor write root's files. Cleanup
+then kills every process of that uid (which catches a child that left the process group with
+setsid) and removes what the uid left in the shared temporary folders. If the interpreter is
+installed where other users cannot read it (pyenv under /root), the child keeps
+CAP_DAC_READ_SEARCH so that it can import the standard library, and can then read (not write)
+any file on the machine.
+
+Run as an ordinary user, the child keeps the trainer's uid: the process count limit then counts
+all of that user's processes, and a child that calls setsid, or that reads
+/proc/<trainer pid>/environ, is beyond what the sandbox can stop.
 
 It does not isolate the network.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import queue
 import secrets
 import shutil
 import signal
@@ -29,7 +35,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -70,6 +75,7 @@ class SandboxResult:
     num_tests: int
     timed_out: bool
     failures: dict[int, str]  # test index -> exception type name, or "no report" when it never finished
+    solution_error: str  # exception type the solution's own code raised, "" when none
 
     @property
     def fraction(self) -> float:
@@ -132,12 +138,13 @@ class Sandbox:
         self.limits = limits
         self.max_workers = max_workers
         self._as_root = os.geteuid() == 0
-        self._keep_read_search = self._as_root and not all(
-            _world_readable(Path(p)) for p in (sys.executable, sysconfig.get_paths()["stdlib"],
-                                                sysconfig.get_paths()["platstdlib"], str(RUNNER))
-        )
-        self._free_slots = list(range(max_workers))
-        self._slots_lock = threading.Lock()
+        # The runner starts as root; what the code imports after the uid switch must stay readable.
+        library_paths = {sysconfig.get_paths()[name] for name in ("stdlib", "platstdlib", "purelib", "platlib")}
+        self._keep_read_search = self._as_root and not all(_world_readable(Path(p)) for p in library_paths)
+        # Each slot has its own uid; a caller beyond `max_workers` waits for a free one.
+        self._free_slots: queue.Queue[int] = queue.Queue()
+        for slot in range(max_workers):
+            self._free_slots.put(slot)
 
     def run_many(self, solutions: list[str], plans: list[TestPlan]) -> list[SandboxResult]:
         if len(solutions) != len(plans):
@@ -146,14 +153,12 @@ class Sandbox:
             return list(pool.map(self.run, solutions, plans))
 
     def run(self, solution: str, plan: TestPlan) -> SandboxResult:
-        with self._slots_lock:
-            slot = self._free_slots.pop()
+        slot = self._free_slots.get()
         try:
             uid = SANDBOX_UID_BASE + os.getpid() * MAX_WORKERS + slot if self._as_root else None
             return self._run_as(solution, plan, uid)
         finally:
-            with self._slots_lock:
-                self._free_slots.append(slot)
+            self._free_slots.put(slot)
 
     def _run_as(self, solution: str, plan: TestPlan, uid: int | None) -> SandboxResult:
         workdir = Path(tempfile.mkdtemp(prefix="gspo-sandbox-"))
@@ -244,17 +249,20 @@ class Sandbox:
     @staticmethod
     def _parse_report(report: str, nonce: str, plan: TestPlan, timed_out: bool) -> SandboxResult:
         outcomes: dict[int, str] = {}
+        solution_error = ""
         for line in report.splitlines():
             fields = line.split(" ", 3)
-            if len(fields) < 3 or fields[0] != nonce or not fields[1].isdigit():
+            if len(fields) < 3 or fields[0] != nonce:
                 continue
-            index = int(fields[1])
-            if index < plan.num_tests and index not in outcomes:
-                outcomes[index] = "" if fields[2] == "pass" else (fields[3] if len(fields) > 3 else "fail")
+            reason = fields[3] if len(fields) > 3 else ""
+            if fields[1] == "solution":
+                solution_error = reason
+            elif fields[1].isdigit() and int(fields[1]) < plan.num_tests:
+                outcomes.setdefault(int(fields[1]), "" if fields[2] == "pass" else reason or "fail")
         failures = {
             index: outcomes.get(index, "no report") for index in range(plan.num_tests) if outcomes.get(index) != ""
         }
-        return SandboxResult(plan.num_tests - len(failures), plan.num_tests, timed_out, failures)
+        return SandboxResult(plan.num_tests - len(failures), plan.num_tests, timed_out, failures, solution_error)
 
     @staticmethod
     def _remove_tree(path: Path) -> None:

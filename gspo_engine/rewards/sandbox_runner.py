@@ -2,7 +2,8 @@
 
 It reads the job as JSON from stdin, applies the resource limits, drops root privileges when it
 has them, then executes the candidate's code and each test step in one namespace. Every test's
-outcome is written to the result pipe as `<nonce> <index> pass|fail <reason>`; the nonce keeps
+outcome is written to the result pipe as `<nonce> <index> pass|fail <exception>` (and an exception
+of the solution itself as `<nonce> solution error <exception>`); the nonce keeps
 lines the candidate prints itself (it can find the pipe in /proc/self/fd) from counting.
 
 This file imports only the standard library: it must start fast and depend on nothing the
@@ -17,6 +18,7 @@ import sys
 
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
 LINUX_CAPABILITY_VERSION_3 = 0x20080522
 CAP_DAC_READ_SEARCH = 2
 CAP_LAST_CAP_BOUND = 64
@@ -33,6 +35,11 @@ class _CapData(ctypes.Structure):
 def _check(result: int, what: str) -> None:
     if result != 0:
         raise OSError(ctypes.get_errno(), f"sandbox: {what} failed: {os.strerror(ctypes.get_errno())}")
+
+
+def forbid_privilege_gain() -> None:
+    """No exec from here on may gain privileges (a setuid-root program would otherwise give root back)."""
+    _check(ctypes.CDLL(None, use_errno=True).prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
 def drop_root(uid: int, keep_read_search: bool) -> None:
@@ -73,7 +80,7 @@ def run_job(job: dict, report) -> None:
     try:
         exec(compile(job["solution"], "<solution>", "exec"), namespace)
     except BaseException as error:  # noqa: BLE001 - the candidate may raise anything, SystemExit included
-        report("solution", "fail", type(error).__name__)
+        report("solution", "error", type(error).__name__)
     for index, source in job["steps"]:
         try:
             exec(compile(source, f"<test {index}>", "exec"), namespace)
@@ -91,6 +98,7 @@ def main() -> None:
     apply_limits(job["limits"])
     if job["uid"] is not None:
         drop_root(job["uid"], job["keep_read_search"])
+    forbid_privilege_gain()
     results = os.fdopen(job["result_fd"], "w", buffering=1)
     nonce = job.pop("nonce")
 
