@@ -20,6 +20,8 @@ CONFIGS = {
     "moe_no_norm_sparse_step_2": dict(moe=True, norm_topk_prob=False, decoder_sparse_step=2, num_hidden_layers=4),
     "moe_mlp_only_tied": dict(moe=True, norm_topk_prob=True, mlp_only_layers=[0, 2], tie_word_embeddings=True),
     "moe_one_kv_head": dict(moe=True, num_key_value_heads=1, num_experts_per_tok=3),
+    "moe_sparse_step_and_mlp_only": dict(moe=True, decoder_sparse_step=2, mlp_only_layers=[1], num_hidden_layers=4),
+    "dense_eps_theta": dict(moe=False, rms_norm_eps=1e-3, rope_parameters={"rope_theta": 1e6}),
 }
 
 
@@ -83,6 +85,12 @@ def test_tied_lm_head_is_the_embedding(tmp_path):
     _, model = load_pair(tmp_path, moe=False, tie_word_embeddings=True)
     assert model.lm_head is None
     assert model.lm_head_weight is model.embed_tokens.weight
+
+
+def test_which_layers_are_sparse_follows_transformers(tmp_path):
+    hf, model = load_pair(tmp_path, moe=True, decoder_sparse_step=2, mlp_only_layers=[1], num_hidden_layers=6)
+    expected = [i for i, layer in enumerate(hf.model.layers) if hasattr(layer.mlp, "experts")]
+    assert model.args.moe_layers == expected == [3, 5]
 
 
 def test_run_reports_routing_per_moe_layer(tmp_path):
