@@ -261,7 +261,10 @@ def test_expert_shape_mismatch(tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(
         CheckpointError,
-        match=r"shape mismatch for model\.layers\.0\.mlp\.experts\.0\.gate_proj\.weight: expected \[20, 32\], found \[24, 32\]",
+        match=(
+            r"shape mismatch for model\.layers\.0\.mlp\.experts\.0\.gate_proj\.weight: "
+            r"expected \[20, 32\], found \[24, 32\]"
+        ),
     ):
         load_pretrained(path)
 
@@ -300,7 +303,10 @@ def test_config_key_missing(dense_checkpoint):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"architectures": ["LlamaForCausalLM"]}, "unsupported architecture.*LlamaForCausalLM.*Qwen3ForCausalLM, Qwen3MoeForCausalLM"),
+        (
+            {"architectures": ["LlamaForCausalLM"]},
+            "unsupported architecture.*LlamaForCausalLM.*supported: Qwen3ForCausalLM, Qwen3MoeForCausalLM",
+        ),
         ({"rope_parameters": {"rope_type": "longrope", "factor": 2.0}}, "unsupported rope type 'longrope'"),
         ({"rope_parameters": {"rope_type": "linear"}}, "rope type 'linear' needs a 'factor'"),
         ({"use_sliding_window": True}, "use_sliding_window=true is not supported"),

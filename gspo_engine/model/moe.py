@@ -46,7 +46,10 @@ def grouped_experts(
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
 ) -> torch.Tensor:
-    """y [N, H] = sum over the k chosen experts of weight * SwiGLU_expert(x); the one place the expert kernel is chosen."""
+    """y [N, H] = sum over the k chosen experts of weight * SwiGLU_expert(x).
+
+    The one place the expert computation is chosen (the plain PyTorch reference for now).
+    """
     return moe_experts_reference(x, topk_idx, topk_weights, w_gate_up, w_down)
 
 

@@ -138,4 +138,5 @@ class Qwen3Model(nn.Module):
         forced_experts: Sequence[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] in the model dtype."""
-        return F.linear(self.hidden_states(input_ids, attention_mask, position_ids, forced_experts), self.lm_head_weight)
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, forced_experts)
+        return F.linear(hidden, self.lm_head_weight)
