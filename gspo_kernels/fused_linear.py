@@ -215,27 +215,30 @@ def token_logprobs(
 
 
 def plan_groups(lengths: list[int], vocab_size: int, element_bytes: int, budget_mib: float):
-    """Split sequences into (first, end, keep) groups: keep if their response logits fit the budget."""
+    """Groups of non-empty sequences as (indices, keep).
+
+    Kept groups pack consecutive sequences while their response tokens' logits fit the budget;
+    every sequence too long for it goes to one last group that is recomputed, so the streamed
+    kernels see all of those rows at once.
+    """
     capacity = int(budget_mib * 2**20) // (vocab_size * element_bytes)
-    groups, first, rows = [], 0, 0
+    groups, current, rows, recomputed = [], [], 0, []
     for index, length in enumerate(lengths):
+        if length == 0:
+            continue
         if length > capacity:
-            if index > first:
-                groups.append((first, index, True))
-            groups.append((index, index + 1, False))
-            first, rows = index + 1, 0
-        elif rows + length > capacity:
-            groups.append((first, index, True))
-            first, rows = index, length
-        else:
-            rows += length
-    if first < len(lengths):
-        groups.append((first, len(lengths), True))
+            recomputed.append(index)
+            continue
+        if rows + length > capacity:
+            groups.append((current, True))
+            current, rows = [], 0
+        current.append(index)
+        rows += length
+    if current:
+        groups.append((current, True))
+    if recomputed:
+        groups.append((recomputed, False))
     return groups
-
-
-def _rows(tensor: torch.Tensor | None, first: int, end: int):
-    return None if tensor is None else tensor[first:end]
 
 
 def _group_loss_gradient(logps, loss_inputs, loss_options, share):
@@ -266,20 +269,19 @@ class _ChunkedGSPOLoss(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         grads = _new_grads(batch * steps, hidden, weight, bias, needs)
         element_bytes = torch.empty((), dtype=dtype).element_size()
-        for first, end, keep in plan_groups(lengths, weight.shape[0], element_bytes, budget_mib):
-            rows = response[first:end].reshape(-1).nonzero().squeeze(1) + first * steps
-            if rows.numel() == 0:
-                continue
+        for sequences, keep in plan_groups(lengths, weight.shape[0], element_bytes, budget_mib):
+            sequences = torch.tensor(sequences, device=hidden.device)
+            seq, step = response[sequences].nonzero(as_tuple=True)
+            rows = sequences[seq] * steps + step
             group_hidden, group_targets = hidden_rows[rows], flat_targets[rows]
             if keep:
                 tiles, logp, lse = kept_logits(group_hidden, weight, bias, group_targets, inv_temperature)
             else:
                 logp, lse, _ = stream_stats(backend, group_hidden, weight, bias, group_targets, inv_temperature, False)
             logps.view(-1)[rows] = logp.to(dtype)
-            loss_inputs = tuple(_rows(t, first, end) for t in (old_logps, advantages, mask, ref_logps))
-            share = sum(length > 0 for length in lengths[first:end]) / num_valid
-            grad = _group_loss_gradient(logps[first:end], loss_inputs, loss_options, share)
-            grad_logp = grad.reshape(-1)[rows - first * steps].to(lse.dtype)
+            loss_inputs = tuple(None if t is None else t[sequences] for t in (old_logps, advantages, mask, ref_logps))
+            grad = _group_loss_gradient(logps[sequences], loss_inputs, loss_options, len(sequences) / num_valid)
+            grad_logp = grad[seq, step].to(lse.dtype)
             group_grads = Grads(
                 hidden=torch.zeros_like(group_hidden, dtype=grads.hidden.dtype) if needs[0] else None,
                 weight=grads.weight, bias=grads.bias,

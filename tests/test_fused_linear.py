@@ -185,7 +185,7 @@ def test_keep_and_recompute_give_the_same_gradients():
 def test_plan_groups_keeps_what_fits_and_recomputes_long_sequences():
     # capacity: 10 rows of a 1024-entry fp32 vocabulary in 40 KiB
     plan = fused_linear.plan_groups([4, 5, 12, 3, 0, 8, 11], vocab_size=1024, element_bytes=4, budget_mib=40 / 1024)
-    assert plan == [(0, 2, True), (2, 3, False), (3, 5, True), (5, 6, True), (6, 7, False)]
+    assert plan == [([0, 1], True), ([3], True), ([5], True), ([2, 6], False)]
 
 
 def test_tied_weights_get_both_gradients():
