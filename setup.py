@@ -22,7 +22,7 @@ setup(
     packages=find_packages(include=["gspo_kernels", "gspo_kernels.*", "gspo_engine", "gspo_engine.*"]),
     package_data={"gspo_engine": ["assets/*"]},
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.5",
         "triton>=3.0; platform_system == 'Linux'",
         "transformers>=4.51",
         "tokenizers",
