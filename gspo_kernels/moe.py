@@ -266,10 +266,16 @@ def grouped_weight_grad(a: torch.Tensor, b: torch.Tensor, plan: ExpertPlan) -> t
     return out
 
 
+def _sorted_row_of_pair(plan: ExpertPlan) -> torch.Tensor:
+    """[S]: the sorted row of every pair, the inverse of sorted_pair (gathering beats scattering on CPU)."""
+    rows = torch.empty_like(plan.sorted_pair)
+    rows[plan.sorted_pair] = torch.arange(rows.numel(), device=rows.device)
+    return rows
+
+
 def _sum_over_slots(per_sorted_row: torch.Tensor, plan: ExpertPlan, dtype: torch.dtype) -> torch.Tensor:
-    """[S, H] in sorted rows -> [N, H]: each row back to its pair's place, then summed over the k slots."""
-    per_pair = torch.empty(per_sorted_row.shape, dtype=dtype, device=per_sorted_row.device)
-    per_pair[plan.sorted_pair] = per_sorted_row.to(dtype)
+    """[S, H] in sorted rows -> [N, H]: each pair's row in pair order, then summed over the k slots."""
+    per_pair = per_sorted_row[_sorted_row_of_pair(plan)].to(dtype)
     return per_pair.view(-1, plan.top_k, per_pair.shape[1]).sum(dim=1)
 
 
@@ -278,39 +284,35 @@ def experts_forward(x, topk_weights, w_gate_up, w_down, plan: ExpertPlan, keep_g
     token = plan.sorted_pair // plan.top_k
     gate_up = grouped_matmul(x[token], w_gate_up.transpose(1, 2), plan)
     gate, up = gate_up.chunk(2, dim=-1)
-    hidden = F.silu(gate) * up
+    hidden = F.silu(gate).mul_(up)
     out = grouped_matmul(hidden, w_down.transpose(1, 2), plan)
-    weight = topk_weights.reshape(-1)[plan.sorted_pair]
-    y = _sum_over_slots(out * weight[:, None], plan, x.dtype)
-    return y, (gate_up if keep_gate_up else None)
+    out.mul_(topk_weights.reshape(-1)[plan.sorted_pair, None])
+    return _sum_over_slots(out, plan, x.dtype), (gate_up if keep_gate_up else None)
 
 
 def experts_backward(grad_y, x, topk_weights, w_gate_up, w_down, plan: ExpertPlan, gate_up, needs_grad):
     """PyTorch path: (dx, d topk_weights, d w_gate_up, d w_down), None where needs_grad is False."""
     token = plan.sorted_pair // plan.top_k
-    weight = topk_weights.reshape(-1)[plan.sorted_pair]
+    weight = topk_weights.reshape(-1)[plan.sorted_pair, None]
     grad_y_rows = grad_y.to(x.dtype)[token]
     grad_hidden = grouped_matmul(grad_y_rows, w_down, plan)
     gate, up = gate_up.chunk(2, dim=-1)
-    sig = torch.sigmoid(gate)
-    silu = gate * sig
+    silu = F.silu(gate)
     hidden = silu * up
-    compute = torch.promote_types(x.dtype, torch.float32)
     grad_weights = None
     if needs_grad[1]:
-        grad_weights_sorted = (grad_hidden.to(compute) * hidden.to(compute)).sum(dim=-1)
-        grad_weights = torch.empty(weight.shape, dtype=topk_weights.dtype, device=x.device)
-        grad_weights[plan.sorted_pair] = grad_weights_sorted.to(topk_weights.dtype)
-        grad_weights = grad_weights.view(topk_weights.shape)
-    grad_hidden = grad_hidden * weight[:, None].to(compute)
-    grad_gate = grad_hidden * up * sig * (1 + gate * (1 - sig))
-    grad_gate_up = torch.cat([grad_gate, grad_hidden * silu], dim=-1).to(x.dtype)
+        compute = torch.promote_types(x.dtype, torch.float32)  # bf16 dot products summed in fp32
+        per_row = torch.linalg.vecdot(grad_hidden.to(compute), hidden.to(compute))
+        grad_weights = per_row[_sorted_row_of_pair(plan)].view(topk_weights.shape).to(topk_weights.dtype)
+    grad_hidden.mul_(weight)
+    intermediate = gate.shape[1]
+    grad_gate_up = torch.empty_like(gate_up)
+    torch.mul(grad_hidden, silu, out=grad_gate_up[:, intermediate:])
+    grad_gate_up[:, :intermediate] = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
     grad_x = _sum_over_slots(grouped_matmul(grad_gate_up, w_gate_up, plan), plan, x.dtype) if needs_grad[0] else None
     grad_w_gate_up = grouped_weight_grad(grad_gate_up, x[token], plan) if needs_grad[2] else None
-    grad_w_down = None
-    if needs_grad[3]:
-        weighted_grad_y = (grad_y_rows * weight[:, None].to(compute)).to(x.dtype)
-        grad_w_down = grouped_weight_grad(weighted_grad_y, hidden.to(x.dtype), plan)
+    # (w dy)^T h = dy^T (w h): scaling h [S, I] is cheaper than scaling dy [S, H].
+    grad_w_down = grouped_weight_grad(grad_y_rows, hidden.mul_(weight), plan) if needs_grad[3] else None
     return grad_x, grad_weights, grad_w_gate_up, grad_w_down
 
 
