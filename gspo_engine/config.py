@@ -16,6 +16,9 @@ from typing import Any, Literal
 
 import yaml
 
+from gspo_engine.rewards.combine import RewardSpec
+from gspo_engine.tasks import SOLVERS
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and what it accepts."""
@@ -35,15 +38,27 @@ class ModelConfig:
 
 
 @dataclass
+class BuiltinTasksConfig:
+    """The generated digit tasks of the tiny default (gspo_engine.tasks)."""
+
+    tasks: list[str] = field(default_factory=lambda: ["copy", "reverse", "sort"])
+    min_length: int = 2
+    max_length: int = 4
+    num_digits: int = 10  # how many distinct digits appear (2..10)
+    num_rows: int = 4096  # prompts generated from data.seed
+
+
+@dataclass
 class DataConfig:
-    # A local JSONL / JSON / parquet file with a `prompt` column, or "builtin:TASK" for the
-    # generated tasks of the tiny default (for example builtin:reverse).
-    dataset: str = "builtin:reverse"
-    task_length: int = 4  # digits per built-in task
+    # A local JSONL / JSON / parquet file with a prompt column, or "builtin" for the generated
+    # digit tasks of the tiny default (rewarded by digit_match unless rewards says otherwise).
+    dataset: str = "builtin"
+    prompt_column: str = "prompt"
     max_prompt_tokens: int = 512  # longer prompts are skipped and counted, never cut
     chat_template: bool = False  # apply the tokenizer's chat template to string prompts
-    enable_thinking: bool = False  # passed to Qwen3's chat template
-    seed: int = 0  # shuffling order
+    enable_thinking: bool | None = None  # passed to Qwen3's chat template; None keeps its default
+    seed: int = 0  # generated rows and shuffling order
+    builtin: BuiltinTasksConfig = field(default_factory=BuiltinTasksConfig)
 
 
 @dataclass
@@ -54,13 +69,6 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-
-
-@dataclass
-class RewardSpec:
-    name: str  # a built-in reward or "module.path:function"
-    weight: float = 1.0
-    kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -135,7 +143,9 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "rollout.temperature": (lambda v: v >= 0, "a number >= 0 (0 is greedy)"),
     "rollout.top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "rollout.top_k": (lambda v: v >= 0, "an integer >= 0 (0 disables it)"),
-    "data.task_length": (lambda v: v >= 1, "an integer >= 1"),
+    "data.builtin.min_length": (lambda v: v >= 1, "an integer >= 1"),
+    "data.builtin.num_digits": (lambda v: 2 <= v <= 10, "an integer in 2..10"),
+    "data.builtin.num_rows": (lambda v: v >= 1, "an integer >= 1"),
     "data.max_prompt_tokens": (lambda v: v >= 1, "an integer >= 1"),
     "gspo.eps_low": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "gspo.eps_high": (lambda v: v >= 0, "a number >= 0"),
@@ -192,6 +202,10 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         items = typing.get_args(hint)
+        if len(items) == 2 and items[1] is Ellipsis:
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            return tuple(_convert(v, items[0], f"{key}[{i}]") for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise ConfigError(f"{key}: expected a list of {len(items)} values, got {value!r}")
         return tuple(_convert(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, items)))
@@ -292,7 +306,13 @@ def _check_consistency(config: Config) -> None:
             f"gspo.num_minibatches: {config.gspo.num_minibatches} minibatches for {batch} sequences per step "
             "(rollout.prompts_per_step x rollout.group_size); use at most that many"
         )
-    if not config.rewards and not config.data.dataset.startswith("builtin:"):
+    builtin = config.data.builtin
+    if builtin.max_length < builtin.min_length:
+        raise ConfigError(f"data.builtin.max_length: {builtin.max_length} is below data.builtin.min_length {builtin.min_length}")
+    unknown_tasks = sorted(set(builtin.tasks) - set(SOLVERS))
+    if not builtin.tasks or unknown_tasks:
+        raise ConfigError(f"data.builtin.tasks: {builtin.tasks} is not valid; choose some of {', '.join(SOLVERS)}")
+    if not config.rewards and config.data.dataset != "builtin":
         raise ConfigError("rewards: a dataset other than a built-in task needs at least one reward")
     if config.model.routing_replay and config.gspo.old_logps == "rollout":
         raise ConfigError("model.routing_replay needs gspo.old_logps: recompute (the replayed routing is the rollout's)")

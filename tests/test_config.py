@@ -23,8 +23,8 @@ def test_overrides_take_precedence(tmp_path):
 
 
 def test_rewards_are_typed(tmp_path):
-    config = load_config(write(tmp_path, "rewards:\n  - name: exact_match\n    weight: 2\n"))
-    assert config.rewards[0].name == "exact_match" and config.rewards[0].weight == 2.0
+    config = load_config(write(tmp_path, "rewards:\n  - function: exact_match\n    weight: 2\n    options: {}\n"))
+    assert config.rewards[0].function == "exact_match" and config.rewards[0].weight == 2.0
 
 
 @pytest.mark.parametrize(
@@ -38,7 +38,9 @@ def test_rewards_are_typed(tmp_path):
         ("rollout:\n  group_size: 1\n", "rollout.group_size: 1 is not valid"),
         ("optim:\n  betas: [0.9]\n", "optim.betas: expected a list of 2 values"),
         ("model:\n  activation_checkpointing: 1\n", "model.activation_checkpointing: expected true or false"),
-        ("rewards:\n  - weight: 1\n", "rewards\\[0\\].name is required"),
+        ("rewards:\n  - weight: 1\n", "rewards\\[0\\].function is required"),
+        ("data:\n  builtin:\n    tasks: [copy, add]\n", "data.builtin.tasks: .* choose some of copy, reverse, sort"),
+        ("data:\n  builtin:\n    min_length: 5\n    max_length: 3\n", "data.builtin.max_length: 3 is below"),
         ("gspo:\n  num_minibatches: 100\nrollout:\n  prompts_per_step: 2\n  group_size: 4\n", "gspo.num_minibatches: 100 minibatches for 8"),
         ("data:\n  dataset: my.jsonl\n", "rewards: a dataset other than a built-in task needs at least one reward"),
         ("- a\n- b\n", "must hold a mapping of sections"),
