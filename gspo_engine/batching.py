@@ -16,6 +16,7 @@ class Sample:
     advantage: float = 0.0
     rollout_logps: torch.Tensor | None = None  # [len(completion_ids)] from the sampler
     old_logps: torch.Tensor | None = None  # [len(completion_ids)], set before the update
+    ref_logps: torch.Tensor | None = None  # [len(completion_ids)] under the reference policy (beta > 0)
     reward: float = 0.0
     extra: dict = field(default_factory=dict)
 
@@ -29,14 +30,16 @@ class Sample:
 class TrainBatch:
     """Right-padded tensors where position t predicts targets[:, t].
 
-    input_ids, targets, mask [B, L]; mask is 1 where the target is a completion token.
-    Right padding keeps every real token at its natural position, so no attention mask is needed:
-    causal attention never lets a real token see the padding after it.
+    input_ids, targets, mask [B, L]; mask is 1 where the target is a completion token;
+    real [B, L] is 1 on every position that holds a token rather than padding. Right padding
+    keeps every real token at its natural position, so attention needs no mask: causal
+    attention never lets a real token see the padding after it.
     """
 
     input_ids: torch.Tensor
     targets: torch.Tensor
     mask: torch.Tensor
+    real: torch.Tensor
     advantages: torch.Tensor  # [B] fp32
 
     def scatter(self, per_sample: list[torch.Tensor]) -> torch.Tensor:
@@ -51,14 +54,16 @@ def collate(samples: list[Sample], pad_id: int, device: torch.device | str = "cp
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
     targets = torch.full((len(samples), length), pad_id, dtype=torch.long)
     mask = torch.zeros(len(samples), length, dtype=torch.bool)
+    real = torch.zeros(len(samples), length, dtype=torch.bool)
     for row, sample in enumerate(samples):
         tokens = torch.tensor(sample.prompt_ids + sample.completion_ids, dtype=torch.long)
         n = sample.length
         input_ids[row, :n] = tokens[:-1]
         targets[row, :n] = tokens[1:]
         mask[row, len(sample.prompt_ids) - 1 : n] = True
+        real[row, :n] = True
     advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
-    return TrainBatch(input_ids.to(device), targets.to(device), mask.to(device), advantages.to(device))
+    return TrainBatch(input_ids.to(device), targets.to(device), mask.to(device), real.to(device), advantages.to(device))
 
 
 def split_minibatches(samples: list[Sample], num_minibatches: int) -> list[list[Sample]]:
