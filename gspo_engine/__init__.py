@@ -3,5 +3,6 @@
 __version__ = "0.1.0"
 
 from gspo_engine.checkpoint import load_pretrained, save_pretrained  # noqa: E402
+from gspo_engine.rollout import Generation, generate, replay_experts  # noqa: E402
 
-__all__ = ["__version__", "load_pretrained", "save_pretrained"]
+__all__ = ["__version__", "Generation", "generate", "load_pretrained", "replay_experts", "save_pretrained"]

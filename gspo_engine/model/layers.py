@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gspo_engine.model.args import ModelArgs
+from gspo_engine.model.kv_cache import LayerKVCache
 from gspo_engine.model.rope import apply_rotary
 
 
@@ -45,15 +46,23 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None,
+        kv_cache: LayerKVCache | None = None,
     ) -> torch.Tensor:
-        """x [B, T, H]; attn_mask None (plain causal) or bool [B, 1, T, T], True where a query may attend."""
+        """x [B, T, H]; attn_mask None (plain causal) or bool [B, 1, T, T], True where a query may attend.
+
+        With kv_cache (generation) the new keys and values are written into it and the queries
+        attend to every cached column: attn_mask is then bool [B, 1, T, S], S the columns so far.
+        """
         batch, seq, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         groups = self.num_heads // self.num_kv_heads
-        if attn_mask is None:
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+            out = grouped_query_attention(q, k, v, attn_mask, groups)
+        elif attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
         else:
             # The fused GPU kernels take GQA only without a mask; with one, the kv heads are repeated
@@ -62,6 +71,25 @@ class Attention(nn.Module):
             v = v.repeat_interleave(groups, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+def grouped_query_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor, groups: int
+) -> torch.Tensor:
+    """q [B, kv_heads * groups, T, D] against k, v [B, kv_heads, S, D] under attn_mask bool [B, 1, T, S].
+
+    The query heads that share a kv head are contiguous (head h reads kv head h // groups), so
+    they are folded into the query length instead of repeating the cached keys and values: a
+    decode step then reads the cache once rather than `groups` times.
+    """
+    batch, heads, seq, dim = q.shape
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    q = q.reshape(batch, heads // groups, groups * seq, dim)
+    keys = attn_mask.shape[-1]
+    mask = attn_mask[:, :, None].expand(batch, 1, groups, seq, keys).reshape(batch, 1, groups * seq, keys)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.reshape(batch, heads, seq, dim)
 
 
 class FeedForward(nn.Module):

@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gspo_engine.model.args import ModelArgs
+from gspo_engine.model.kv_cache import KVCache, LayerKVCache
 from gspo_engine.model.layers import Attention, FeedForward, RMSNorm, attention_mask_4d
 from gspo_engine.model.moe import Routing, SparseMoE, switch_aux_loss
 from gspo_engine.model.rope import rotary_cos_sin
@@ -50,8 +51,9 @@ class TransformerBlock(nn.Module):
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None,
         forced_experts: torch.Tensor | None,
+        kv_cache: LayerKVCache | None = None,
     ) -> tuple[torch.Tensor, Routing | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache)
         if not self.is_moe:
             return x + self.mlp(self.post_attention_layernorm(x)), None
         out, routing = self.mlp(self.post_attention_layernorm(x), forced_experts)
@@ -84,6 +86,7 @@ class Qwen3Model(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         forced_experts: Sequence[torch.Tensor | None] | None = None,
+        cache: KVCache | None = None,
     ) -> ModelOutput:
         """The full forward up to the final norm.
 
@@ -91,27 +94,41 @@ class Qwen3Model(nn.Module):
         [B, T] or None for 0..T-1 (as in transformers: a left-padded batch passes both, e.g.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)); forced_experts: one
         [B, T, k] tensor (or None to route freely) per MoE layer, in layer order.
+
+        With a cache (generation) the T tokens follow the cache's columns: their keys and values
+        are appended to it, they attend to every earlier real token, and position_ids must be
+        given (the rows' positions differ once prompts are left-padded).
         """
         batch, seq = input_ids.shape
         moe_layers = self.args.moe_layers
         if forced_experts is not None and len(forced_experts) != len(moe_layers):
             raise ValueError(f"forced_experts has {len(forced_experts)} entries for {len(moe_layers)} MoE layers")
         if position_ids is None:
+            if cache is not None:
+                raise ValueError("a forward with a cache needs position_ids")
             position_ids = torch.arange(seq, device=input_ids.device)[None]
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(self.args, position_ids, x.dtype)
-        attn_mask = None if attention_mask is None else attention_mask_4d(attention_mask)
+        if cache is not None:
+            attn_mask = cache.attention_mask(attention_mask, seq)
+        else:
+            attn_mask = None if attention_mask is None else attention_mask_4d(attention_mask)
 
         forced = iter(forced_experts or [None] * len(moe_layers))
         routing: list[Routing] = []
-        for block in self.layers:
+        for index, block in enumerate(self.layers):
             layer_forced = next(forced) if block.is_moe else None
+            layer_cache = None if cache is None else cache.layers[index]
             if self.args.activation_checkpointing and torch.is_grad_enabled():
-                x, layer_routing = checkpoint(block, x, cos, sin, attn_mask, layer_forced, use_reentrant=False)
+                x, layer_routing = checkpoint(
+                    block, x, cos, sin, attn_mask, layer_forced, layer_cache, use_reentrant=False
+                )
             else:
-                x, layer_routing = block(x, cos, sin, attn_mask, layer_forced)
+                x, layer_routing = block(x, cos, sin, attn_mask, layer_forced, layer_cache)
             if layer_routing is not None:
                 routing.append(layer_routing)
+        if cache is not None:
+            cache.advance(seq)
 
         output = ModelOutput(hidden_states=self.norm(x), routing=routing)
         if self.args.router_aux_loss and routing:

@@ -1,0 +1,259 @@
+"""Batched sampling of completions with a static KV cache: the rollout half of a GSPO step.
+
+The prompts are left-padded into one batch and prefilled in a single forward; then every step
+feeds the batch's last tokens through the model at once, one cache column per step. Sampling,
+the eos test and the bookkeeping of lengths stay on the device, so on a GPU the loop only waits
+for the device every FINISHED_CHECK_STEPS steps, when it stops once every row has ended and drops
+the rows that have from the batch (and from the cache), so that they cost nothing afterwards.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from gspo_engine.model import Qwen3Model
+from gspo_engine.model.kv_cache import KVCache
+
+# Steps between two looks at which rows have finished on an accelerator; each look waits for the device.
+FINISHED_CHECK_STEPS = 8
+
+
+@dataclass
+class Generation:
+    """What `generate` returns; sample i is the completion of prompts[i].
+
+    tokens: the completion without the prompt, ending with the eos token when one was produced.
+    logps: float32 [len(tokens[i])] on the CPU, the log-prob of each token under the distribution
+        it was drawn from (see `sample_next`).
+    finished: whether the completion ended with an eos token (False when max_new_tokens cut it).
+    routing: with return_routing on a MoE model, int16 [len(prompt) + len(tokens) - 1,
+        num_moe_layers, k] on the CPU: the experts that routed each token the model was fed, that
+        is the prompt and every completion token but the last (the inputs of the training forward
+        that scores the completion); None otherwise. `replay_experts` lays them out for
+        Qwen3Model.run(forced_experts=...).
+    prefill_s: the prompts' forward and the draw of every first token; decode_s: the later steps.
+    prefill_tokens: real prompt tokens; decode_tokens: completion tokens drawn after the first.
+    """
+
+    tokens: list[list[int]]
+    logps: list[torch.Tensor]
+    finished: list[bool]
+    routing: list[torch.Tensor] | None
+    prefill_s: float
+    decode_s: float
+    prefill_tokens: int
+    decode_tokens: int
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prefill_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens [B] and their log-probs fp32 [B] from logits fp32 [B, V].
+
+    temperature 0 is greedy: the argmax, with its log-prob log_softmax(logits) (temperature 1,
+    nothing filtered). Otherwise, in the order transformers applies them: the logits are divided
+    by the temperature, cut to the top_k largest (0 = all), then to the smallest set of the most
+    likely tokens whose probability reaches top_p (1 = all); the token is drawn from the softmax
+    of what is left, and its log-prob is under that renormalised distribution. With top_k = 0
+    and top_p = 1 this is log_softmax(logits / temperature).
+
+    Drawn as argmax(p / q) with q ~ Exp(1) per token (gpt-fast's way): the same distribution as
+    torch.multinomial, without a wait for the device.
+    """
+    if temperature == 0:
+        tokens = logits.argmax(dim=-1)
+        return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    scaled = logits / temperature
+    # Token ids of the columns of `scaled` once it is cut down (sorted, most likely first).
+    candidates = None
+    if top_k > 0:
+        scaled, candidates = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1)
+    if top_p < 1:
+        if candidates is None:
+            scaled, candidates = scaled.sort(dim=-1, descending=True)
+        probs = scaled.softmax(dim=-1)
+        # A token is needed while the more likely ones have not reached top_p yet; the most likely always is.
+        mass_before = probs.cumsum(dim=-1) - probs
+        scaled = scaled.masked_fill(mass_before >= top_p, float("-inf"))
+    logps = scaled.log_softmax(dim=-1)
+    noise = torch.empty_like(logps).exponential_(generator=generator)
+    # q = 0 can be drawn on the CPU; p / 0 must not become inf or NaN.
+    choice = (logps.exp() / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1, keepdim=True)
+    chosen_logps = logps.gather(-1, choice).squeeze(-1)
+    tokens = choice if candidates is None else candidates.gather(-1, choice)
+    return tokens.squeeze(-1), chosen_logps
+
+
+def _validate(model, prompts, max_new_tokens, temperature, top_p, top_k) -> None:
+    if not prompts:
+        raise ValueError("generate needs at least one prompt")
+    vocab = model.args.vocab_size
+    for index, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {index} is empty: generation needs at least one token to start from")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt {index} holds a token id outside the vocabulary [0, {vocab})")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
+
+
+def _eos_ids(eos_token_id: int | list[int] | None, device: torch.device) -> torch.Tensor:
+    if eos_token_id is None:
+        ids = []
+    elif isinstance(eos_token_id, int):
+        ids = [eos_token_id]
+    else:
+        ids = list(eos_token_id)
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(
+    model: Qwen3Model,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    eos_token_id: int | list[int] | None = None,
+    seed: int | None = None,
+    return_routing: bool = False,
+) -> Generation:
+    """Up to max_new_tokens tokens after each prompt (token ids), stopping a row at its first eos.
+
+    Runs on the model's device and dtype. seed draws from a generator of its own (the same
+    prompts, options and device give the same completions); None draws from torch's global one.
+    See Generation for the outputs and sample_next for temperature, top_k and top_p.
+    """
+    _validate(model, prompts, max_new_tokens, temperature, top_p, top_k)
+    weight = model.embed_tokens.weight
+    device, dtype = weight.device, weight.dtype
+    batch = len(prompts)
+    prompt_lengths = [len(prompt) for prompt in prompts]
+    width = max(prompt_lengths)
+    record_routing = return_routing and bool(model.args.moe_layers)
+
+    input_ids = torch.zeros(batch, width, dtype=torch.long)
+    attention_mask = torch.zeros(batch, width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    eos_ids = _eos_ids(eos_token_id, device)
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    check_every = 1 if device.type == "cpu" else FINISHED_CHECK_STEPS
+
+    # Indexed by the original row; `rows` maps the rows still in the batch to them.
+    tokens = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
+    logps = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
+    lengths = torch.zeros(batch, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    rows = torch.arange(batch, device=device)
+
+    def record(step: int, next_tokens: torch.Tensor, next_logps: torch.Tensor) -> None:
+        # Rows past their eos still draw tokens until they are dropped; those are not counted.
+        tokens[rows, step] = next_tokens
+        logps[rows, step] = next_logps
+        lengths[rows] += ~finished[rows]
+        finished[rows] |= torch.isin(next_tokens, eos_ids)
+
+    def next_from(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(hidden[:, -1], model.lm_head_weight).float()
+        return sample_next(logits, temperature, top_k, top_p, generator)
+
+    # The last token drawn is never fed back, hence max_new_tokens - 1 decode columns.
+    cache = KVCache(model.args, batch, width + max_new_tokens - 1, dtype, device)
+    _synchronize(device)
+    start = time.perf_counter()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    output = model.run(input_ids, attention_mask, position_ids, cache=cache)
+    if record_routing:
+        # [B, width, num_moe_layers, k]; the int16 copy keeps long rollouts' routing small.
+        prompt_experts = torch.stack([r.expert_indices.view(batch, width, -1) for r in output.routing], dim=2)
+        prompt_experts = prompt_experts.to(torch.int16)
+        completion_experts = torch.zeros(
+            batch, max_new_tokens, *prompt_experts.shape[2:], dtype=torch.int16, device=device
+        )
+    next_tokens, next_logps = next_from(output.hidden_states)
+    record(0, next_tokens, next_logps)
+    _synchronize(device)
+    prefill_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    positions = torch.tensor(prompt_lengths, device=device)  # of the token fed next, counting real tokens only
+    for step in range(1, max_new_tokens):
+        if step % check_every == 0:
+            active = (~finished[rows]).nonzero().squeeze(-1)
+            if active.numel() == 0:
+                break
+            if active.numel() < rows.numel():
+                cache.keep_rows(active)
+                rows, next_tokens, positions = rows[active], next_tokens[active], positions[active]
+        output = model.run(next_tokens[:, None], position_ids=positions[:, None], cache=cache)
+        if record_routing:
+            # The experts of the token drawn at the previous step, the one just fed.
+            experts = torch.stack([r.expert_indices for r in output.routing], dim=1)
+            completion_experts[rows, step - 1] = experts.to(torch.int16)
+        positions = positions + 1
+        next_tokens, next_logps = next_from(output.hidden_states)
+        record(step, next_tokens, next_logps)
+    _synchronize(device)
+    decode_s = time.perf_counter() - start
+
+    lengths_list = lengths.tolist()
+    tokens_cpu, logps_cpu = tokens.cpu(), logps.cpu()
+    routing = None
+    if record_routing:
+        prompt_experts_cpu, completion_experts_cpu = prompt_experts.cpu(), completion_experts.cpu()
+        routing = [
+            torch.cat((prompt_experts_cpu[row, width - prompt_lengths[row] :], completion_experts_cpu[row, : n - 1]))
+            for row, n in enumerate(lengths_list)
+        ]
+    return Generation(
+        tokens=[tokens_cpu[row, :n].tolist() for row, n in enumerate(lengths_list)],
+        logps=[logps_cpu[row, :n].clone() for row, n in enumerate(lengths_list)],
+        finished=finished.tolist(),
+        routing=routing,
+        prefill_s=prefill_s,
+        decode_s=decode_s,
+        prefill_tokens=sum(prompt_lengths),
+        decode_tokens=sum(lengths_list) - batch,
+    )
+
+
+def replay_experts(routing: list[torch.Tensor], length: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Per MoE layer, int64 [B, length, k] for Qwen3Model.run(forced_experts=...) on a right-padded batch.
+
+    routing: Generation.routing of the batch's samples ([n_b, num_moe_layers, k] each, n_b <=
+    length), placed at positions 0..n_b-1 of their row, as batching.collate lays out the tokens.
+    Padding positions get experts 0..k-1: no loss reads their outputs.
+    """
+    _, num_layers, k = routing[0].shape
+    forced = torch.arange(k, dtype=torch.int64).expand(len(routing), length, num_layers, k).clone()
+    for row, experts in enumerate(routing):
+        forced[row, : experts.shape[0]] = experts
+    return list(forced.to(device).unbind(dim=2))
