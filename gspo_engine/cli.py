@@ -49,3 +49,116 @@ def bench(kernels: tuple[str, ...], device: str | None, rounds: int, as_json: bo
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     for line in table:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+
+
+# Familiar flags of other trainers, mapped onto config keys.
+_FLAG_KEYS = {
+    "model_name_or_path": "model.name_or_path",
+    "dataset": "data.dataset",
+    "gspo_group_size": "rollout.group_size",
+    "learning_rate": "optim.learning_rate",
+    "output_dir": "output_dir",
+    "cutoff_len": "data.max_prompt_tokens",
+}
+
+
+@main.command()
+@click.argument("config_path", required=False, type=click.Path(dir_okay=False))
+@click.option("--config", "config_option", type=click.Path(dir_okay=False), help="The YAML config (same as CONFIG).")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key (repeatable).")
+@click.option("--model_name_or_path", help="Model folder (config.json + safetensors), or tiny-moe / tiny-dense.")
+@click.option("--dataset", help="Local JSONL / JSON / parquet file, or builtin.")
+@click.option("--gspo_group_size", type=int, help="Completions sampled per prompt.")
+@click.option("--learning_rate", type=float, help="AdamW learning rate.")
+@click.option("--output_dir", help="Where metrics, checkpoints and the final model go.")
+@click.option("--cutoff_len", type=int, help="Longest prompt in tokens (longer ones are skipped and counted).")
+@click.option("--stage", default="gspo", show_default=True, help="Training stage; only gspo exists.")
+@click.option("--lora_rank", type=int, help="LoRA rank (not available in this version: an error).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in output_dir.")
+@click.option("--dry-run", is_flag=True, help="Validate the config and print the plan without loading weights.")
+def train(config_path, config_option, overrides, stage, lora_rank, resume, dry_run, **flags) -> None:
+    """Train a Qwen3 model with GSPO: gspo-engine train configs/tiny-moe.yaml"""
+    import logging
+
+    from gspo_engine.config import ConfigError, load_config
+
+    if config_path and config_option and config_path != config_option:
+        raise click.UsageError(f"two configs given: {config_path} and --config {config_option}")
+    if stage != "gspo":
+        raise click.BadParameter(f"{stage!r} is not a stage of gspo-engine; the only stage is gspo", param_hint="--stage")
+    if lora_rank is not None:
+        raise click.BadParameter("LoRA is not available in this version of gspo-engine; train all weights "
+                                 "or use a version with LoRA support", param_hint="--lora_rank")
+    assignments = [f"{_FLAG_KEYS[name]}={value}" for name, value in flags.items() if value is not None]
+    if resume:
+        assignments.append("checkpoint.resume=auto")
+    try:
+        config = load_config(config_path or config_option, assignments + list(overrides))
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from error
+
+    if dry_run:
+        from gspo_engine.config import dump_config
+        from gspo_engine.plan import make_plan
+
+        click.echo(dump_config(config).rstrip())
+        try:
+            plan = make_plan(config)
+        except ValueError as error:
+            raise click.ClickException(str(error)) from error
+        click.echo("\n".join(["", "plan:"] + [f"  {line}" for line in plan.lines()]))
+        return
+
+    from gspo_engine.trainer import GSPOTrainer, TrainingError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = GSPOTrainer(config, echo=click.echo).train()
+    except (TrainingError, ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    rise = summary.last_reward_mean - summary.first_reward_mean
+    ratio = summary.last_reward_mean / summary.first_reward_mean if summary.first_reward_mean > 0 else float("inf")
+    click.echo(
+        f"\ndone: {summary.steps} steps; mean reward of the first 10 steps {summary.first_reward_mean:.3f}, "
+        f"of the last 10 {summary.last_reward_mean:.3f} ({rise:+.3f}, x{ratio:.2f}); "
+        f"skipped updates {summary.skipped_updates}\n"
+        f"final model: {summary.final_dir}\nmetrics: {summary.output_dir / 'metrics.jsonl'}, "
+        f"curves: {summary.output_dir / 'curves.png'}"
+    )
+
+
+@main.command()
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text (repeatable).")
+@click.option("--chat", is_flag=True, help="Wrap each prompt in the tokenizer's chat template.")
+@click.option("--max-new-tokens", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.7, show_default=True, type=click.FloatRange(0), help="0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--samples", default=1, show_default=True, type=click.IntRange(1), help="Completions per prompt.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
+def generate(model_dir, prompts, chat, max_new_tokens, temperature, top_p, top_k, samples, seed, device) -> None:
+    """Sample completions from a checkpoint folder (e.g. OUTPUT_DIR/final)."""
+    from pathlib import Path
+
+    import torch
+
+    from gspo_engine.checkpoint import load_pretrained
+    from gspo_engine.rollout import generate as sample
+    from gspo_engine.tokenizer import load_tokenizer, render_prompt
+    from gspo_engine.trainer import eos_token_ids
+
+    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    tokenizer = load_tokenizer(model_dir)
+    dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
+    model = load_pretrained(model_dir, dtype=dtype, device=target).eval()
+    texts = [render_prompt(tokenizer, prompt, chat_template=chat) for prompt in prompts]
+    ids = [tokenizer(text, add_special_tokens=not chat)["input_ids"] for text in texts for _ in range(samples)]
+    with torch.no_grad():
+        out = sample(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                     eos_token_id=eos_token_ids(Path(model_dir), tokenizer), seed=seed)
+    for index, tokens in enumerate(out.tokens):
+        prompt = prompts[index // samples]
+        completion = tokenizer.decode(tokens, skip_special_tokens=True)
+        click.echo(f"[{index}] {prompt!r} -> {completion!r}{'' if out.finished[index] else ' (cut at max-new-tokens)'}")

@@ -101,9 +101,10 @@ class TrainConfig:
     steps: int = 100
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # fp32: everything fp32 (the CPU default). bf16-mixed: fp32 master weights and optimizer
-    # states, bf16 autocast compute. bf16: bf16 weights, fp32 optimizer states.
-    precision: Literal["auto", "fp32", "bf16-mixed", "bf16"] = "auto"
+    # fp32: weights, optimizer states and compute in fp32 (what "auto" picks on a CPU).
+    # bf16-mixed: fp32 master weights and AdamW states, bf16 compute under autocast (what "auto"
+    # picks on a GPU): the update is as precise as fp32, the matmuls run on the tensor cores.
+    precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
     max_consecutive_skips: int = 5  # non-finite updates in a row before the run stops
 
 

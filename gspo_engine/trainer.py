@@ -1,0 +1,412 @@
+"""The GSPO training loop. Each step, top to bottom:
+
+1. take `prompts_per_step` prompts and sample `group_size` completions of each (KV-cache rollout);
+2. score them (rewards) and turn the scores into group-normalised advantages (GSPO eq. 6);
+3. old log-probs of the sampled tokens: one no-grad forward of the policy ("recompute") or the
+   sampler's own ("rollout"); reference log-probs when beta > 0;
+4. split the batch into `num_minibatches`; for each: micro-batches under a token budget,
+   hidden states -> fused lm_head + GSPO loss -> backward, then clip, AdamW step;
+5. LR schedule, metrics, checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import gspo_kernels as gk
+from gspo_engine.advantages import group_advantages
+from gspo_engine.batching import Sample, TrainBatch, collate, split_micro_batches, split_minibatches
+from gspo_engine.checkpoint import load_pretrained, save_pretrained
+from gspo_engine.config import Config, dump_config
+from gspo_engine.data import PromptDataset, PromptLoader, read_rows, reward_inputs
+from gspo_engine.metrics import MetricsLog, console_line
+from gspo_engine.model import Qwen3Model
+from gspo_engine.optim import build_optimizer, build_scheduler
+from gspo_engine.rewards import CombinedReward, RewardSpec
+from gspo_engine.rollout import generate
+from gspo_engine.tasks import TaskConfig, generate_task_rows
+from gspo_engine.tiny import TINY_MODELS, build_tiny_checkpoint
+from gspo_engine.tokenizer import load_tokenizer
+from gspo_engine.train_checkpoint import load_trainer_state, resolve_resume, save_checkpoint, set_rng_state
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (too many non-finite updates in a row); the last checkpoint is intact."""
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    first_reward_mean: float
+    last_reward_mean: float
+    skipped_updates: int
+    output_dir: Path
+    final_dir: Path
+
+
+def resolve_device(config: Config) -> torch.device:
+    if config.train.device == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("train.device is cuda but no GPU is visible")
+    if config.train.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.train.device)
+
+
+def resolve_precision(config: Config, device: torch.device) -> str:
+    if config.train.precision == "auto":
+        return "bf16-mixed" if device.type == "cuda" else "fp32"
+    if config.train.precision == "bf16-mixed" and device.type != "cuda":
+        raise TrainingError("train.precision bf16-mixed needs a GPU; use fp32 on a CPU")
+    return config.train.precision
+
+
+def model_folder(config: Config, output_dir: Path) -> Path:
+    """The checkpoint folder the run starts from; the tiny models are built there on first use."""
+    name = config.model.name_or_path
+    if name in TINY_MODELS:
+        folder = output_dir / name
+        if not (folder / "config.json").is_file():
+            build_tiny_checkpoint(name, folder, seed=config.model.seed)
+        return folder
+    folder = Path(name)
+    if not (folder / "config.json").is_file():
+        raise TrainingError(
+            f"model.name_or_path: {name} is neither a model folder with config.json nor one of {', '.join(TINY_MODELS)}"
+        )
+    return folder
+
+
+def eos_token_ids(folder: Path, tokenizer) -> list[int]:
+    """Every token that ends a completion: generation_config.json's eos ids (Qwen3 lists two) and the tokenizer's."""
+    ids = {tokenizer.eos_token_id}
+    generation_config = folder / "generation_config.json"
+    if generation_config.is_file():
+        value = json.loads(generation_config.read_text()).get("eos_token_id")
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    return sorted(i for i in ids if i is not None)
+
+
+def build_dataset(config: Config, tokenizer) -> PromptDataset:
+    data = config.data
+    common = dict(prompt_column=data.prompt_column, max_prompt_tokens=data.max_prompt_tokens,
+                  chat_template=data.chat_template, enable_thinking=data.enable_thinking)
+    if data.dataset == "builtin":
+        tasks = TaskConfig(tasks=tuple(data.builtin.tasks), min_length=data.builtin.min_length,
+                           max_length=data.builtin.max_length, num_digits=data.builtin.num_digits)
+        rows = generate_task_rows(tasks, data.builtin.num_rows, seed=data.seed)
+        return PromptDataset.from_rows(rows, tokenizer, source="builtin tasks", **common)
+    return PromptDataset.from_rows(read_rows(data.dataset), tokenizer, source=data.dataset, **common)
+
+
+def build_rewards(config: Config) -> CombinedReward:
+    specs = list(config.rewards) or [RewardSpec(function="digit_match")]
+    return CombinedReward(specs)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+class GSPOTrainer:
+    def __init__(self, config: Config, echo=print):
+        self.config = config
+        self.echo = echo
+        self.output_dir = Path(config.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.device = resolve_device(config)
+        self.precision = resolve_precision(config, self.device)
+        torch.manual_seed(config.train.seed)
+
+        self.source = model_folder(config, self.output_dir)
+        self.tokenizer = load_tokenizer(self.source)
+        self.eos_ids = eos_token_ids(self.source, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.dataset = build_dataset(config, self.tokenizer)
+        self.loader = PromptLoader(self.dataset, config.rollout.prompts_per_step, seed=config.data.seed)
+        self.rewards = build_rewards(config)
+
+        resume_from = resolve_resume(config.checkpoint.resume, self.output_dir)
+        self.model = self._load_model(resume_from or self.source)
+        self.reference = None
+        if config.gspo.beta > 0:
+            # The reference policy is the starting model, frozen: the KL keeps the policy near it.
+            self.reference = self._load_model(self.source) if resume_from else copy.deepcopy(self.model)
+            self.reference.requires_grad_(False).eval()
+        self.optimizer = build_optimizer(self.model.parameters(), config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.train.steps, config.optim)
+        self.step = 0
+        self.skipped_updates = 0
+        self.consecutive_skips = 0
+        if resume_from is not None:
+            self._restore(resume_from)
+        self.metrics = MetricsLog(self.output_dir, tensorboard=config.logging.tensorboard, resume=resume_from is not None)
+        # Sampling and the loss use the same temperature (gspo.md); greedy rollouts score at 1.
+        self.temperature = config.rollout.temperature if config.rollout.temperature > 0 else 1.0
+
+    # ----------------------------------------------------------------- set-up
+    def _load_model(self, folder: Path) -> Qwen3Model:
+        model = load_pretrained(folder, dtype=torch.float32, device=self.device)
+        model.args.source_path = str(self.source)  # tokenizer files travel with every save
+        model.args.activation_checkpointing = self.config.model.activation_checkpointing
+        model.args.router_aux_loss = self.config.model.router_aux_loss_coef > 0 and model.args.is_moe
+        if model.args.router_aux_loss:
+            model.args.router_aux_loss_coef = self.config.model.router_aux_loss_coef
+        return model
+
+    def _restore(self, folder: Path) -> None:
+        state = load_trainer_state(folder)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["data"])
+        self.step = state["step"]
+        self.skipped_updates = state["skipped_updates"]
+        set_rng_state(state["rng"])
+        self.echo(f"resumed from {folder} at step {self.step}")
+
+    def _autocast(self):
+        if self.precision == "bf16-mixed":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast(self.device.type, enabled=False)
+
+    # ------------------------------------------------------------- the loop
+    def train(self) -> TrainSummary:
+        config = self.config
+        self.echo(dump_config(config).rstrip())
+        (self.output_dir / "config.yaml").write_text(dump_config(config))
+        self.echo(
+            f"model {self.source} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, "
+            f"{'MoE' if self.model.args.is_moe else 'dense'}) on {self.device}, precision {self.precision}; "
+            f"{len(self.dataset)} prompts ({self.dataset.num_skipped} skipped as too long)"
+        )
+        from tqdm import tqdm
+
+        progress = tqdm(total=config.train.steps, initial=self.step, desc="gspo", unit="step", dynamic_ncols=True)
+        try:
+            while self.step < config.train.steps:
+                record = self.train_step()
+                self.step += 1
+                progress.update(1)
+                self.metrics.log(self.step, record)
+                if self.step % config.logging.every == 0 or self.step == config.train.steps:
+                    progress.write(console_line(self.step, record))
+                every = config.checkpoint.every
+                if every and self.step % every == 0 and self.step < config.train.steps:
+                    self.save_checkpoint()
+        finally:
+            progress.close()
+        final_dir = self.output_dir / "final"
+        save_pretrained(self.model, final_dir)
+        self.metrics.close()
+        return self._summary(final_dir)
+
+    def train_step(self) -> dict:
+        config = self.config
+        step_start = time.perf_counter()
+        examples = next(self.loader)
+
+        # 1. rollout
+        rollout_start = time.perf_counter()
+        group = config.rollout.group_size
+        prompts = [example.token_ids for example in examples for _ in range(group)]
+        self.model.eval()
+        with torch.no_grad(), self._autocast():
+            out = generate(
+                self.model, prompts, max_new_tokens=config.rollout.max_new_tokens,
+                temperature=config.rollout.temperature, top_p=config.rollout.top_p, top_k=config.rollout.top_k,
+                eos_token_id=self.eos_ids, seed=config.train.seed * 1_000_003 + self.step,
+            )
+        rollout_s = time.perf_counter() - rollout_start
+        completions = self.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
+
+        # 2. rewards and advantages
+        prompt_texts, columns = reward_inputs(examples, group)
+        scored = self.rewards(completions, prompt_texts, columns)
+        rewards = torch.tensor(scored.total, dtype=torch.float32)
+        advantages = group_advantages(rewards, group, config.gspo.advantage_scale, config.gspo.advantage_eps)
+        samples = [
+            Sample(prompt_ids=list(prompt), completion_ids=list(tokens), advantage=float(adv),
+                   rollout_logps=logps, reward=float(reward))
+            for prompt, tokens, logps, adv, reward in zip(prompts, out.tokens, out.logps, advantages.values, rewards)
+        ]
+
+        # 3. old (and reference) log-probs
+        update_start = time.perf_counter()
+        if config.gspo.old_logps == "recompute":
+            self.score_samples(self.model, samples, "old_logps", record_routing=config.model.routing_replay)
+        else:
+            for sample in samples:
+                sample.old_logps = sample.rollout_logps
+        if self.reference is not None:
+            self.score_samples(self.reference, samples, "ref_logps")
+
+        # 4. update, one optimizer step per minibatch
+        self.model.train()
+        update = self.update(samples)
+        self.scheduler.step()
+        update_s = time.perf_counter() - update_start
+
+        rollout_tokens = sum(len(t) for t in out.tokens)
+        update_tokens = sum(s.length for s in samples) * (2 if config.gspo.old_logps == "recompute" else 1)
+        record = {
+            "reward_mean": rewards.mean().item(),
+            "reward_std": rewards.std(unbiased=False).item(),
+            **{f"reward/{name}": sum(values) / len(values) for name, values in scored.per_reward.items()},
+            "reward_failures": sum(scored.failures.values()),
+            "constant_groups": advantages.constant_groups,
+            "response_len_mean": rollout_tokens / len(samples),
+            "finished_frac": sum(out.finished) / len(samples),
+            **update,
+            "lr": self.scheduler.get_last_lr()[0],
+            "skipped_updates": self.skipped_updates,
+            "rollout_s": rollout_s,
+            "update_s": update_s,
+            "rollout_tokens_per_s": rollout_tokens / rollout_s,
+            "update_tokens_per_s": update_tokens / update_s,
+            "tokens_per_s": (rollout_tokens + update_tokens) / (time.perf_counter() - step_start),
+            "peak_memory_mib": peak_memory_mib(self.device),
+        }
+        every = config.logging.sample_every
+        if every and (self.step + 1) % every == 0:
+            self.echo(f"sample: {prompt_texts[0]!r} -> {completions[0]!r} (reward {rewards[0]:.3f})")
+        return record
+
+    def score_samples(self, model: Qwen3Model, samples: list[Sample], attribute: str, record_routing=False) -> None:
+        """Per-token log-probs of each completion under `model` (no gradient), stored on the samples."""
+        model.eval()
+        with torch.no_grad(), self._autocast():
+            for micro in split_micro_batches(samples, self.config.gspo.micro_batch_tokens):
+                batch = collate(micro, self.pad_id, self.device)
+                output = model.run(batch.input_ids)
+                logps = gk.token_logprobs(
+                    output.hidden_states, model.lm_head_weight.to(output.hidden_states.dtype), batch.targets,
+                    temperature=self.temperature,
+                )
+                for row, sample in enumerate(micro):
+                    setattr(sample, attribute, logps[row][batch.mask[row]].float().cpu())
+                    if record_routing:
+                        width = sample.length
+                        sample.extra["routing"] = [
+                            r.expert_indices.view(len(micro), batch.input_ids.shape[1], -1)[row, :width].cpu()
+                            for r in output.routing
+                        ]
+
+    def update(self, samples: list[Sample]) -> dict:
+        """One optimizer step per minibatch; gradient accumulation over micro-batches is exact."""
+        config = self.config
+        totals = {"loss": 0.0, "clip_frac": 0.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0, "ratio_mean": 0.0,
+                  "kl": 0.0, "grad_norm": 0.0, "aux_loss": 0.0}
+        imbalance = []
+        minibatches = split_minibatches(samples, config.gspo.num_minibatches)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for minibatch in minibatches:
+            minibatch_tokens = sum(len(s.completion_ids) for s in minibatch)
+            loss_sum = 0.0
+            for micro in split_micro_batches(minibatch, config.gspo.micro_batch_tokens):
+                batch = collate(micro, self.pad_id, self.device)
+                # The loss is a mean over sequences: a micro-batch's mean, weighted by its share of the
+                # minibatch's sequences, sums to the minibatch's mean exactly.
+                share = len(micro) / len(minibatch)
+                token_share = batch.mask.sum().item() / minibatch_tokens
+                with self._autocast():
+                    loss, metrics, aux_loss, routing = self.micro_batch_loss(batch, micro)
+                    total = loss if aux_loss is None else loss + aux_loss
+                (total * share).backward()
+                loss_sum += float(loss) * share
+                totals["ratio_mean"] += float(metrics["ratio_mean"]) * share / len(minibatches)
+                for key in ("clip_frac", "clip_frac_low", "clip_frac_high", "kl"):
+                    totals[key] += float(metrics[key]) * token_share / len(minibatches)
+                if aux_loss is not None:
+                    totals["aux_loss"] += float(aux_loss) * share / len(minibatches)
+                if routing:
+                    imbalance.append(self.expert_imbalance(routing, batch))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.optim.max_grad_norm))
+            if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+                self.optimizer.step()
+                self.consecutive_skips = 0
+            else:
+                self.skipped_updates += 1
+                self.consecutive_skips += 1
+                logger.warning("step %d: non-finite loss %s or grad norm %s; update skipped", self.step + 1, loss_sum, grad_norm)
+                if self.consecutive_skips >= config.train.max_consecutive_skips:
+                    raise TrainingError(
+                        f"{self.consecutive_skips} non-finite updates in a row (train.max_consecutive_skips); "
+                        f"stopping. The last checkpoint in {self.output_dir} is intact."
+                    )
+            self.optimizer.zero_grad(set_to_none=True)
+            totals["loss"] += loss_sum / len(minibatches)
+            totals["grad_norm"] += grad_norm / len(minibatches)
+        if imbalance:
+            totals["expert_imbalance"] = max(imbalance)
+        if not self.model.args.router_aux_loss:
+            del totals["aux_loss"]
+        return totals
+
+    def micro_batch_loss(self, batch: TrainBatch, micro: list[Sample]):
+        config = self.config
+        forced = None
+        if config.model.routing_replay and self.model.args.is_moe:
+            length = batch.input_ids.shape[1]
+            forced = []
+            for layer in range(len(self.model.args.moe_layers)):
+                experts = torch.zeros(len(micro), length, self.model.args.num_experts_per_tok, dtype=torch.long)
+                for row, sample in enumerate(micro):
+                    recorded = sample.extra["routing"][layer]
+                    experts[row, : recorded.shape[0]] = recorded
+                forced.append(experts.view(-1, experts.shape[-1]).to(self.device))
+        # The attention mask only matters to the aux loss, which must not count padding.
+        attention_mask = batch.real.long() if self.model.args.router_aux_loss else None
+        output = self.model.run(batch.input_ids, attention_mask=attention_mask, forced_experts=forced)
+        hidden = output.hidden_states
+        old = batch.scatter([s.old_logps for s in micro])
+        ref = batch.scatter([s.ref_logps for s in micro]) if self.reference is not None else None
+        loss, metrics = gk.fused_linear_gspo_loss(
+            hidden, self.model.lm_head_weight.to(hidden.dtype), batch.targets, old, batch.advantages, batch.mask,
+            temperature=self.temperature, level=config.gspo.level, eps_low=config.gspo.eps_low,
+            eps_high=config.gspo.eps_high, ref_logps=ref, beta=config.gspo.beta,
+        )
+        return loss, metrics, output.aux_loss, output.routing
+
+    def expert_imbalance(self, routing, batch: TrainBatch) -> float:
+        """Max over MoE layers of (most tokens any expert got) / (mean tokens per expert), real tokens only."""
+        real = batch.real.reshape(-1)
+        worst = 0.0
+        for layer in routing:
+            counts = torch.bincount(layer.expert_indices[real].reshape(-1), minlength=self.model.args.num_experts)
+            worst = max(worst, float(counts.max() / counts.float().mean().clamp(min=1e-9)))
+        return worst
+
+    # ------------------------------------------------------------ outputs
+    def save_checkpoint(self) -> Path:
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.loader.state_dict(),
+            "step": self.step,
+            "skipped_updates": self.skipped_updates,
+        }
+        path = save_checkpoint(self.output_dir, self.step, self.model, state, self.config.checkpoint.keep_last)
+        logger.info("saved %s", path)
+        return path
+
+    def _summary(self, final_dir: Path) -> TrainSummary:
+        rewards = [r["reward_mean"] for r in self.metrics.records()]
+        window = min(10, max(1, len(rewards) // 2))
+        first = sum(rewards[:window]) / window if rewards else float("nan")
+        last = sum(rewards[-window:]) / window if rewards else float("nan")
+        return TrainSummary(len(rewards), first, last, self.skipped_updates, self.output_dir, final_dir)
