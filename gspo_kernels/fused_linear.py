@@ -22,8 +22,8 @@ chosen per chunk of sequences under a memory budget that does not depend on the 
 
 Only response tokens (mask != 0) are computed at all in `fused_linear_gspo_loss`; in
 `token_logprobs`' backward, rows whose gradient is zero are skipped. Extra memory: one group's
-logits (at most the budget) or one tile, plus, for non-fp32 weights, an fp32 accumulator of
-d weight [V, H]. On CUDA the tile statistics and tile d logits are Triton kernels
+logits (at most the budget) or one tile, an fp32 d hidden [N, H], and, only for a non-fp32
+weight that several groups add to, an fp32 d weight [V, H]. On CUDA the tile statistics and tile d logits are Triton kernels
 (gspo_kernels/fused_linear_triton.py); the matmuls of a kept group and the two matmuls that turn
 d logits into d hidden and d weight run on the tensor cores through cuBLAS.
 """
@@ -37,15 +37,14 @@ from gspo_kernels import reference
 from gspo_kernels.backend import resolve_backend
 from gspo_kernels.fused_linear_stream import (
     ROW_CHUNK,
-    VOCAB_CHUNK,
     Grads,
-    accumulate_tile_grads,
     accumulation_dtype,
+    dlogits_tile_torch,
     kept_grads,
     kept_logits,
-    stream_grads_torch,
     stream_stats_torch,
 )
+from gspo_kernels.fused_linear_stream import stream_grads as stream_grads_tiled
 from gspo_kernels.loss import gspo_loss
 
 # Big enough to keep the logits of one 512-token sequence of Qwen3's vocabulary in fp32
@@ -112,28 +111,23 @@ def stream_grads(backend, hidden_rows, weight, bias, targets, lse, entropy, grad
                  inv_temperature, grads: Grads) -> None:
     """Accumulate into `grads` the gradients of rows [R, H], recomputing their logits tile by tile."""
     use_triton = backend == "triton" and hidden_rows.dtype != torch.float64
-    for r0 in range(0, hidden_rows.shape[0], ROW_CHUNK):
-        rows = slice(r0, min(r0 + ROW_CHUNK, hidden_rows.shape[0]))
-        row_entropy = None if entropy is None else entropy[rows]
-        row_grad_entropy = None if grad_entropy is None else grad_entropy[rows]
-        if not use_triton:
-            stream_grads_torch(hidden_rows[rows], weight, bias, targets[rows], lse[rows], row_entropy,
-                               grad_logp[rows], row_grad_entropy, inv_temperature, grads, rows)
-            continue
-        for v0 in range(0, weight.shape[0], VOCAB_CHUNK):
-            v1 = min(v0 + VOCAB_CHUNK, weight.shape[0])
-            dlogits = _triton().dlogits_tile(hidden_rows[rows], weight, bias, v0, v1, targets[rows], lse[rows],
-                                             row_entropy, grad_logp[rows], row_grad_entropy, inv_temperature)
-            accumulate_tile_grads(dlogits, hidden_rows[rows], weight, v0, rows, grads)
+    tile_fn = _triton().dlogits_tile if use_triton else dlogits_tile_torch
+    stream_grads_tiled(hidden_rows, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature,
+                       grads, tile_fn)
 
 
-def _new_grads(num_rows, hidden, weight, bias, needs) -> Grads:
-    """Zeroed accumulators in the accumulation dtype for the inputs in `needs` (hidden, weight, bias)."""
-    dtype = accumulation_dtype(weight.dtype)
+def _new_grads(num_rows, hidden, weight, bias, needs, weight_contributions: int) -> Grads:
+    """Zeroed accumulators for the inputs in `needs` (hidden, weight, bias).
+
+    d hidden and d bias accumulate in fp32 (fp64 for fp64 inputs). d weight does too when
+    several groups add to it; a single contribution is summed in fp32 chunk by chunk
+    (see fused_linear_stream.stream_grads) and lands in the weight's own dtype.
+    """
+    weight_dtype = weight.dtype if weight_contributions == 1 else accumulation_dtype(weight.dtype)
     return Grads(
         hidden=hidden.new_zeros((num_rows, hidden.shape[-1]), dtype=accumulation_dtype(hidden.dtype)) if needs[0] else None,
-        weight=torch.zeros(weight.shape, dtype=dtype, device=weight.device) if needs[1] else None,
-        bias=torch.zeros(bias.shape, dtype=dtype, device=bias.device) if needs[2] else None,
+        weight=torch.zeros(weight.shape, dtype=weight_dtype, device=weight.device) if needs[1] else None,
+        bias=torch.zeros(bias.shape, dtype=accumulation_dtype(bias.dtype), device=bias.device) if needs[2] else None,
     )
 
 
@@ -163,7 +157,7 @@ class _StreamedTokenLogprobs(torch.autograd.Function):
             active |= grad_entropy != 0
         rows = active.nonzero().squeeze(1)
         pick = (lambda t: None if t is None else t[rows])
-        grads = _new_grads(rows.numel(), hidden_rows, weight, bias, needs)
+        grads = _new_grads(rows.numel(), hidden_rows, weight, bias, needs, weight_contributions=1)
         stream_grads(backend, hidden_rows[rows], weight, bias, targets[rows], lse[rows], pick(entropy),
                      grad_logp[rows], pick(grad_entropy), inv_temperature, grads)
         grad_hidden = None
@@ -267,9 +261,10 @@ class _ChunkedGSPOLoss(torch.autograd.Function):
         # Non-response positions are never computed; gspo_loss ignores whatever they hold.
         logps = torch.zeros((batch, steps), dtype=dtype, device=hidden.device)
         needs = ctx.needs_input_grad[:3]
-        grads = _new_grads(batch * steps, hidden, weight, bias, needs)
         element_bytes = torch.empty((), dtype=dtype).element_size()
-        for sequences, keep in plan_groups(lengths, weight.shape[0], element_bytes, budget_mib):
+        plan = plan_groups(lengths, weight.shape[0], element_bytes, budget_mib)
+        grads = _new_grads(batch * steps, hidden, weight, bias, needs, weight_contributions=len(plan))
+        for sequences, keep in plan:
             sequences = torch.tensor(sequences, device=hidden.device)
             seq, step = response[sequences].nonzero(as_tuple=True)
             rows = sequences[seq] * steps + step
@@ -287,8 +282,7 @@ class _ChunkedGSPOLoss(torch.autograd.Function):
                 weight=grads.weight, bias=grads.bias,
             )
             if keep:
-                kept_grads(tiles, group_hidden, weight, group_targets, lse, grad_logp, inv_temperature,
-                           group_grads, slice(0, rows.numel()))
+                kept_grads(tiles, group_hidden, weight, group_targets, lse, grad_logp, inv_temperature, group_grads)
             else:
                 stream_grads(backend, group_hidden, weight, bias, group_targets, lse, None, grad_logp, None,
                              inv_temperature, group_grads)

@@ -114,17 +114,22 @@ def logits_to_dlogits_(tile, v0, targets, lse, entropy, grad_logp, grad_entropy,
     return tile
 
 
-def accumulate_tile_grads(dlogits, hidden_rows, weight, v0, rows: slice, grads: Grads) -> None:
-    """d hidden[rows] += dlogits @ weight[v0:v1]; d weight[v0:v1] += dlogits.T @ hidden_rows."""
-    v1 = v0 + dlogits.shape[1]
-    bias_grad = dlogits.sum(dim=0) if grads.bias is not None else None
-    dlogits = dlogits.to(hidden_rows.dtype)
-    if grads.hidden is not None:
-        _add_product(grads.hidden[rows], dlogits, weight[v0:v1])
-    if grads.weight is not None:
-        _add_product(grads.weight[v0:v1], dlogits.t(), hidden_rows)
+def dlogits_tile_torch(hidden_rows, weight, bias, v0, v1, targets, lse, entropy, grad_logp, grad_entropy,
+                       inv_temperature):
+    """d loss / d logits [R, v1 - v0] of rows [R, H], recomputing their logits."""
+    tile = logits_tile(hidden_rows, weight, bias, v0, v1, inv_temperature)
+    return logits_to_dlogits_(tile, v0, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature)
+
+
+def accumulate_tile_grads(dlogits, hidden_rows, weight_tile, hidden_grad, weight_grad, bias_grad) -> None:
+    """hidden_grad += dlogits @ weight_tile; weight_grad += dlogits.T @ hidden_rows; bias_grad += column sums."""
     if bias_grad is not None:
-        grads.bias[v0:v1] += bias_grad
+        bias_grad += dlogits.sum(dim=0).to(bias_grad.dtype)
+    dlogits = dlogits.to(hidden_rows.dtype)
+    if hidden_grad is not None:
+        _add_product(hidden_grad, dlogits, weight_tile)
+    if weight_grad is not None:
+        _add_product(weight_grad, dlogits.t(), hidden_rows)
 
 
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -134,14 +139,42 @@ def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         out += (a @ b).to(out.dtype)
 
 
-def stream_grads_torch(hidden_rows, weight, bias, targets, lse, entropy, grad_logp, grad_entropy,
-                       inv_temperature, grads: Grads, rows: slice) -> None:
-    """Recompute every logits tile of rows [R, H] and accumulate its gradients into `grads`."""
+def _chunk_accumulator(grad: torch.Tensor | None, v0: int, v1: int) -> torch.Tensor | None:
+    """Where a vocabulary chunk's gradient sums: grad[v0:v1] itself, or fp32 scratch for a bf16 grad."""
+    if grad is None:
+        return None
+    dtype = accumulation_dtype(grad.dtype)
+    return grad[v0:v1] if grad.dtype == dtype else torch.zeros(grad[v0:v1].shape, dtype=dtype, device=grad.device)
+
+
+def _store_chunk(grad: torch.Tensor | None, v0: int, accumulator: torch.Tensor | None) -> None:
+    if grad is not None and accumulator.dtype != grad.dtype:
+        grad[v0:v0 + accumulator.shape[0]] += accumulator.to(grad.dtype)
+
+
+def stream_grads(hidden_rows, weight, bias, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature,
+                 grads: Grads, dlogits_tile=dlogits_tile_torch) -> None:
+    """Accumulate into `grads` the gradients of rows [R, H], recomputing their logits tile by tile.
+
+    Vocabulary chunks outside, rows inside: a chunk's d weight sums over every row in fp32 and
+    is stored once, so a bf16 d weight needs no fp32 copy of its own. `dlogits_tile` is
+    `dlogits_tile_torch` or the Triton kernel of the same signature.
+    """
+    num_rows = hidden_rows.shape[0]
     for v0 in range(0, weight.shape[0], VOCAB_CHUNK):
         v1 = min(v0 + VOCAB_CHUNK, weight.shape[0])
-        tile = logits_tile(hidden_rows, weight, bias, v0, v1, inv_temperature)
-        logits_to_dlogits_(tile, v0, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature)
-        accumulate_tile_grads(tile, hidden_rows, weight, v0, rows, grads)
+        weight_grad, bias_grad = _chunk_accumulator(grads.weight, v0, v1), _chunk_accumulator(grads.bias, v0, v1)
+        for r0 in range(0, num_rows, ROW_CHUNK):
+            rows = slice(r0, min(r0 + ROW_CHUNK, num_rows))
+            dlogits = dlogits_tile(
+                hidden_rows[rows], weight, bias, v0, v1, targets[rows], lse[rows],
+                None if entropy is None else entropy[rows], grad_logp[rows],
+                None if grad_entropy is None else grad_entropy[rows], inv_temperature,
+            )
+            hidden_grad = None if grads.hidden is None else grads.hidden[rows]
+            accumulate_tile_grads(dlogits, hidden_rows[rows], weight[v0:v1], hidden_grad, weight_grad, bias_grad)
+        _store_chunk(grads.weight, v0, weight_grad)
+        _store_chunk(grads.bias, v0, bias_grad)
 
 
 def kept_logits(hidden_rows, weight, bias, targets, inv_temperature):
@@ -156,14 +189,18 @@ def kept_logits(hidden_rows, weight, bias, targets, inv_temperature):
     return tiles, logp, lse
 
 
-def kept_grads(tiles, hidden_rows, weight, targets, lse, grad_logp, inv_temperature, grads: Grads, rows: slice):
-    """Turn kept tiles into d logits in place, one at a time, and accumulate their gradients."""
+def kept_grads(tiles, hidden_rows, weight, targets, lse, grad_logp, inv_temperature, grads: Grads):
+    """Turn kept tiles into d logits in place, one at a time, and add their gradients to `grads`."""
     for index, (tile, tile_max) in enumerate(tiles):
         v0 = index * VOCAB_CHUNK
+        v1 = v0 + tile.shape[1]
         # d logits = g (onehot - p) / temperature, with p = tile * exp(m - lse)
         tile.mul_((-grad_logp * torch.exp(tile_max - lse) * inv_temperature)[:, None])
-        in_tile = (targets >= v0) & (targets < v0 + tile.shape[1])
+        in_tile = (targets >= v0) & (targets < v1)
         hit = in_tile.nonzero().squeeze(1)
         tile[hit, targets[hit] - v0] += grad_logp[hit] * inv_temperature
-        accumulate_tile_grads(tile, hidden_rows, weight, v0, rows, grads)
+        accumulate_tile_grads(
+            tile, hidden_rows, weight[v0:v1], grads.hidden,
+            None if grads.weight is None else grads.weight[v0:v1], None if grads.bias is None else grads.bias[v0:v1],
+        )
         tiles[index] = None  # free each tile as soon as its gradients are in

@@ -245,6 +245,29 @@ def test_bf16_inputs_on_the_torch_path():
     assert all(rel_err(g, r) < 1e-2 for g, r in zip(grads, ref_grads))
 
 
+@pytest.mark.parametrize("budget_mib", [512, MIXED_BUDGET_MIB, 1e-3])  # one kept group, mixed, one recomputed group
+def test_bf16_fused_loss_is_as_accurate_as_bf16_full_logits(budget_mib):
+    """GSPO gradients come from differences of log-probs, which bf16 logits perturb by ~1e-2: the
+    fused path must do no worse than the full-logits reference run in the same dtype."""
+    (hidden, weight, bias, targets), (old, advantages, mask, ref), options = fused_case(14, "sequence")
+    exact = leaves(hidden.bfloat16(), weight.bfloat16(), dtype=torch.float64)
+    ref_loss, _ = reference.fused_linear_gspo_loss_reference(*exact, targets, old, advantages, mask, ref_logps=ref, **options)
+    ref_grads = torch.autograd.grad(ref_loss, exact)
+    errors = {}
+    for backend in ("torch", "reference"):
+        inputs = leaves(hidden, weight, dtype=torch.bfloat16)
+        with gk.use_backend(backend):
+            loss, _ = gk.fused_linear_gspo_loss(
+                *inputs, targets, old.float(), advantages.float(), mask, ref_logps=ref.float(),
+                chunk_budget_mib=budget_mib, **options,
+            )
+            grads = torch.autograd.grad(loss, inputs)
+        assert all(g.dtype == torch.bfloat16 for g in grads)
+        errors[backend] = [abs(float(loss) - float(ref_loss))] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]
+    assert errors["torch"][0] < 1e-2 * max(1.0, abs(float(ref_loss)))
+    assert all(ours <= theirs for ours, theirs in zip(errors["torch"][1:], errors["reference"][1:]))
+
+
 def test_large_logits_stay_finite():
     hidden, weight, _, targets = make_lm_head(9, with_bias=False)
     weight = weight * 40  # logits of O(300): exp overflows without the running max
