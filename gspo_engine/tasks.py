@@ -3,10 +3,10 @@
 A prompt is `<task>DIGITS=` and the expected completion is the task's answer followed by the eos
 token: `<copy>3141=` -> `3141`, `<reverse>3141=` -> `1413`, `<sort>3141=` -> `1134`. Rows are
 generated from a seed, so a run can be repeated exactly without a data file. `digit_match` gives
-credit per digit, which a tiny randomly initialised model can climb by small steps: first emit
-the prompt's digits and stop at the right length, then put them in the right places.
+credit per digit and for the length, which a tiny randomly initialised model can climb by small
+steps: stop at the right length and emit the prompt's digits, then put them in the right places.
 
-The tokenizer has one token per digit, one per task, `=`, and `<pad>`, `<eos>`, `<unk>`; it is
+The tokenizer has one token per digit, one per task, `=`, `<eos>` (which also pads) and `<unk>`; it is
 saved as tokenizer.json + tokenizer_config.json so that it loads through AutoTokenizer like a
 released model's.
 """
@@ -26,7 +26,7 @@ SOLVERS = {
     "reverse": lambda digits: digits[::-1],
     "sort": lambda digits: "".join(sorted(digits)),
 }
-PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+EOS, UNK = "<eos>", "<unk>"
 SEPARATOR = "="
 
 
@@ -36,7 +36,7 @@ class TaskConfig:
 
     tasks: tuple[str, ...] = ("copy", "reverse", "sort")
     min_length: int = 2
-    max_length: int = 5
+    max_length: int = 4
     num_digits: int = 10
 
     def __post_init__(self) -> None:
@@ -66,8 +66,9 @@ def generate_task_rows(config: TaskConfig, count: int, seed: int) -> list[dict]:
 
 
 def digit_match(completions: list[str], prompts: list[str], *, answer: list[str], **_columns) -> list[float]:
-    """Half for digits in the right place, half for the right digits in any order, both over the
-    longer of answer and completion (so extra characters cost); 1 only for the exact answer."""
+    """A third each for digits in the right place, the right digits in any order, and the right
+    length, all over the longer of answer and completion (so extra characters cost); 1 only for
+    the exact answer. The length third makes stopping on time pay before the digits are right."""
     scores = []
     for completion, expected in zip(completions, answer):
         predicted = "".join(completion.split())
@@ -78,12 +79,13 @@ def digit_match(completions: list[str], prompts: list[str], *, answer: list[str]
             continue
         in_place = sum(p == e for p, e in zip(predicted, expected))
         in_common = sum((Counter(predicted) & Counter(expected)).values())
-        scores.append(0.5 * (in_place + in_common) / longest)
+        shortest = min(len(predicted), len(expected))
+        scores.append((in_place + in_common + shortest) / (3 * longest))
     return scores
 
 
 def tiny_vocabulary() -> list[str]:
-    return [PAD, EOS, UNK, *"0123456789", SEPARATOR, *(f"<{task}>" for task in SOLVERS)]
+    return [EOS, UNK, *"0123456789", SEPARATOR, *(f"<{task}>" for task in SOLVERS)]
 
 
 def save_tiny_tokenizer(folder: str | Path, model_max_length: int = 256) -> Path:
@@ -95,14 +97,16 @@ def save_tiny_tokenizer(folder: str | Path, model_max_length: int = 256) -> Path
     # One piece per task tag, one per other character; Fuse joins them back without spaces.
     tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"<[a-z]+>|[\s\S]"), behavior="isolated")
     tokenizer.decoder = decoders.Fuse()
-    # <unk> stays an ordinary token (not special, and not named in the config, where transformers would
-    # make it special): decoding must show it, so that a completion cannot hide text from the reward.
-    tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in (PAD, EOS)])
+    # Only <eos> is special, and it also pads (as in Qwen3's base models): a completion ends at its
+    # first <eos>, so no token can vanish from the decoded text in the middle of one (with a separate
+    # pad token, RL learns to shorten answers by emitting it). <unk> stays an ordinary token, not
+    # named in the config where transformers would make it special, for the same reason.
+    tokenizer.add_special_tokens([AddedToken(EOS, special=True, normalized=False)])
     tokenizer.save(str(folder / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "pad_token": PAD,
         "eos_token": EOS,
+        "pad_token": EOS,
         "model_max_length": model_max_length,
         "clean_up_tokenization_spaces": False,
     }

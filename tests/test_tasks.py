@@ -9,7 +9,6 @@ import pytest
 
 from gspo_engine.tasks import (
     EOS,
-    PAD,
     SOLVERS,
     TaskConfig,
     digit_match,
@@ -56,10 +55,15 @@ def test_config_refuses_bad_values(options):
 def test_digit_match_gives_partial_credit():
     completions = ["1413", "1 4 1 3", "1431", "3141", "14", "141399", "", "abcd"]
     scores = digit_match(completions, [""] * len(completions), answer=["1413"] * len(completions))
-    # in place / in common, over the longer string, averaged
-    assert scores == pytest.approx([1.0, 1.0, 0.5 * (2 + 4) / 4, 0.5 * (0 + 4) / 4, 0.5 * (2 + 2) / 4,
-                                    0.5 * (4 + 4) / 6, 0.0, 0.0])
+    # (in place + in common + shorter length) / (3 * longer length)
+    assert scores == pytest.approx([1.0, 1.0, (2 + 4 + 4) / 12, (0 + 4 + 4) / 12, (2 + 2 + 2) / 12,
+                                    (4 + 4 + 4) / 18, 0.0, (0 + 0 + 4) / 12])
     assert digit_match([""], [""], answer=[""]) == [1.0]
+
+
+def test_stopping_at_the_right_length_pays_before_the_digits_are_right():
+    right_length, too_long = digit_match(["84", "8484"], ["", ""], answer=["48", "48"])
+    assert right_length > too_long
 
 
 def test_digit_match_ranks_closer_answers_higher():
@@ -70,7 +74,7 @@ def test_digit_match_ranks_closer_answers_higher():
         random_text = "".join(rng.choices("0123456789=", k=rng.randint(0, 8)))
         exact, near, noise = digit_match([answer, wrong_digit, random_text], [""] * 3, answer=[answer] * 3)
         assert exact == 1.0 and near < 1.0 and (noise < 1.0 or random_text == answer)
-        assert near >= 0.5
+        assert near >= 2 / 3
 
 
 def test_tiny_tokenizer_files_load_through_autotokenizer(tmp_path, tiny_tokenizer):
@@ -78,8 +82,9 @@ def test_tiny_tokenizer_files_load_through_autotokenizer(tmp_path, tiny_tokenize
     assert sorted(path.name for path in folder.iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
     assert json.loads((folder / "tokenizer_config.json").read_text())["eos_token"] == EOS
     assert len(tiny_tokenizer) == len(tiny_vocabulary()) < 40
-    assert tiny_tokenizer.pad_token == PAD and tiny_tokenizer.eos_token == EOS
-    assert tiny_tokenizer.pad_token_id != tiny_tokenizer.eos_token_id
+    # <eos> also pads, as in Qwen3's base models, so that no token disappears inside a decoded completion.
+    assert tiny_tokenizer.eos_token == tiny_tokenizer.pad_token == EOS
+    assert tiny_tokenizer.all_special_tokens == [EOS]
 
 
 def test_tiny_tokenizer_round_trip(tiny_tokenizer):
@@ -89,7 +94,7 @@ def test_tiny_tokenizer_round_trip(tiny_tokenizer):
         assert len(ids) == digits + 2  # task tag, one per digit, "="
         assert tiny_tokenizer.decode(ids) == row["prompt"]
         answer_ids = tiny_tokenizer(row["answer"], add_special_tokens=False)["input_ids"]
-        completion = answer_ids + [tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id]
+        completion = answer_ids + [tiny_tokenizer.eos_token_id] * 2
         assert tiny_tokenizer.decode(completion, skip_special_tokens=True) == row["answer"]
 
 
