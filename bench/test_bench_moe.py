@@ -1,6 +1,6 @@
 """MoE experts forward+backward: gk.moe_experts against transformers' Qwen3-MoE experts and the reference.
 
-    pytest bench/test_bench_moe.py --benchmark-only --benchmark-columns=median,rounds
+    pytest bench/test_bench_moe.py --benchmark-group-by=group --benchmark-columns=median,min,rounds
 
 CPU: the PyTorch path at the issue's CPU shape (N = 4096, E = 128, k = 8, H = 256, I = 128).
 GPU (bf16): the Triton kernels at a Qwen3-30B-A3B layer (E = 128, k = 8, H = 2048, I = 768) for
@@ -19,6 +19,7 @@ from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
 import gspo_kernels as gk
+from bench.conftest import run_benchmark
 from gspo_kernels import reference
 from gspo_kernels.moe import ExpertPlan
 
@@ -94,8 +95,6 @@ def forward_backward(layer, implementation):
 
     def step():
         experts().backward(grad_y)
-        if CUDA:
-            torch.cuda.synchronize()
 
     return step
 
@@ -127,24 +126,19 @@ def one_cpu_thread():
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda shape: shape[0])
-def test_experts_forward_backward(benchmark, shape, implementation, ceiling_tflops):
+def test_experts_forward_backward(benchmark, device, shape, implementation, ceiling_tflops):
     label, tokens, experts, top_k, hidden, intermediate = shape
     if CUDA and implementation == "transformers-eager" and tokens > 4096:
         pytest.skip("the eager loop at this size only confirms what N = 4096 shows")
     layer = make_layer(tokens, experts, top_k, hidden, intermediate)
     step = forward_backward(layer, implementation)
-    step()  # warm-up: autotuning, allocator
-    if CUDA:
-        torch.cuda.reset_peak_memory_stats()
-    benchmark.group = f"moe-experts-{label}"
-    benchmark.pedantic(step, rounds=10 if CUDA else 3, warmup_rounds=1 if CUDA else 0)
-    seconds = benchmark.stats.stats.median
-    tflops = experts_flops(tokens, top_k, hidden, intermediate) / seconds / 1e12
-    benchmark.extra_info.update(tflops=round(tflops, 4), dtype=str(DTYPE), device=DEVICE)
-    if CUDA:
-        benchmark.extra_info.update(
-            ceiling_tflops=round(ceiling_tflops, 1), peak_mib=torch.cuda.max_memory_allocated() // 2**20
-        )
+    step()  # autotuning happens here, outside the timing and the memory reading
+    benchmark.group = f"moe-experts-{label} {str(DTYPE).removeprefix('torch.')} {device.type}"
+    peak_mib = run_benchmark(benchmark, device, step, rounds=10 if CUDA else 3)
+    tflops = experts_flops(tokens, top_k, hidden, intermediate) / benchmark.stats.stats.median / 1e12
+    benchmark.extra_info.update(tflops=round(tflops, 4), peak_extra_mib=peak_mib)
+    if ceiling_tflops:
+        benchmark.extra_info.update(ceiling_tflops=round(ceiling_tflops, 1), fraction_of_ceiling=round(tflops / ceiling_tflops, 3))
 
 
 @pytest.mark.skipif(not CUDA, reason="the share of routing in a layer only means something on the GPU")
@@ -165,5 +159,5 @@ def test_routing_share_of_the_layer(benchmark, shape):
 
     layer_ms = triton.testing.do_bench(forward_backward(layer, "gspo_kernels"))
     routing_ms = benchmark.pedantic(lambda: triton.testing.do_bench(route_and_permute), rounds=1)
-    benchmark.group = f"moe-routing-{label}"
+    benchmark.group = f"moe-routing-{label} {str(DTYPE).removeprefix('torch.')} cuda"
     benchmark.extra_info.update(routing_ms=routing_ms, layer_ms=layer_ms, share=routing_ms / layer_ms)

@@ -11,9 +11,10 @@ the PyTorch path below, on the N*k (token, slot) pairs, pair p = token * k + slo
    sorted row s; the rows of one expert are contiguous and in token order. Nothing is copied:
    the GPU kernels read each pair's row of x (or of dy) through these indices.
 2. gate/up: gate_up[s] = x[token(s)] @ w_gate_up[e]^T, h[s] = silu(gate) * up.
-3. down: each pair's row w[p] * (h[s] @ w_down[e]^T) is written to its own row p of an
-   [N*k, H] buffer and y is the sum over the k slots of a token. Every row is written exactly
-   once and summed in a fixed order, no atomics: results are bitwise reproducible run to run.
+3. down: each pair's row w[p] * (h[s] @ w_down[e]^T) is added to its token's row of y. The
+   Triton kernels write it to its own row p of an [N*k, H] buffer, summed over the k slots
+   afterwards; the PyTorch path adds the rows with a sequential index_add_. No atomics either
+   way: results are bitwise reproducible run to run.
 
 Backward keeps the gate/up pre-activations [N*k, 2I] from the forward pass (h is recomputed from
 them, not stored) plus the inputs and the permutation; it computes dh = dy[token] @ w_down[e],
@@ -267,16 +268,22 @@ def grouped_weight_grad(a: torch.Tensor, b: torch.Tensor, plan: ExpertPlan) -> t
 
 
 def _sorted_row_of_pair(plan: ExpertPlan) -> torch.Tensor:
-    """[S]: the sorted row of every pair, the inverse of sorted_pair (gathering beats scattering on CPU)."""
+    """[S]: the sorted row of every pair, the inverse of sorted_pair."""
     rows = torch.empty_like(plan.sorted_pair)
     rows[plan.sorted_pair] = torch.arange(rows.numel(), device=rows.device)
     return rows
 
 
 def _sum_over_slots(per_sorted_row: torch.Tensor, plan: ExpertPlan, dtype: torch.dtype) -> torch.Tensor:
-    """[S, H] in sorted rows -> [N, H]: each pair's row in pair order, then summed over the k slots."""
-    per_pair = per_sorted_row[_sorted_row_of_pair(plan)].to(dtype)
-    return per_pair.view(-1, plan.top_k, per_pair.shape[1]).sum(dim=1)
+    """[S, H] in sorted rows -> [N, H]: every row added to its token's row, in at least fp32.
+
+    index_add_ runs sequentially over the rows on CPU, so the sum is deterministic there (and
+    several times faster than gathering the rows back into pair order first).
+    """
+    accumulate = torch.promote_types(per_sorted_row.dtype, torch.float32)
+    tokens = plan.sorted_pair.numel() // plan.top_k
+    out = torch.zeros(tokens, per_sorted_row.shape[1], dtype=accumulate, device=per_sorted_row.device)
+    return out.index_add_(0, plan.sorted_pair // plan.top_k, per_sorted_row.to(accumulate)).to(dtype)
 
 
 def experts_forward(x, topk_weights, w_gate_up, w_down, plan: ExpertPlan, keep_gate_up: bool):
