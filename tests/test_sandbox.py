@@ -197,3 +197,20 @@ def test_sandbox_runs_under_its_own_uid():
     ]
     result = Sandbox(FAST).run("import os\n", plan_tests(tests))
     assert result.passed == len(tests), result.failures
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="a network namespace needs root")
+def test_code_has_no_network():
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        tests = [
+            f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1).close()",
+            "import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=1).close()",
+        ]
+        result = Sandbox(FAST).run("", plan_tests(tests))
+    assert result.passed == 0, result.failures
+    assert set(result.failures.values()) <= {"OSError", "ConnectionRefusedError", "TimeoutError"}

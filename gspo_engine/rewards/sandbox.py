@@ -9,16 +9,15 @@ When the trainer runs as root (the usual container), the child also switches to 
 (one per worker slot of this process): the kernel does not apply RLIMIT_NPROC to root, and
 another uid can neither read the trainer's /proc/<pid>/environ nor write root's files. Cleanup
 then kills every process of that uid (which catches a child that left the process group with
-setsid) and removes what the uid left in the shared temporary folders. If the interpreter is
-installed where other users cannot read it (pyenv under /root), the child keeps
+setsid) and removes what the uid left in the shared temporary folders. Where the kernel allows
+it, the child also gets a network namespace of its own, with no network in it. If the
+interpreter is installed where other users cannot read it (pyenv under /root), the child keeps
 CAP_DAC_READ_SEARCH so that it can import the standard library, and can then read (not write)
 any file on the machine.
 
 Run as an ordinary user, the child keeps the trainer's uid: the process count limit then counts
-all of that user's processes, and a child that calls setsid, or that reads
-/proc/<trainer pid>/environ, is beyond what the sandbox can stop.
-
-It does not isolate the network.
+all of that user's processes; a child that calls setsid, one that reads
+/proc/<trainer pid>/environ, and the network are beyond what the sandbox can stop.
 """
 
 from __future__ import annotations
