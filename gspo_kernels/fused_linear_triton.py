@@ -29,7 +29,7 @@ BLOCK_K = 64
 @triton.jit
 def _logits_block(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, hidden_size,
                   stride_hm, stride_wv, inv_temperature, HAS_BIAS: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     """z = (hidden[rows] @ weight[cols].T + bias[cols]) * inv_temperature, fp32 [BLOCK_M, BLOCK_V]."""
     acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
     for k0 in range(0, hidden_size, BLOCK_K):
@@ -37,7 +37,7 @@ def _logits_block(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, 
         k_ok = ks < hidden_size
         h = tl.load(hidden_ptr + rows[:, None] * stride_hm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(weight_ptr + cols[None, :] * stride_wv + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(h, w, acc)
+        acc = tl.dot(h, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     return acc * inv_temperature
@@ -46,7 +46,7 @@ def _logits_block(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, 
 @triton.jit
 def _logprob_stats_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_ptr,
                           num_rows, vocab_size, hidden_size, stride_hm, stride_wv, inv_temperature,
-                          HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < num_rows
@@ -59,7 +59,7 @@ def _logprob_stats_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, logp_pt
         cols = v0 + tl.arange(0, BLOCK_V)
         col_ok = cols < vocab_size
         z = _logits_block(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, hidden_size,
-                          stride_hm, stride_wv, inv_temperature, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K)
+                          stride_hm, stride_wv, inv_temperature, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
         rescale = tl.exp(run_max - new_max)
@@ -81,7 +81,7 @@ def _logprob_stats_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, logp_pt
 def _dlogits_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr,
                     grad_entropy_ptr, out_ptr, num_rows, vocab_start, vocab_end, hidden_size,
                     stride_hm, stride_wv, stride_om, inv_temperature,
-                    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr,
+                    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     local_cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -89,7 +89,7 @@ def _dlogits_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, entr
     row_ok = rows < num_rows
     col_ok = cols < vocab_end
     z = _logits_block(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, hidden_size,
-                      stride_hm, stride_wv, inv_temperature, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K)
+                      stride_hm, stride_wv, inv_temperature, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     grad_logp = tl.load(grad_logp_ptr + rows, mask=row_ok, other=0.0)
     targets = tl.load(targets_ptr + rows, mask=row_ok, other=0)
@@ -105,6 +105,11 @@ def _dlogits_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, entr
     dz = dz * inv_temperature
     out = out_ptr + rows[:, None] * stride_om + local_cols[None, :]
     tl.store(out, dz.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply in full fp32 ("ieee"), as torch's matmul does by default, not in TF32."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _contiguous_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -124,7 +129,8 @@ def logprob_stats(hidden_rows, weight, bias, targets, inv_temperature, with_entr
     _logprob_stats_kernel[(triton.cdiv(num_rows, BLOCK_M),)](
         hidden_rows, weight, bias if bias is not None else weight, targets, logp, lse, entropy,
         num_rows, weight.shape[0], hidden_size, hidden_rows.stride(0), weight.stride(0), inv_temperature,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K,
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
+        PRECISION=dot_precision(hidden_rows.dtype), BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K,
     )
     return logp, lse, entropy if with_entropy else None
 
@@ -143,6 +149,7 @@ def dlogits_tile(hidden_rows, weight, bias, v0, v1, targets, lse, entropy, grad_
         entropy.float().contiguous() if with_entropy else lse, grad_logp.float().contiguous(),
         grad_entropy.float().contiguous() if with_entropy else lse, out,
         num_rows, v0, v1, hidden_size, hidden_rows.stride(0), weight.stride(0), out.stride(0), inv_temperature,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K,
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
+        PRECISION=dot_precision(hidden_rows.dtype), BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K,
     )
     return out
