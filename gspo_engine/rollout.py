@@ -22,6 +22,11 @@ from gspo_engine.model.kv_cache import KVCache
 FINISHED_CHECK_STEPS = 8
 
 
+def finished_check_steps(device: torch.device) -> int:
+    """On the CPU a look costs nothing, and every step it saves is work."""
+    return 1 if device.type == "cpu" else FINISHED_CHECK_STEPS
+
+
 @dataclass
 class Generation:
     """What `generate` returns; sample i is the completion of prompts[i].
@@ -165,7 +170,7 @@ def generate(
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     eos_ids = _eos_ids(eos_token_id, device)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    check_every = 1 if device.type == "cpu" else FINISHED_CHECK_STEPS
+    check_every = finished_check_steps(device)
 
     # Indexed by the original row; `rows` maps the rows still in the batch to them.
     tokens = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)

@@ -1,0 +1,257 @@
+"""Generation against transformers' generate and against full forwards of the same tokens, in fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_checkpoints import VOCAB, build_hf_model, save_hf_model
+
+from gspo_engine import generate, load_pretrained, replay_experts
+from gspo_engine import rollout
+from gspo_engine.rollout import sample_next
+
+TOL = 1e-5
+PROMPT_LENGTHS = [5, 9, 2, 7, 4]
+MAX_NEW = 12
+MODELS = {
+    "dense_gqa": dict(moe=False),
+    # One kv head for four query heads: the widest GQA fold; two MoE layers.
+    "moe_one_kv_head": dict(moe=True, norm_topk_prob=True, num_key_value_heads=1, num_hidden_layers=2),
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def pair(request, tmp_path_factory):
+    hf = build_hf_model(**MODELS[request.param])
+    return hf, load_pretrained(save_hf_model(hf, tmp_path_factory.mktemp(request.param)))
+
+
+@pytest.fixture(scope="module")
+def moe_model(tmp_path_factory):
+    hf = build_hf_model(**MODELS["moe_one_kv_head"])
+    return load_pretrained(save_hf_model(hf, tmp_path_factory.mktemp("moe")))
+
+
+def make_prompts(lengths=PROMPT_LENGTHS, seed: int = 3) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in lengths]
+
+
+def cut_after_eos(tokens: list[int], eos: list[int]) -> list[int]:
+    for index, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: index + 1]
+    return tokens
+
+
+def transformers_greedy(hf, prompts: list[list[int]], max_new_tokens: int, eos: list[int]) -> list[list[int]]:
+    width = max(len(p) for p in prompts)
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    attention_mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[row, width - len(prompt) :] = 1
+    out = hf.generate(
+        input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
+        eos_token_id=eos or None, pad_token_id=0,
+    )
+    return [cut_after_eos(row, eos) for row in out[:, width:].tolist()]
+
+
+def an_early_eos(completions: list[list[int]]) -> int:
+    """A token that ends some row between its 3rd and 7th token and never appears in another row."""
+    for row, tokens in enumerate(completions):
+        for index in range(2, 7):
+            token = tokens[index]
+            others = [t for other, c in enumerate(completions) if other != row for t in c]
+            if token not in tokens[:index] and token not in others:
+                return token
+    raise AssertionError(f"no token ends a row early in {completions}")
+
+
+def full_forward_logits(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """[len(completion), V]: the logits each completion token was drawn from, by one forward without cache."""
+    ids = torch.tensor([prompt + completion])
+    with torch.no_grad():
+        logits = model(ids)[0]
+    return logits[len(prompt) - 1 : len(prompt) + len(completion) - 1]
+
+
+def test_greedy_matches_transformers(pair):
+    hf, model = pair
+    prompts = make_prompts()
+    out = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0)
+    assert out.tokens == transformers_greedy(hf, prompts, MAX_NEW, [])
+    assert all(len(tokens) == MAX_NEW for tokens in out.tokens)
+    assert out.finished == [False] * len(prompts)
+
+
+@pytest.mark.parametrize("as_list", [False, True], ids=["int_eos", "list_eos"])
+def test_greedy_stops_at_eos_like_transformers(pair, as_list):
+    hf, model = pair
+    prompts = make_prompts()
+    free_run = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0).tokens
+    eos = an_early_eos(free_run)
+    # A second eos id that is never produced must change nothing.
+    never_produced = min(set(range(VOCAB)) - {t for tokens in free_run for t in tokens})
+    eos_ids = [never_produced, eos] if as_list else [eos]
+    out = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0, eos_token_id=eos_ids if as_list else eos)
+    assert out.tokens == transformers_greedy(hf, prompts, MAX_NEW, eos_ids)
+    assert True in out.finished and False in out.finished
+    for tokens, finished in zip(out.tokens, out.finished):
+        assert finished == (tokens[-1] == eos)
+        assert finished or len(tokens) == MAX_NEW
+    assert min(len(tokens) for tokens in out.tokens) <= 7
+
+
+def test_looking_for_finished_rows_every_few_steps_changes_nothing(pair, monkeypatch):
+    # The GPU cadence: rows past their eos keep drawing tokens until the next look drops them.
+    _, model = pair
+    prompts = make_prompts()
+    eos = an_early_eos(generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0).tokens)
+    every_step = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0, eos_token_id=eos)
+    monkeypatch.setattr(rollout, "finished_check_steps", lambda device: 3)
+    every_third = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0, eos_token_id=eos)
+    assert every_third.tokens == every_step.tokens
+    assert every_third.finished == every_step.finished
+    for a, b in zip(every_third.logps, every_step.logps):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("temperature", [0, 0.7, 1.3])
+def test_logps_match_a_full_forward(pair, temperature):
+    _, model = pair
+    prompts = make_prompts()
+    out = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=temperature, seed=0)
+    for prompt, tokens, logps in zip(prompts, out.tokens, out.logps):
+        assert logps.dtype == torch.float32 and logps.device.type == "cpu" and logps.shape == (len(tokens),)
+        logits = full_forward_logits(model, prompt, tokens)
+        expected = F.log_softmax(logits / (temperature or 1.0), dim=-1).gather(-1, torch.tensor(tokens)[:, None])
+        torch.testing.assert_close(logps, expected.squeeze(-1), rtol=0, atol=TOL)
+
+
+def test_top_k_draws_within_the_top_k_and_renormalises(pair):
+    _, model = pair
+    prompts = make_prompts()
+    top_k, temperature = 3, 1.5
+    out = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=temperature, top_k=top_k, seed=1)
+    for prompt, tokens, logps in zip(prompts, out.tokens, out.logps):
+        values, indices = (full_forward_logits(model, prompt, tokens) / temperature).topk(top_k, dim=-1)
+        slot = (indices == torch.tensor(tokens)[:, None]).float().argmax(dim=-1)
+        assert (indices == torch.tensor(tokens)[:, None]).any(dim=-1).all()
+        expected = values.log_softmax(dim=-1).gather(-1, slot[:, None]).squeeze(-1)
+        torch.testing.assert_close(logps, expected, rtol=0, atol=TOL)
+
+
+def test_top_p_draws_within_the_nucleus_and_renormalises(pair):
+    _, model = pair
+    prompts = make_prompts()
+    top_p = 0.6
+    out = generate(model, prompts, max_new_tokens=MAX_NEW, top_p=top_p, seed=2)
+    for prompt, tokens, logps in zip(prompts, out.tokens, out.logps):
+        probs = full_forward_logits(model, prompt, tokens).softmax(dim=-1)
+        for position, token in enumerate(tokens):
+            sorted_probs = probs[position].sort(descending=True).values
+            nucleus_size = int((sorted_probs.cumsum(0) - sorted_probs < top_p).sum())
+            nucleus = sorted_probs[:nucleus_size]
+            assert probs[position, token] >= nucleus[-1]
+            expected = (probs[position, token] / nucleus.sum()).log()
+            assert abs(logps[position] - expected) < TOL
+
+
+def test_seeded_sampling_is_reproducible_and_differs_across_seeds(pair):
+    _, model = pair
+    prompts = make_prompts()
+    first = generate(model, prompts, max_new_tokens=MAX_NEW, seed=7)
+    again = generate(model, prompts, max_new_tokens=MAX_NEW, seed=7)
+    other = generate(model, prompts, max_new_tokens=MAX_NEW, seed=8)
+    assert first.tokens == again.tokens
+    for a, b in zip(first.logps, again.logps):
+        assert torch.equal(a, b)
+    assert first.tokens != other.tokens
+
+
+def test_one_new_token_is_the_prefill_alone(pair):
+    hf, model = pair
+    prompts = make_prompts()
+    out = generate(model, prompts, max_new_tokens=1, temperature=0)
+    assert out.tokens == transformers_greedy(hf, prompts, 1, [])
+    assert out.decode_tokens == 0
+
+
+def test_timing_counts_prompt_and_completion_tokens(pair):
+    _, model = pair
+    prompts = make_prompts()
+    out = generate(model, prompts, max_new_tokens=MAX_NEW, seed=0)
+    assert out.prefill_tokens == sum(PROMPT_LENGTHS)
+    assert out.decode_tokens == sum(len(tokens) for tokens in out.tokens) - len(prompts)
+    assert out.prefill_s > 0 and out.decode_s > 0
+    assert out.prefill_tokens_per_s > 0 and out.decode_tokens_per_s > 0
+
+
+def test_routing_matches_a_full_forward_and_replays(moe_model):
+    model = moe_model
+    prompts = make_prompts()
+    eos = an_early_eos(generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0).tokens)
+    out = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0.9, eos_token_id=eos, seed=4, return_routing=True)
+    num_moe_layers, k = len(model.args.moe_layers), model.args.num_experts_per_tok
+    sequences = [prompt + tokens for prompt, tokens in zip(prompts, out.tokens)]
+    for sequence, experts in zip(sequences, out.routing):
+        # The model was fed every token but the last one.
+        assert experts.shape == (len(sequence) - 1, num_moe_layers, k)
+        with torch.no_grad():
+            routing = model.run(torch.tensor([sequence[:-1]])).expert_indices
+        expected = torch.stack(routing, dim=1)
+        assert torch.equal(experts.long().sort(dim=-1).values, expected.sort(dim=-1).values)
+
+    # As the trainer batches them: right-padded, the routing replayed gives the free run's output.
+    length = max(len(s) for s in sequences) - 1
+    input_ids = torch.zeros(len(sequences), length, dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, : len(sequence) - 1] = torch.tensor(sequence[:-1])
+    forced = replay_experts(out.routing, length)
+    assert [f.shape for f in forced] == [(len(sequences), length, k)] * num_moe_layers
+    with torch.no_grad():
+        free = model.run(input_ids).hidden_states
+        replayed = model.run(input_ids, forced_experts=forced).hidden_states
+    for row, sequence in enumerate(sequences):
+        real = len(sequence) - 1
+        torch.testing.assert_close(replayed[row, :real], free[row, :real], rtol=0, atol=1e-6)
+
+
+def test_dense_model_has_no_routing(pair):
+    _, model = pair
+    out = generate(model, make_prompts(), max_new_tokens=3, return_routing=True)
+    assert (out.routing is None) == (not model.args.moe_layers)
+
+
+def test_sampled_frequencies_follow_the_filtered_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).expand(40000, -1)
+    generator = torch.Generator().manual_seed(0)
+    tokens, logps = sample_next(logits, 0.8, top_k=4, top_p=0.9, generator=generator)
+    scaled = logits[0, :4] / 0.8
+    probs = scaled.softmax(-1)
+    keep = (probs.cumsum(0) - probs) < 0.9
+    expected = torch.zeros(5)
+    expected[:4] = torch.where(keep, probs, 0) / probs[keep].sum()
+    frequencies = torch.bincount(tokens, minlength=5) / tokens.numel()
+    assert (frequencies - expected).abs().max() < 0.01
+    torch.testing.assert_close(logps, expected[tokens].log())
+
+
+@pytest.mark.parametrize(
+    "prompts, options, message",
+    [
+        ([], dict(max_new_tokens=4), "at least one prompt"),
+        ([[1, 2], []], dict(max_new_tokens=4), "prompt 1 is empty"),
+        ([[1, VOCAB]], dict(max_new_tokens=4), "outside the vocabulary"),
+        ([[1, 2]], dict(max_new_tokens=0), "max_new_tokens"),
+        ([[1, 2]], dict(max_new_tokens=4, temperature=-1.0), "temperature"),
+        ([[1, 2]], dict(max_new_tokens=4, top_p=0.0), "top_p"),
+        ([[1, 2]], dict(max_new_tokens=4, top_k=-1), "top_k"),
+    ],
+)
+def test_bad_arguments_are_refused(moe_model, prompts, options, message):
+    with pytest.raises(ValueError, match=message):
+        generate(moe_model, prompts, **options)
