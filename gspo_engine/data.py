@@ -152,7 +152,11 @@ class PromptDataset:
         source: str = "rows",
     ) -> PromptDataset:
         """`rows`: plain dicts (generated rows) or `(where, row)` pairs from `read_rows`."""
-        located = [row if isinstance(row, tuple) else (f"{source}: row {number}", row) for number, row in enumerate(rows)]
+        located = [
+            row if isinstance(row, tuple) else (f"{source}: row {number}", row) for number, row in enumerate(rows)
+        ]
+        if not located:
+            raise DataError(f"{source}: the dataset has no rows")
         prompts = [_check_prompt(where, row, prompt_column) for where, row in located]
         texts = [
             render_prompt(tokenizer, prompt, chat_template=chat_template, enable_thinking=enable_thinking)
@@ -169,10 +173,13 @@ class PromptDataset:
         num_skipped = len(located) - len(examples)
         if num_skipped:
             logger.warning(
-                "%s: skipped %d of %d prompts longer than %d tokens", source, num_skipped, len(located), max_prompt_tokens
+                "%s: skipped %d of %d prompts longer than %d tokens",
+                source, num_skipped, len(located), max_prompt_tokens,
             )
         if not examples:
-            raise DataError(f"{source}: no prompt left (rows: {len(located)}, over {max_prompt_tokens} tokens: {num_skipped})")
+            raise DataError(
+                f"{source}: no prompt left: all {len(located)} are longer than {max_prompt_tokens} tokens"
+            )
         return cls(examples, num_skipped)
 
     def __len__(self) -> int:

@@ -65,7 +65,9 @@ def test_load_tokenizer_errors(tmp_path):
 def test_render_prompt_applies_the_chat_template(tokenizer):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
     rendered = render_prompt(tokenizer, messages)
-    assert rendered == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    assert rendered == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert render_prompt(tokenizer, "2+2?") == "2+2?"
     as_chat = render_prompt(tokenizer, "2+2?", chat_template=True, enable_thinking=False)
     assert as_chat == "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
@@ -148,7 +150,8 @@ def test_bad_files_are_clear_errors(tmp_path, tokenizer):
 
 
 def test_long_prompts_are_skipped_and_counted(tmp_path, tokenizer, caplog):
-    path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "x" * length, "id": length} for length in (3, 9, 5, 12, 6)])
+    lengths = (3, 9, 5, 12, 6)
+    path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "x" * length, "id": length} for length in lengths])
     with caplog.at_level(logging.WARNING, logger="gspo_engine.data"):
         dataset = PromptDataset.load(DataConfig(str(path), max_prompt_tokens=6), tokenizer)
     assert [example.columns["id"] for example in dataset] == [3, 5, 6]

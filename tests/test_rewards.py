@@ -114,7 +114,9 @@ def test_failing_rewards_give_zero_are_counted_and_logged_once(monkeypatch, capl
     assert first.total == [1.0 + value for value in first.per_reward["test_odd_values"]]
     assert first.failures == {"test_raises": 8, "test_wrong_count": 8, "test_odd_values": 5, "exact_match": 0}
     assert second.failures == first.failures
-    assert rewards.failure_counts == {"test_raises": 16, "test_wrong_count": 16, "test_odd_values": 10, "exact_match": 0}
+    assert rewards.failure_counts == {
+        "test_raises": 16, "test_wrong_count": 16, "test_odd_values": 10, "exact_match": 0,
+    }
     messages = [record.getMessage() for record in caplog.records]
     assert len(messages) == 3  # the first failure of each failing reward, no more
     assert "RuntimeError: reward exploded" in messages[0] and "Traceback" in messages[0]
@@ -126,7 +128,9 @@ def test_text_helpers():
     assert strip_thinking("no reasoning") == "no reasoning"
     assert normalize_answer("  The  Answer.  ") == "the answer"
     assert normalize_answer("$42$") == "42"
-    completion = "<think>```python\nwrong = 1\n```</think>Here:\n```python\ndef f():\n    return 1\n```\nand\n```\nx = 2\n```"
+    completion = (
+        "<think>```python\nwrong = 1\n```</think>Here:\n```python\ndef f():\n    return 1\n```\nand\n```\nx = 2\n```"
+    )
     assert extract_code(completion) == "x = 2\n"
     assert extract_code("```js\nlet a\n```\n```py\nb = 1\n```") == "b = 1\n"
     assert extract_code("def f(): return 1") == "def f(): return 1"
@@ -166,7 +170,9 @@ def test_math_without_math_verify_is_a_clear_error(monkeypatch):
 
 def test_format_reward_matches_the_whole_completion():
     reward = build_reward("format", {"pattern": r"<think>.*?</think>\s*<answer>.*?</answer>"})
-    completions = ["<think>a\nb</think>\n<answer>4</answer>", "<answer>4</answer>", "<think></think><answer>4</answer> extra"]
+    completions = [
+        "<think>a\nb</think>\n<answer>4</answer>", "<answer>4</answer>", "<think></think><answer>4</answer> extra",
+    ]
     assert reward(completions, [""] * 3) == [1.0, 0.0, 0.0]
 
 

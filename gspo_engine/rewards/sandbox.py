@@ -40,9 +40,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RUNNER = Path(__file__).with_name("sandbox_runner.py")
-# Sandbox uids sit far above any real account; each trainer process gets its own block of slots.
+# Sandbox uids sit far above any real account; each trainer process gets its own block of
+# MAX_WORKERS uids (pid_max is at most 2**22), shared by all its Sandbox objects.
 SANDBOX_UID_BASE = 1 << 30
 MAX_WORKERS = 64
+_FREE_SLOTS: queue.Queue[int] = queue.Queue()
+for _slot in range(MAX_WORKERS):
+    _FREE_SLOTS.put(_slot)
 SHARED_TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
 
 
@@ -140,10 +144,6 @@ class Sandbox:
         # The runner starts as root; what the code imports after the uid switch must stay readable.
         library_paths = {sysconfig.get_paths()[name] for name in ("stdlib", "platstdlib", "purelib", "platlib")}
         self._keep_read_search = self._as_root and not all(_world_readable(Path(p)) for p in library_paths)
-        # Each slot has its own uid; a caller beyond `max_workers` waits for a free one.
-        self._free_slots: queue.Queue[int] = queue.Queue()
-        for slot in range(max_workers):
-            self._free_slots.put(slot)
 
     def run_many(self, solutions: list[str], plans: list[TestPlan]) -> list[SandboxResult]:
         if len(solutions) != len(plans):
@@ -152,18 +152,18 @@ class Sandbox:
             return list(pool.map(self.run, solutions, plans))
 
     def run(self, solution: str, plan: TestPlan) -> SandboxResult:
-        slot = self._free_slots.get()
+        # Each slot is a uid that no other running sample uses; past MAX_WORKERS at once, callers wait.
+        slot = _FREE_SLOTS.get()
         try:
             uid = SANDBOX_UID_BASE + os.getpid() * MAX_WORKERS + slot if self._as_root else None
             return self._run_as(solution, plan, uid)
         finally:
-            self._free_slots.put(slot)
+            _FREE_SLOTS.put(slot)
 
     def _run_as(self, solution: str, plan: TestPlan, uid: int | None) -> SandboxResult:
         workdir = Path(tempfile.mkdtemp(prefix="gspo-sandbox-"))
         read_end, write_end = os.pipe()
         nonce = secrets.token_hex(16)
-        timed_out = False
         try:
             if uid is not None:
                 os.chown(workdir, uid, uid)
@@ -182,12 +182,14 @@ class Sandbox:
             os.close(write_end)
             write_end = -1
             try:
-                process.stdin.write(json.dumps(job).encode())
-                process.stdin.close()
-            except BrokenPipeError:
-                pass
-            timed_out = not _wait_unreaped(process.pid, self.limits.timeout_s)
-            self._kill_everything(process, uid)
+                try:
+                    process.stdin.write(json.dumps(job).encode())
+                    process.stdin.close()
+                except BrokenPipeError:
+                    pass
+                timed_out = not _wait_unreaped(process.pid, self.limits.timeout_s)
+            finally:
+                self._kill_everything(process, uid)
             report = self._read_available(read_end)
         finally:
             os.close(read_end)

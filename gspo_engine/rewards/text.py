@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 THINK_END = "</think>"
+PYTHON_FENCES = ("", "python", "py", "python3")
 _CODE_BLOCK = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 
 
@@ -23,5 +24,5 @@ def normalize_answer(text: str) -> str:
 def extract_code(completion: str) -> str:
     """The last ```python (or untagged) fenced block, else the whole answer."""
     answer = strip_thinking(completion)
-    blocks = [body for language, body in _CODE_BLOCK.findall(answer) if language.lower() in ("", "python", "py", "python3")]
+    blocks = [body for language, body in _CODE_BLOCK.findall(answer) if language.lower() in PYTHON_FENCES]
     return blocks[-1] if blocks else answer
