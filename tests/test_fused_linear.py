@@ -6,7 +6,11 @@ import torch
 import gspo_kernels as gk
 from gspo_kernels import fused_linear, reference
 
+# CUDA when there is one (the GPU check runs this file there), else CPU with Triton's interpreter.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["triton", "torch", "reference"]
+# bf16 tl.dot is wrong in Triton's interpreter: bf16 Triton runs are checked on a GPU only.
+BF16_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a GPU"))]
 LEVELS = ["sequence", "sequence_token", "token"]
 # V not a multiple of any tile, T not a multiple of any row block.
 BATCH, STEPS, HIDDEN, VOCAB = 3, 37, 64, 4099
@@ -27,7 +31,11 @@ def make_lm_head(seed, batch=BATCH, steps=STEPS, hidden=HIDDEN, vocab=VOCAB, wit
     weight = torch.randn(vocab, hidden, generator=gen, dtype=torch.float64) * 0.6
     bias = torch.randn(vocab, generator=gen, dtype=torch.float64) * 0.5 if with_bias else None
     targets = torch.randint(0, vocab, (batch, steps), generator=gen)
-    return (*fp32_exact(hidden_states, weight, bias), targets)
+    return on_device(*fp32_exact(hidden_states, weight, bias), targets)
+
+
+def on_device(*tensors):
+    return [None if t is None else t.to(DEVICE) for t in tensors]
 
 
 def fp32_exact(*tensors):
@@ -38,6 +46,7 @@ def fp32_exact(*tensors):
 def make_rollout(seed, logps):
     """old / ref log-probs near logps, advantages [B], a mask with ragged and one empty row."""
     gen = torch.Generator().manual_seed(seed + 1000)
+    logps = logps.cpu()
     batch, steps = logps.shape
     old = logps.detach() + 0.02 * torch.randn(batch, steps, generator=gen, dtype=logps.dtype)
     ref = logps.detach() + 0.5 * torch.randn(batch, steps, generator=gen, dtype=logps.dtype)
@@ -45,7 +54,7 @@ def make_rollout(seed, logps):
     mask = (torch.rand(batch, steps, generator=gen) < 0.8).long()
     mask[1] = 0  # a sequence without response tokens
     mask[0, :3] = 0  # prompt-like leading padding
-    return (*fp32_exact(old, ref, advantages), mask)
+    return on_device(*fp32_exact(old, ref, advantages), mask)
 
 
 def leaves(*tensors, dtype=torch.float32):
@@ -61,8 +70,10 @@ def test_token_logprobs_and_entropy_match_float64_reference(backend, seed):
         *leaves(hidden, weight, dtype=torch.float64), targets, bias=bias, temperature=temperature, return_entropy=True
     )
     gen = torch.Generator().manual_seed(seed + 7)
-    upstream_logp = torch.randn(hidden.shape[:2], generator=gen, dtype=torch.float64)
-    upstream_entropy = torch.randn(hidden.shape[:2], generator=gen, dtype=torch.float64)
+    upstream_logp, upstream_entropy = on_device(
+        torch.randn(hidden.shape[:2], generator=gen, dtype=torch.float64),
+        torch.randn(hidden.shape[:2], generator=gen, dtype=torch.float64),
+    )
 
     exact = leaves(hidden, weight, bias, dtype=torch.float64)
     ref_logps, ref_entropy = reference.token_logprobs_reference(
@@ -88,7 +99,7 @@ def test_token_logprobs_and_entropy_match_float64_reference(backend, seed):
 def test_token_logprobs_without_entropy_skips_rows_with_zero_gradient():
     hidden, weight, bias, targets = make_lm_head(2, with_bias=False)
     exact = leaves(hidden, weight, dtype=torch.float64)
-    upstream = torch.randn(hidden.shape[:2], dtype=torch.float64) * (torch.rand(hidden.shape[:2]) < 0.5)
+    upstream = (torch.randn(hidden.shape[:2], dtype=torch.float64) * (torch.rand(hidden.shape[:2]) < 0.5)).to(DEVICE)
     ref_grads = torch.autograd.grad((reference.token_logprobs_reference(*exact, targets) * upstream).sum(), exact)
     inputs = leaves(hidden, weight)
     with gk.use_backend("torch"):
@@ -103,7 +114,8 @@ def fused_case(seed, level):
         logps = reference.token_logprobs_reference(hidden, weight, targets, bias=bias, temperature=0.7)
     old, ref, advantages, mask = make_rollout(seed, logps)
     if level != "sequence":
-        advantages = fp32_exact(advantages[:, None] + 0.1 * torch.randn(targets.shape, dtype=torch.float64))[0]
+        noise = 0.1 * torch.randn(targets.shape, dtype=torch.float64, device=DEVICE)
+        advantages = fp32_exact(advantages[:, None] + noise)[0]
     options = dict(temperature=0.7, level=level, eps_low=3e-3, eps_high=4e-3, beta=0.05)
     return (hidden, weight, bias, targets), (old, advantages, mask, ref), options
 
@@ -191,7 +203,7 @@ def test_plan_groups_keeps_what_fits_and_recomputes_long_sequences():
 def test_tied_weights_get_both_gradients():
     """weight shared with the input embedding: its gradient sums the embedding and lm_head paths."""
     _, weight, bias, targets = make_lm_head(5, with_bias=False)
-    input_ids = torch.randint(0, VOCAB, targets.shape)
+    input_ids = torch.randint(0, VOCAB, targets.shape, device=DEVICE)
     old, _, advantages, mask = make_rollout(5, torch.full(targets.shape, -8.0, dtype=torch.float64))
 
     def run(fn, dtype):
@@ -209,10 +221,12 @@ def test_tied_weights_get_both_gradients():
 def test_all_masked_batch_gives_zero_loss_and_zero_gradients():
     hidden, weight, bias, targets = make_lm_head(6)
     inputs = leaves(hidden, weight, bias)
-    mask = torch.zeros(targets.shape, dtype=torch.long)
-    old = torch.full(targets.shape, float("nan"))
+    mask = torch.zeros(targets.shape, dtype=torch.long, device=DEVICE)
+    old = torch.full(targets.shape, float("nan"), device=DEVICE)
     with gk.use_backend("torch"):
-        loss, metrics = gk.fused_linear_gspo_loss(inputs[0], inputs[1], targets, old, torch.randn(BATCH), mask, bias=inputs[2])
+        loss, metrics = gk.fused_linear_gspo_loss(
+            inputs[0], inputs[1], targets, old, torch.randn(BATCH, device=DEVICE), mask, bias=inputs[2]
+        )
         grads = torch.autograd.grad(loss, inputs)
     assert float(loss) == 0.0 and all(torch.isfinite(v) for v in metrics.values())
     assert all((g == 0).all() for g in grads)
@@ -231,13 +245,14 @@ def test_no_grad_forward_matches_reference():
     assert abs(float(loss) - float(expected)) < 1e-5
 
 
-def test_bf16_inputs_on_the_torch_path():
+@pytest.mark.parametrize("backend", BF16_BACKENDS)
+def test_bf16_token_logprobs(backend):
     hidden, weight, bias, targets = make_lm_head(8, with_bias=False)
     exact = leaves(hidden.bfloat16(), weight.bfloat16(), dtype=torch.float64)
     expected = reference.token_logprobs_reference(*exact, targets)
     ref_grads = torch.autograd.grad(expected.sum(), exact)
     inputs = leaves(hidden, weight, dtype=torch.bfloat16)
-    with gk.use_backend("torch"):
+    with gk.use_backend(backend):
         logps = gk.token_logprobs(*inputs, targets)
         grads = torch.autograd.grad(logps.sum(), inputs)
     assert logps.dtype == torch.float32
@@ -245,8 +260,9 @@ def test_bf16_inputs_on_the_torch_path():
     assert all(rel_err(g, r) < 1e-2 for g, r in zip(grads, ref_grads))
 
 
+@pytest.mark.parametrize("backend", BF16_BACKENDS)
 @pytest.mark.parametrize("budget_mib", [512, MIXED_BUDGET_MIB, 1e-3])  # one kept group, mixed, one recomputed group
-def test_bf16_fused_loss_is_as_accurate_as_bf16_full_logits(budget_mib):
+def test_bf16_fused_loss_is_as_accurate_as_bf16_full_logits(budget_mib, backend):
     """GSPO gradients come from differences of log-probs, which bf16 logits perturb by ~1e-2: the
     fused path must do no worse than the full-logits reference run in the same dtype."""
     (hidden, weight, bias, targets), (old, advantages, mask, ref), options = fused_case(14, "sequence")
@@ -254,18 +270,18 @@ def test_bf16_fused_loss_is_as_accurate_as_bf16_full_logits(budget_mib):
     ref_loss, _ = reference.fused_linear_gspo_loss_reference(*exact, targets, old, advantages, mask, ref_logps=ref, **options)
     ref_grads = torch.autograd.grad(ref_loss, exact)
     errors = {}
-    for backend in ("torch", "reference"):
+    for name in (backend, "reference"):
         inputs = leaves(hidden, weight, dtype=torch.bfloat16)
-        with gk.use_backend(backend):
+        with gk.use_backend(name):
             loss, _ = gk.fused_linear_gspo_loss(
                 *inputs, targets, old.float(), advantages.float(), mask, ref_logps=ref.float(),
                 chunk_budget_mib=budget_mib, **options,
             )
             grads = torch.autograd.grad(loss, inputs)
         assert all(g.dtype == torch.bfloat16 for g in grads)
-        errors[backend] = [abs(float(loss) - float(ref_loss))] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]
-    assert errors["torch"][0] < 1e-2 * max(1.0, abs(float(ref_loss)))
-    assert all(ours <= theirs for ours, theirs in zip(errors["torch"][1:], errors["reference"][1:]))
+        errors[name] = [abs(float(loss) - float(ref_loss))] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]
+    assert errors[backend][0] < 1e-2 * max(1.0, abs(float(ref_loss)))
+    assert all(ours <= theirs for ours, theirs in zip(errors[backend][1:], errors["reference"][1:]))
 
 
 def test_large_logits_stay_finite():
@@ -336,7 +352,7 @@ def test_triton_kernels_write_every_element():
     logp, lse, entropy = fused_linear_triton.logprob_stats(rows, weight, bias, flat_targets, 1.0, True)
     assert all(torch.isfinite(t).all() for t in (logp, lse, entropy))
     dlogits = fused_linear_triton.dlogits_tile(
-        rows, weight, bias, 1000, 1000 + 333, flat_targets, lse, entropy, torch.randn(71), torch.randn(71), 1.0
+        rows, weight, bias, 1000, 1000 + 333, flat_targets, lse, entropy, *on_device(torch.randn(71), torch.randn(71)), 1.0
     )
     assert dlogits.shape == (71, 333) and torch.isfinite(dlogits).all()
 
@@ -344,8 +360,8 @@ def test_triton_kernels_write_every_element():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(targets=lambda t: t.clone().index_fill_(1, torch.tensor([3]), VOCAB)), r"targets must lie in \[0, 4099\)"),
-        (dict(targets=lambda t: t.clone().index_fill_(1, torch.tensor([3]), -1)), r"targets must lie in \[0, 4099\)"),
+        (dict(targets=lambda t: t.clone().index_fill_(1, torch.tensor([3], device=t.device), VOCAB)), r"targets must lie in \[0, 4099\)"),
+        (dict(targets=lambda t: t.clone().index_fill_(1, torch.tensor([3], device=t.device), -1)), r"targets must lie in \[0, 4099\)"),
         (dict(targets=lambda t: t.float()), "targets must hold integer"),
         (dict(targets=lambda t: t[:, :5]), r"targets must be \[B, T\]"),
         (dict(hidden=lambda h: h[0]), r"hidden must be \[B, T, H\]"),
@@ -363,6 +379,6 @@ def test_invalid_inputs_raise_value_error_naming_the_argument(change, message):
         gk.token_logprobs(args["hidden"], args["weight"], args["targets"], bias=args["bias"], temperature=args["temperature"])
     with pytest.raises(ValueError, match=message):
         gk.fused_linear_gspo_loss(
-            args["hidden"], args["weight"], args["targets"], None, torch.zeros(BATCH),
-            torch.ones(targets.shape), bias=args["bias"], temperature=args["temperature"],
+            args["hidden"], args["weight"], args["targets"], None, torch.zeros(BATCH, device=DEVICE),
+            torch.ones(targets.shape, device=DEVICE), bias=args["bias"], temperature=args["temperature"],
         )
