@@ -53,6 +53,7 @@ HOSTILE = {
         "        pass\n"
         "os._exit(0)\n"
     ),
+    "disable_exec": "import builtins\nbuiltins.exec = lambda *args, **kwargs: None\n",
 }
 
 

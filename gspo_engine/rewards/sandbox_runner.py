@@ -2,9 +2,11 @@
 
 It reads the job as JSON from stdin, applies the resource limits, drops root privileges when it
 has them, then executes the candidate's code and each test step in one namespace. Every test's
-outcome is written to the result pipe as `<nonce> <index> pass|fail <exception>` (and an exception
-of the solution itself as `<nonce> solution error <exception>`); the nonce keeps
-lines the candidate prints itself (it can find the pipe in /proc/self/fd) from counting.
+outcome is written to the result pipe as `<nonce> <index> pass|fail <exception>` (and an
+exception of the solution itself as `<nonce> solution error <exception>`); the nonce keeps lines
+the candidate writes itself (it can find the pipe in /proc/self/fd) from counting. The sandbox
+protects the machine from the code, not the count from code that goes looking through this
+process's own frames for the nonce.
 
 This file imports only the standard library: it must start fast and depend on nothing the
 sandboxed process could shadow or lack.
@@ -82,7 +84,9 @@ def apply_limits(limits: dict) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def run_job(job: dict, report) -> None:
+def run_job(job: dict, report, exec=exec, compile=compile, type=type, BaseException=BaseException) -> None:
+    """The builtins this loop uses are bound when it is defined: code that replaces `builtins.exec`
+    with a no-op must not make every later test pass."""
     namespace = {"__name__": "solution", "__builtins__": __builtins__}
     try:
         exec(compile(job["solution"], "<solution>", "exec"), namespace)
