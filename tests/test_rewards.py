@@ -140,6 +140,9 @@ def test_exact_match():
     score = REWARDS["exact_match"]
     completions = ["<think>it is 7</think> Paris.", "paris", "Lyon", " 12 "]
     assert score(completions, [""] * 4, answer=["Paris", "Paris", "Paris", 12]) == [1.0, 1.0, 0.0, 1.0]
+    rewards = CombinedReward([RewardSpec("exact_match")])
+    batch = rewards(["None", "4"], ["", ""], {"answer": [None, "4"]})
+    assert batch.per_reward["exact_match"] == [0.0, 1.0] and batch.failures == {"exact_match": 1}
 
 
 def test_math_compares_values_not_strings():
