@@ -7,7 +7,8 @@ cache or earlier peak leaks between them; the parent prints a markdown table.
     PYTHONPATH=. python bench/fused_linear_memory.py --repeats 3 --impls reference,fused
 
 Implementations: "reference" (logits -> log_softmax -> gather -> GSPO loss, as TRL computes it),
-"fused" (gspo_kernels.fused_linear_gspo_loss), "liger" (Liger-Kernel's LigerFusedLinearGRPOLoss,
+"fused" (gspo_kernels.fused_linear_gspo_loss, default budget: each sequence's logits kept, 6NHV),
+"fused_recompute" (the same with a budget too small to keep any sequence: logits recomputed, 8NHV), "liger" (Liger-Kernel's LigerFusedLinearGRPOLoss,
 sequence-level importance sampling, loss_type="grpo", beta=0, uncompiled; skipped when missing).
 """
 
@@ -28,7 +29,7 @@ import torch
 import gspo_kernels as gk
 from gspo_kernels import reference
 
-IMPLEMENTATIONS = ("reference", "fused", "liger")
+IMPLEMENTATIONS = ("reference", "fused", "fused_recompute", "liger")
 EPS_LOW, EPS_HIGH = 3e-4, 4e-4
 
 
@@ -61,9 +62,11 @@ def make_step(name, inputs):
     if name == "reference":
         def loss():
             return reference.fused_linear_gspo_loss_reference(hidden, weight, targets, old_logps, advantages, mask, **options)[0]
-    elif name == "fused":
+    elif name in ("fused", "fused_recompute"):
+        budget = dict(chunk_budget_mib=1e-3) if name == "fused_recompute" else {}
+
         def loss():
-            return gk.fused_linear_gspo_loss(hidden, weight, targets, old_logps, advantages, mask, **options)[0]
+            return gk.fused_linear_gspo_loss(hidden, weight, targets, old_logps, advantages, mask, **options, **budget)[0]
     elif name == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
