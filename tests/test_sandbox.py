@@ -159,8 +159,12 @@ def test_hostile_code_leaves_no_file_in_shared_temp_folders(hostile_results):
 
 
 SECRET_PROBE = """
-import json, os, sys
-from gspo_engine.rewards.sandbox import Sandbox, SandboxLimits, plan_tests
+import importlib.util, json, sys
+# The sandbox module alone, without the package (which would import torch): the probe starts fast.
+spec = importlib.util.spec_from_file_location("sandbox", "gspo_engine/rewards/sandbox.py")
+sandbox = sys.modules["sandbox"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sandbox)
+Sandbox, SandboxLimits, plan_tests = sandbox.Sandbox, sandbox.SandboxLimits, sandbox.plan_tests
 solution = '''
 import os
 from_environ = os.environ.get("GSPO_TEST_SECRET", "")
