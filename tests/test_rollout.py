@@ -21,16 +21,19 @@ MODELS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tensors here are tiny: a second intra-op thread only adds waiting, a lot of it on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=list(MODELS))
 def pair(request, tmp_path_factory):
     hf = build_hf_model(**MODELS[request.param])
     return hf, load_pretrained(save_hf_model(hf, tmp_path_factory.mktemp(request.param)))
-
-
-@pytest.fixture(scope="module")
-def moe_model(tmp_path_factory):
-    hf = build_hf_model(**MODELS["moe_one_kv_head"])
-    return load_pretrained(save_hf_model(hf, tmp_path_factory.mktemp("moe")))
 
 
 def make_prompts(lengths=PROMPT_LENGTHS, seed: int = 3) -> list[list[int]]:
@@ -78,38 +81,60 @@ def full_forward_logits(model, prompt: list[int], completion: list[int]) -> torc
     return logits[len(prompt) - 1 : len(prompt) + len(completion) - 1]
 
 
-def test_greedy_matches_transformers(pair):
+@pytest.fixture(scope="module")
+def greedy(pair):
+    """The greedy run without eos, and a token that ends one of its rows early."""
+    out = generate(pair[1], make_prompts(), max_new_tokens=MAX_NEW, temperature=0)
+    return out, an_early_eos(out.tokens)
+
+
+@pytest.fixture(scope="module")
+def sampled(pair):
+    return generate(pair[1], make_prompts(), max_new_tokens=MAX_NEW, temperature=0.7, seed=0)
+
+
+def assert_logps_match_a_full_forward(model, prompts, out, temperature: float) -> None:
+    for prompt, tokens, logps in zip(prompts, out.tokens, out.logps):
+        assert logps.dtype == torch.float32 and logps.device.type == "cpu" and logps.shape == (len(tokens),)
+        logits = full_forward_logits(model, prompt, tokens)
+        expected = F.log_softmax(logits / temperature, dim=-1).gather(-1, torch.tensor(tokens)[:, None])
+        torch.testing.assert_close(logps, expected.squeeze(-1), rtol=0, atol=TOL)
+
+
+def test_greedy_matches_transformers(pair, greedy):
     hf, model = pair
+    out, _ = greedy
     prompts = make_prompts()
-    out = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0)
     assert out.tokens == transformers_greedy(hf, prompts, MAX_NEW, [])
     assert all(len(tokens) == MAX_NEW for tokens in out.tokens)
     assert out.finished == [False] * len(prompts)
+    # Greedy log-probs are the model's own, at temperature 1.
+    assert_logps_match_a_full_forward(model, prompts, out, temperature=1.0)
 
 
-@pytest.mark.parametrize("as_list", [False, True], ids=["int_eos", "list_eos"])
-def test_greedy_stops_at_eos_like_transformers(pair, as_list):
+def test_greedy_stops_at_eos_like_transformers(pair, greedy):
     hf, model = pair
+    free_run, eos = greedy
     prompts = make_prompts()
-    free_run = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0).tokens
-    eos = an_early_eos(free_run)
-    # A second eos id that is never produced must change nothing.
-    never_produced = min(set(range(VOCAB)) - {t for tokens in free_run for t in tokens})
-    eos_ids = [never_produced, eos] if as_list else [eos]
-    out = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0, eos_token_id=eos_ids if as_list else eos)
-    assert out.tokens == transformers_greedy(hf, prompts, MAX_NEW, eos_ids)
+    out = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0, eos_token_id=eos)
+    assert out.tokens == transformers_greedy(hf, prompts, MAX_NEW, [eos])
     assert True in out.finished and False in out.finished
     for tokens, finished in zip(out.tokens, out.finished):
         assert finished == (tokens[-1] == eos)
         assert finished or len(tokens) == MAX_NEW
     assert min(len(tokens) for tokens in out.tokens) <= 7
 
+    # A list of eos ids; one that is never produced changes nothing.
+    never_produced = min(set(range(VOCAB)) - {t for tokens in free_run.tokens for t in tokens})
+    as_list = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0, eos_token_id=[never_produced, eos])
+    assert as_list.tokens == out.tokens and as_list.finished == out.finished
 
-def test_looking_for_finished_rows_every_few_steps_changes_nothing(pair, monkeypatch):
+
+def test_looking_for_finished_rows_every_few_steps_changes_nothing(pair, greedy, monkeypatch):
     # The GPU cadence: rows past their eos keep drawing tokens until the next look drops them.
     _, model = pair
+    _, eos = greedy
     prompts = make_prompts()
-    eos = an_early_eos(generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0).tokens)
     every_step = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0, eos_token_id=eos)
     monkeypatch.setattr(rollout, "finished_check_steps", lambda device: 3)
     every_third = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0, eos_token_id=eos)
@@ -119,16 +144,8 @@ def test_looking_for_finished_rows_every_few_steps_changes_nothing(pair, monkeyp
         torch.testing.assert_close(a, b, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("temperature", [0, 0.7, 1.3])
-def test_logps_match_a_full_forward(pair, temperature):
-    _, model = pair
-    prompts = make_prompts()
-    out = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=temperature, seed=0)
-    for prompt, tokens, logps in zip(prompts, out.tokens, out.logps):
-        assert logps.dtype == torch.float32 and logps.device.type == "cpu" and logps.shape == (len(tokens),)
-        logits = full_forward_logits(model, prompt, tokens)
-        expected = F.log_softmax(logits / (temperature or 1.0), dim=-1).gather(-1, torch.tensor(tokens)[:, None])
-        torch.testing.assert_close(logps, expected.squeeze(-1), rtol=0, atol=TOL)
+def test_sampled_logps_match_a_full_forward(pair, sampled):
+    assert_logps_match_a_full_forward(pair[1], make_prompts(), sampled, temperature=0.7)
 
 
 def test_top_k_draws_within_the_top_k_and_renormalises(pair):
@@ -160,41 +177,39 @@ def test_top_p_draws_within_the_nucleus_and_renormalises(pair):
             assert abs(logps[position] - expected) < TOL
 
 
-def test_seeded_sampling_is_reproducible_and_differs_across_seeds(pair):
+def test_seeded_sampling_is_reproducible_and_differs_across_seeds(pair, sampled):
     _, model = pair
     prompts = make_prompts()
-    first = generate(model, prompts, max_new_tokens=MAX_NEW, seed=7)
-    again = generate(model, prompts, max_new_tokens=MAX_NEW, seed=7)
-    other = generate(model, prompts, max_new_tokens=MAX_NEW, seed=8)
-    assert first.tokens == again.tokens
-    for a, b in zip(first.logps, again.logps):
+    again = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0.7, seed=0)
+    other = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0.7, seed=1)
+    assert again.tokens == sampled.tokens
+    for a, b in zip(again.logps, sampled.logps):
         assert torch.equal(a, b)
-    assert first.tokens != other.tokens
+    assert other.tokens != sampled.tokens
 
 
-def test_one_new_token_is_the_prefill_alone(pair):
-    hf, model = pair
-    prompts = make_prompts()
-    out = generate(model, prompts, max_new_tokens=1, temperature=0)
-    assert out.tokens == transformers_greedy(hf, prompts, 1, [])
+def test_one_new_token_is_the_prefill_alone(pair, greedy):
+    _, model = pair
+    out = generate(model, make_prompts(), max_new_tokens=1, temperature=0)
+    assert out.tokens == [tokens[:1] for tokens in greedy[0].tokens]
     assert out.decode_tokens == 0
 
 
-def test_timing_counts_prompt_and_completion_tokens(pair):
+def test_timing_counts_prompt_and_completion_tokens(sampled):
+    assert sampled.prefill_tokens == sum(PROMPT_LENGTHS)
+    assert sampled.decode_tokens == sum(len(tokens) for tokens in sampled.tokens) - len(PROMPT_LENGTHS)
+    assert sampled.prefill_s > 0 and sampled.decode_s > 0
+    assert sampled.prefill_tokens_per_s > 0 and sampled.decode_tokens_per_s > 0
+
+
+def test_routing_matches_a_full_forward_and_replays(pair, greedy):
     _, model = pair
     prompts = make_prompts()
-    out = generate(model, prompts, max_new_tokens=MAX_NEW, seed=0)
-    assert out.prefill_tokens == sum(PROMPT_LENGTHS)
-    assert out.decode_tokens == sum(len(tokens) for tokens in out.tokens) - len(prompts)
-    assert out.prefill_s > 0 and out.decode_s > 0
-    assert out.prefill_tokens_per_s > 0 and out.decode_tokens_per_s > 0
-
-
-def test_routing_matches_a_full_forward_and_replays(moe_model):
-    model = moe_model
-    prompts = make_prompts()
-    eos = an_early_eos(generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0).tokens)
-    out = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0.9, eos_token_id=eos, seed=4, return_routing=True)
+    _, eos = greedy
+    out = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0, eos_token_id=eos, return_routing=True)
+    if not model.args.moe_layers:
+        assert out.routing is None
+        return
     num_moe_layers, k = len(model.args.moe_layers), model.args.num_experts_per_tok
     sequences = [prompt + tokens for prompt, tokens in zip(prompts, out.tokens)]
     for sequence, experts in zip(sequences, out.routing):
@@ -218,12 +233,6 @@ def test_routing_matches_a_full_forward_and_replays(moe_model):
     for row, sequence in enumerate(sequences):
         real = len(sequence) - 1
         torch.testing.assert_close(replayed[row, :real], free[row, :real], rtol=0, atol=1e-6)
-
-
-def test_dense_model_has_no_routing(pair):
-    _, model = pair
-    out = generate(model, make_prompts(), max_new_tokens=3, return_routing=True)
-    assert (out.routing is None) == (not model.args.moe_layers)
 
 
 def test_sampled_frequencies_follow_the_filtered_distribution():
@@ -252,6 +261,6 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
         ([[1, 2]], dict(max_new_tokens=4, top_k=-1), "top_k"),
     ],
 )
-def test_bad_arguments_are_refused(moe_model, prompts, options, message):
+def test_bad_arguments_are_refused(pair, prompts, options, message):
     with pytest.raises(ValueError, match=message):
-        generate(moe_model, prompts, **options)
+        generate(pair[1], prompts, **options)
