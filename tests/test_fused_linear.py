@@ -284,6 +284,39 @@ def test_bf16_fused_loss_is_as_accurate_as_bf16_full_logits(budget_mib, backend)
     assert all(ours <= theirs for ours, theirs in zip(errors[backend][1:], errors["reference"][1:]))
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_single_token(backend):
+    hidden, weight, bias, targets = make_lm_head(15, batch=1, steps=1)
+    exact = leaves(hidden, weight, bias, dtype=torch.float64)
+    expected = reference.token_logprobs_reference(exact[0], exact[1], targets, bias=exact[2])
+    ref_grads = torch.autograd.grad(expected.sum(), exact)
+    inputs = leaves(hidden, weight, bias)
+    with gk.use_backend(backend):
+        logps = gk.token_logprobs(inputs[0], inputs[1], targets, bias=inputs[2])
+        grads = torch.autograd.grad(logps.sum(), inputs)
+    assert rel_err(logps, expected) < 1e-6
+    assert all(rel_err(g, r) < 1e-5 for g, r in zip(grads, ref_grads))
+
+
+def test_extreme_log_ratios_match_the_clamped_reference():
+    """old log-probs 50 nats away: the ratio's exp is clamped, values stay finite, gradients match."""
+    (hidden, weight, bias, targets), (old, advantages, mask, ref), options = fused_case(16, "token")
+    old = old.clone()
+    old[0] -= 50.0  # ratios of e^50 before the clamp
+    old[2] += 50.0  # ratios of e^-50
+    exact = leaves(hidden, weight, bias, dtype=torch.float64)
+    ref_loss, _ = reference.fused_linear_gspo_loss_reference(exact[0], exact[1], targets, old, advantages, mask,
+                                                             bias=exact[2], ref_logps=ref, **options)
+    ref_grads = torch.autograd.grad(ref_loss, exact)
+    inputs = leaves(hidden, weight, bias)
+    with gk.use_backend("torch"):
+        loss, _ = gk.fused_linear_gspo_loss(inputs[0], inputs[1], targets, old.float(), advantages.float(), mask,
+                                            bias=inputs[2], ref_logps=ref.float(), **options)
+        grads = torch.autograd.grad(loss, inputs)
+    assert abs(float(loss) - float(ref_loss)) < 1e-5 * max(1.0, abs(float(ref_loss)))
+    assert all(rel_err(g, r) < 2e-5 for g, r in zip(grads, ref_grads))
+
+
 def test_large_logits_stay_finite():
     hidden, weight, _, targets = make_lm_head(9, with_bias=False)
     weight = weight * 40  # logits of O(300): exp overflows without the running max
