@@ -212,6 +212,7 @@ def moe_route(
 
 
 def sort_pairs(topk_idx: torch.Tensor, num_experts: int) -> ExpertPlan:
+    """PyTorch path of the permutation: a stable sort of the pairs by expert (same order as the kernels)."""
     flat = topk_idx.reshape(-1)
     sorted_pair = torch.sort(flat, stable=True).indices
     counts = torch.bincount(flat, minlength=num_experts)
