@@ -106,6 +106,9 @@ class TrainConfig:
     # picks on a GPU): the update is as precise as fp32, the matmuls run on the tensor cores.
     precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
     max_consecutive_skips: int = 5  # non-finite updates in a row before the run stops
+    # CPU threads for torch (0 keeps torch's default). Tiny models run fastest on one: their
+    # matmuls are too small to split, and idle threads spinning beside other work cost more.
+    cpu_threads: int = 0
 
 
 @dataclass
@@ -162,6 +165,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "optim.eps": (lambda v: v > 0, "a number > 0"),
     "train.steps": (lambda v: v >= 1, "an integer >= 1"),
     "train.max_consecutive_skips": (lambda v: v >= 1, "an integer >= 1"),
+    "train.cpu_threads": (lambda v: v >= 0, "an integer >= 0 (0 keeps torch's default)"),
     "checkpoint.every": (lambda v: v >= 0, "an integer >= 0"),
     "checkpoint.keep_last": (lambda v: v >= 1, "an integer >= 1"),
     "logging.every": (lambda v: v >= 1, "an integer >= 1"),

@@ -131,6 +131,8 @@ class GSPOTrainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.device = resolve_device(config)
         self.precision = resolve_precision(config, self.device)
+        if self.device.type == "cpu" and config.train.cpu_threads:
+            torch.set_num_threads(config.train.cpu_threads)
         torch.manual_seed(config.train.seed)
 
         self.source = model_folder(config, self.output_dir)
@@ -309,53 +311,66 @@ class GSPOTrainer:
     def update(self, samples: list[Sample]) -> dict:
         """One optimizer step per minibatch; gradient accumulation over micro-batches is exact."""
         config = self.config
-        totals = {"loss": 0.0, "clip_frac": 0.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0, "ratio_mean": 0.0,
-                  "kl": 0.0, "grad_norm": 0.0, "aux_loss": 0.0}
-        imbalance = []
         minibatches = split_minibatches(samples, config.gspo.num_minibatches)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        totals: dict[str, float] = {}
+        imbalance: list[float] = []
         for minibatch in minibatches:
-            minibatch_tokens = sum(len(s.completion_ids) for s in minibatch)
-            loss_sum = 0.0
-            for micro in split_micro_batches(minibatch, config.gspo.micro_batch_tokens):
-                batch = collate(micro, self.pad_id, self.device)
-                # The loss is a mean over sequences: a micro-batch's mean, weighted by its share of the
-                # minibatch's sequences, sums to the minibatch's mean exactly.
-                share = len(micro) / len(minibatch)
-                token_share = batch.mask.sum().item() / minibatch_tokens
-                with self._autocast():
-                    loss, metrics, aux_loss, routing = self.micro_batch_loss(batch, micro)
-                    total = loss if aux_loss is None else loss + aux_loss
-                (total * share).backward()
-                loss_sum += float(loss) * share
-                totals["ratio_mean"] += float(metrics["ratio_mean"]) * share / len(minibatches)
-                for key in ("clip_frac", "clip_frac_low", "clip_frac_high", "kl"):
-                    totals[key] += float(metrics[key]) * token_share / len(minibatches)
-                if aux_loss is not None:
-                    totals["aux_loss"] += float(aux_loss) * share / len(minibatches)
-                if routing:
-                    imbalance.append(self.expert_imbalance(routing, batch))
+            stats = self.accumulate_gradients(minibatch)
+            imbalance.extend(stats.pop("expert_imbalance", []))
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.optim.max_grad_norm))
-            if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+            if math.isfinite(stats["loss"]) and math.isfinite(grad_norm):
                 self.optimizer.step()
                 self.consecutive_skips = 0
             else:
                 self.skipped_updates += 1
                 self.consecutive_skips += 1
-                logger.warning("step %d: non-finite loss %s or grad norm %s; update skipped", self.step + 1, loss_sum, grad_norm)
+                logger.warning("step %d: non-finite loss %s or grad norm %s; update skipped",
+                               self.step + 1, stats["loss"], grad_norm)
                 if self.consecutive_skips >= config.train.max_consecutive_skips:
                     raise TrainingError(
                         f"{self.consecutive_skips} non-finite updates in a row (train.max_consecutive_skips); "
                         f"stopping. The last checkpoint in {self.output_dir} is intact."
                     )
             self.optimizer.zero_grad(set_to_none=True)
-            totals["loss"] += loss_sum / len(minibatches)
-            totals["grad_norm"] += grad_norm / len(minibatches)
+            stats["grad_norm"] = grad_norm
+            for key, value in stats.items():
+                totals[key] = totals.get(key, 0.0) + value / len(minibatches)
         if imbalance:
             totals["expert_imbalance"] = max(imbalance)
-        if not self.model.args.router_aux_loss:
-            del totals["aux_loss"]
         return totals
+
+    def accumulate_gradients(self, minibatch: list[Sample]) -> dict:
+        """Backward of the minibatch's loss (a mean over its sequences), micro-batch by micro-batch.
+
+        A micro-batch's loss is the mean over its own sequences; weighted by its share of the
+        minibatch's sequences, the micro-batch gradients sum to the minibatch's exactly.
+        """
+        stats = {"loss": 0.0, "ratio_mean": 0.0, "clip_frac": 0.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0,
+                 "kl": 0.0}
+        if self.model.args.router_aux_loss:
+            stats["aux_loss"] = 0.0
+        imbalance = []
+        minibatch_tokens = sum(len(s.completion_ids) for s in minibatch)
+        for micro in split_micro_batches(minibatch, self.config.gspo.micro_batch_tokens):
+            batch = collate(micro, self.pad_id, self.device)
+            share = len(micro) / len(minibatch)
+            token_share = batch.mask.sum().item() / minibatch_tokens
+            with self._autocast():
+                loss, metrics, aux_loss, routing = self.micro_batch_loss(batch, micro)
+                total = loss if aux_loss is None else loss + aux_loss
+            (total * share).backward()
+            stats["loss"] += float(loss.detach()) * share
+            stats["ratio_mean"] += float(metrics["ratio_mean"]) * share
+            for key in ("clip_frac", "clip_frac_low", "clip_frac_high", "kl"):
+                stats[key] += float(metrics[key]) * token_share
+            if aux_loss is not None:
+                stats["aux_loss"] += float(aux_loss.detach()) * share
+            if routing:
+                imbalance.append(self.expert_imbalance(routing, batch))
+        if imbalance:
+            stats["expert_imbalance"] = imbalance
+        return stats
 
     def micro_batch_loss(self, batch: TrainBatch, micro: list[Sample]):
         config = self.config

@@ -6,3 +6,6 @@ import torch
 # triton is first imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The tests' tensors are small: one thread runs them fastest and is not slowed by other work on the machine.
+torch.set_num_threads(1)
