@@ -113,25 +113,30 @@ def measure_in_subprocess(name: str, shape: tuple[int, int, int, int]) -> dict:
 
 
 def side_by_side(shape, impls, repeats: int) -> dict[str, dict]:
-    """Per implementation: the largest extra memory and the median time over `repeats` fresh runs."""
+    """Per implementation: the largest extra memory, the median time and every time of `repeats` fresh runs."""
     runs = {name: [] for name in impls}
     for _ in range(repeats):
         for name in impls:  # interleaved, so that load from other processes hits every one alike
             runs[name].append(measure_in_subprocess(name, shape))
     return {
-        name: dict(extra_mib=max(r["extra_mib"] for r in rs), seconds=statistics.median(r["seconds"] for r in rs))
+        name: dict(
+            extra_mib=max(r["extra_mib"] for r in rs),
+            seconds=statistics.median(r["seconds"] for r in rs),
+            all_seconds=[round(r["seconds"], 1) for r in rs],
+        )
         for name, rs in runs.items()
     }
 
 
 def table(results: dict[str, dict]) -> list[str]:
     ref = results.get("reference")
-    lines = ["| implementation | extra peak RSS (MiB) | time (s) | memory / reference | time / reference |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = ["| implementation | extra peak RSS (MiB) | median time (s) | memory / reference | time / reference | every run (s) |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         mem_ratio = f"{r['extra_mib'] / ref['extra_mib']:.3f}" if ref else "-"
         time_ratio = f"{r['seconds'] / ref['seconds']:.2f}" if ref else "-"
-        lines.append(f"| {name} | {r['extra_mib']:.0f} | {r['seconds']:.2f} | {mem_ratio} | {time_ratio} |")
+        runs = ", ".join(map(str, r["all_seconds"]))
+        lines.append(f"| {name} | {r['extra_mib']:.0f} | {r['seconds']:.2f} | {mem_ratio} | {time_ratio} | {runs} |")
     return lines
 
 
