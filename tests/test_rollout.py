@@ -264,3 +264,12 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
 def test_bad_arguments_are_refused(pair, prompts, options, message):
     with pytest.raises(ValueError, match=message):
         generate(pair[1], prompts, **options)
+
+
+def test_bfloat16_model_generates(pair, tmp_path):
+    hf, _ = pair
+    model = load_pretrained(save_hf_model(hf, tmp_path / "hf"), dtype=torch.bfloat16)
+    out = generate(model, make_prompts(), max_new_tokens=MAX_NEW, temperature=0.7, top_k=20, seed=0)
+    assert all(len(tokens) == MAX_NEW for tokens in out.tokens)
+    for logps in out.logps:
+        assert logps.dtype == torch.float32 and torch.isfinite(logps).all() and (logps <= 0).all()

@@ -50,7 +50,7 @@ class KVCache:
         key_columns = torch.arange(end, device=self.key_mask.device)[None, :]
         causal = key_columns <= query_columns
         diagonal = key_columns == query_columns
-        return ((causal & self.key_mask[:rows, None, None, :end]) | diagonal).contiguous()
+        return (causal & self.key_mask[:rows, None, None, :end]) | diagonal
 
     def advance(self, seq: int) -> None:
         """Mark the `seq` columns every layer has just written as filled."""
