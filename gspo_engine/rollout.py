@@ -20,6 +20,9 @@ from gspo_engine.model.kv_cache import KVCache
 
 # Steps between two looks at which rows have finished on an accelerator; each look waits for the device.
 FINISHED_CHECK_STEPS = 8
+# Padded prompt tokens per prefill forward: a whole large batch at once would hold activations
+# and a [B, 1, T, T] mask of B * T * T bytes; beyond a few thousand tokens a forward gains nothing.
+PREFILL_TOKENS = 16384
 
 
 def finished_check_steps(device: torch.device) -> int:
@@ -187,24 +190,37 @@ def generate(
         lengths[rows] += ~finished[rows]
         finished[rows] |= torch.isin(next_tokens, eos_ids)
 
-    def next_from(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(hidden[:, -1], model.lm_head_weight).float()
+    def next_from(last_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(last_hidden, model.lm_head_weight).float()
         return sample_next(logits, temperature, top_k, top_p, generator)
 
     # The last token drawn is never fed back, hence max_new_tokens - 1 decode columns.
-    cache = KVCache(model.args, batch, width + max_new_tokens - 1, dtype, device)
+    cache = KVCache.allocate(model.args, batch, width + max_new_tokens - 1, dtype, device)
     _synchronize(device)
     start = time.perf_counter()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    output = model.run(input_ids, attention_mask, position_ids, cache=cache)
+    chunk_rows = max(1, PREFILL_TOKENS // width)
+    last_hidden, chunk_experts = [], []
+    for first in range(0, batch, chunk_rows):
+        chunk = slice(first, first + chunk_rows)
+        output = model.run(
+            input_ids[chunk], attention_mask[chunk], position_ids[chunk],
+            cache=cache.row_slice(chunk.start, chunk.stop),
+        )
+        # A copy, so that the chunk's hidden states [rows, width, H] can be freed.
+        last_hidden.append(output.hidden_states[:, -1].clone())
+        if record_routing:
+            rows_in_chunk = output.hidden_states.shape[0]
+            # [rows, width, num_moe_layers, k]; int16 keeps long rollouts' routing small.
+            experts = torch.stack([r.expert_indices.view(rows_in_chunk, width, -1) for r in output.routing], dim=2)
+            chunk_experts.append(experts.to(torch.int16))
+    cache.advance(width)
     if record_routing:
-        # [B, width, num_moe_layers, k]; the int16 copy keeps long rollouts' routing small.
-        prompt_experts = torch.stack([r.expert_indices.view(batch, width, -1) for r in output.routing], dim=2)
-        prompt_experts = prompt_experts.to(torch.int16)
+        prompt_experts = torch.cat(chunk_experts)
         completion_experts = torch.zeros(
             batch, max_new_tokens, *prompt_experts.shape[2:], dtype=torch.int16, device=device
         )
-    next_tokens, next_logps = next_from(output.hidden_states)
+    next_tokens, next_logps = next_from(torch.cat(last_hidden))
     record(0, next_tokens, next_logps)
     _synchronize(device)
     prefill_s = time.perf_counter() - start
@@ -225,7 +241,7 @@ def generate(
             experts = torch.stack([r.expert_indices for r in output.routing], dim=1)
             completion_experts[rows, step - 1] = experts.to(torch.int16)
         positions = positions + 1
-        next_tokens, next_logps = next_from(output.hidden_states)
+        next_tokens, next_logps = next_from(output.hidden_states[:, -1])
         record(step, next_tokens, next_logps)
     _synchronize(device)
     decode_s = time.perf_counter() - start

@@ -144,6 +144,21 @@ def test_looking_for_finished_rows_every_few_steps_changes_nothing(pair, greedy,
         torch.testing.assert_close(a, b, rtol=0, atol=TOL)
 
 
+def test_prefill_in_row_chunks_changes_nothing(pair, greedy, monkeypatch):
+    _, model = pair
+    prompts = make_prompts()
+    whole = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0, return_routing=True)
+    # Two rows of the 9 padded columns per prefill forward: chunks of 2, 2 and 1 rows.
+    monkeypatch.setattr(rollout, "PREFILL_TOKENS", 2 * max(PROMPT_LENGTHS))
+    chunked = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0, return_routing=True)
+    assert chunked.tokens == whole.tokens == greedy[0].tokens
+    for a, b in zip(chunked.logps, whole.logps):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+    if whole.routing is not None:
+        for a, b in zip(chunked.routing, whole.routing):
+            assert torch.equal(a, b)
+
+
 def test_sampled_logps_match_a_full_forward(pair, sampled):
     assert_logps_match_a_full_forward(pair[1], make_prompts(), sampled, temperature=0.7)
 

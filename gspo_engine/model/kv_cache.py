@@ -19,16 +19,36 @@ class KVCache:
     `length` columns are written; `batch_size` rows are in use (the first ones of the storage).
     """
 
-    def __init__(self, args: ModelArgs, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device):
-        shape = (batch_size, args.num_key_value_heads, max_len, args.head_dim)
-        self.max_len = max_len
-        self.batch_size = batch_size
+    def __init__(self, key_mask: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        self.max_len = key_mask.shape[1]
+        self.batch_size = key_mask.shape[0]
         self.length = 0
-        self.key_mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
-        self.layers = []
-        for _ in range(args.num_hidden_layers):
-            keys = torch.zeros(shape, dtype=dtype, device=device)
-            self.layers.append(LayerKVCache(self, keys, torch.zeros_like(keys)))
+        self.key_mask = key_mask
+        self.layers = [LayerKVCache(self, layer_keys, layer_values) for layer_keys, layer_values in zip(keys, values)]
+
+    @classmethod
+    def allocate(
+        cls, args: ModelArgs, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device
+    ) -> "KVCache":
+        shape = (batch_size, args.num_key_value_heads, max_len, args.head_dim)
+        layers = range(args.num_hidden_layers)
+        return cls(
+            torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
+            [torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
+        )
+
+    def row_slice(self, start: int, end: int) -> "KVCache":
+        """An empty cache over rows start..end-1 of this one's storage, to prefill those rows on their own.
+
+        Its tensors are views: what a forward writes through it lands in this cache, whose
+        `advance` then marks the columns written once every slice is done.
+        """
+        return KVCache(
+            self.key_mask[start:end],
+            [layer.keys[start:end] for layer in self.layers],
+            [layer.values[start:end] for layer in self.layers],
+        )
 
     def attention_mask(self, attention_mask: torch.Tensor | None, seq: int) -> torch.Tensor:
         """Record the padding of `seq` new columns; bool [B, 1, seq, length + seq], True where a query may attend.
