@@ -71,7 +71,8 @@ def test_generate(benchmark, device, copy_gb_per_s, case):
     def step():
         outputs.append(generate(model, prompts, max_new_tokens=new_tokens, temperature=1.0, seed=len(outputs)))
 
-    benchmark.group = f"generate {case} B={batch} prompt={prompt_length} new={new_tokens} {str(DTYPE).removeprefix('torch.')} {device.type}"
+    dtype_name = str(DTYPE).removeprefix("torch.")
+    benchmark.group = f"generate {case} B={batch} prompt={prompt_length} new={new_tokens} {dtype_name} {device.type}"
     peak_mib = run_benchmark(benchmark, device, step, rounds=3 if CUDA else 2)
     decode_s = statistics.median(out.decode_s for out in outputs)
     benchmark.extra_info.update(

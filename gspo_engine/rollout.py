@@ -1,10 +1,11 @@
 """Batched sampling of completions with a static KV cache: the rollout half of a GSPO step.
 
-The prompts are left-padded into one batch and prefilled in a single forward; then every step
-feeds the batch's last tokens through the model at once, one cache column per step. Sampling,
-the eos test and the bookkeeping of lengths stay on the device, so on a GPU the loop only waits
-for the device every FINISHED_CHECK_STEPS steps, when it stops once every row has ended and drops
-the rows that have from the batch (and from the cache), so that they cost nothing afterwards.
+The prompts are left-padded into one batch and prefilled (in row chunks of at most
+PREFILL_TOKENS padded tokens); then every step feeds the batch's last tokens through the model
+at once, one cache column per step. Sampling, the eos test and the bookkeeping of lengths stay
+on the device, so on a GPU the loop itself only waits for the device every FINISHED_CHECK_STEPS
+steps, when it stops once every row has ended and drops the rows that have from the batch (and
+from the cache), so that they cost nothing afterwards.
 """
 
 from __future__ import annotations
@@ -127,10 +128,10 @@ def _validate(model, prompts, max_new_tokens, temperature, top_p, top_k) -> None
 def _eos_ids(eos_token_id: int | list[int] | None, device: torch.device) -> torch.Tensor:
     if eos_token_id is None:
         ids = []
-    elif isinstance(eos_token_id, int):
-        ids = [eos_token_id]
+    elif isinstance(eos_token_id, (list, tuple)):
+        ids = [int(token) for token in eos_token_id]
     else:
-        ids = list(eos_token_id)
+        ids = [int(eos_token_id)]
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 

@@ -77,7 +77,7 @@ class KVCache:
         self.length += seq
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (int64 indices into the rows in use, ascending), moved to the front in that order."""
+        """Keep only `rows` (int64 indices into the rows in use), moved to the front in that order."""
         end = self.length
         self.key_mask[: rows.numel(), :end] = self.key_mask[rows, :end]
         for layer in self.layers:
@@ -95,7 +95,10 @@ class LayerKVCache:
         self.values = values
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, kv_heads, T, head_dim] at the next T columns; all keys and values so far [B, kv_heads, length + T, head_dim]."""
+        """Write k, v [B, kv_heads, T, head_dim] at the next T columns.
+
+        Returns all keys and values so far, [B, kv_heads, length + T, head_dim].
+        """
         rows, start = self.cache.batch_size, self.cache.length
         end = start + k.shape[2]
         self.keys[:rows, :, start:end] = k
