@@ -146,11 +146,14 @@ def test_experts_forward_backward(benchmark, device, shape, implementation, ceil
     benchmark.group = f"moe-experts-{label} {str(DTYPE).removeprefix('torch.')} {device.type}"
     peak_mib = run_benchmark(benchmark, device, step, rounds=10 if CUDA else 3)
     tflops = experts_flops(tokens, top_k, hidden, intermediate) / benchmark.stats.stats.median / 1e12
+    saved_mib = saved_for_backward_mib(forward, inputs)
     benchmark.extra_info.update(
-        tflops=round(tflops, 4), peak_extra_mib=peak_mib, saved_for_backward_mib=round(saved_for_backward_mib(forward, inputs), 1)
+        tflops=round(tflops, 4), peak_extra_mib=peak_mib, saved_for_backward_mib=round(saved_mib, 1)
     )
     if ceiling_tflops:
-        benchmark.extra_info.update(ceiling_tflops=round(ceiling_tflops, 1), fraction_of_ceiling=round(tflops / ceiling_tflops, 3))
+        benchmark.extra_info.update(
+            ceiling_tflops=round(ceiling_tflops, 1), fraction_of_ceiling=round(tflops / ceiling_tflops, 3)
+        )
 
 
 @pytest.mark.skipif(not CUDA, reason="the share of routing in a layer only means something on the GPU")

@@ -69,7 +69,8 @@ def validate_route_inputs(router_logits, top_k, forced_experts) -> None:
     """Raise ValueError naming the argument for every input moe_route cannot take."""
     _check_tensor("router_logits", router_logits)
     if router_logits.dim() != 2 or not router_logits.is_floating_point():
-        raise ValueError(f"router_logits must be a floating-point [N, E] tensor; got {_describe('router_logits', router_logits)}")
+        got = _describe("router_logits", router_logits)
+        raise ValueError(f"router_logits must be a floating-point [N, E] tensor; got {got}")
     num_experts = router_logits.shape[1]
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be an int in [1, E = {num_experts}]; got {top_k!r}")
@@ -221,9 +222,8 @@ def sort_pairs(topk_idx: torch.Tensor, num_experts: int) -> ExpertPlan:
 
 def _aligned_16(tensor: torch.Tensor) -> bool:
     size = tensor.element_size()
-    return tensor.data_ptr() % 16 == 0 and all(
-        (stride * size) % 16 == 0 for stride, dim in zip(tensor.stride(), tensor.shape) if stride != 1 and dim > 1
-    )
+    strides = (stride for stride, dim in zip(tensor.stride(), tensor.shape, strict=True) if stride != 1 and dim > 1)
+    return tensor.data_ptr() % 16 == 0 and all((stride * size) % 16 == 0 for stride in strides)
 
 
 def _grouped_mm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:

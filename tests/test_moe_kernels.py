@@ -66,7 +66,9 @@ def run_experts(inputs, backend, dtype=None, device=None):
     device = device or device_of(backend)
     leaves = {name: inputs[name].to(device, dtype).requires_grad_() for name in DIFFERENTIABLE}
     with gk.use_backend(backend):
-        y = gk.moe_experts(leaves["x"], inputs["topk_idx"].to(device), leaves["topk_weights"], leaves["w_gate_up"], leaves["w_down"])
+        y = gk.moe_experts(
+            leaves["x"], inputs["topk_idx"].to(device), leaves["topk_weights"], leaves["w_gate_up"], leaves["w_down"]
+        )
     y.backward(inputs["grad_y"].to(device, dtype))
     return y, {name: leaf.grad for name, leaf in leaves.items()}
 
@@ -154,7 +156,8 @@ def test_experts_handle_repeated_experts_and_strided_inputs():
     x.requires_grad_()
     w = inputs["topk_weights"].float().requires_grad_()
     with gk.use_backend("triton"):
-        y = gk.moe_experts(x, inputs["topk_idx"].to(torch.int32), w, inputs["w_gate_up"].float(), inputs["w_down"].float())
+        idx = inputs["topk_idx"].to(torch.int32)
+        y = gk.moe_experts(x, idx, w, inputs["w_gate_up"].float(), inputs["w_down"].float())
     y.backward(inputs["grad_y"].float())
     assert_close(y, expected_y, torch.float32, "y")
     assert_close(x.grad, expected_grads["x"], torch.float32, "dx")
@@ -305,7 +308,8 @@ def test_route_replays_forced_experts(backend, norm_topk_prob):
     if norm_topk_prob:
         expected = expected / expected.sum(dim=-1, keepdim=True)
     (expected * grad).sum().backward()
-    leaf, weights, idx = route(backend, logits, 3, norm_topk_prob=norm_topk_prob, forced_experts=forced.to(device_of(backend)))
+    forced_on_device = forced.to(device_of(backend))
+    leaf, weights, idx = route(backend, logits, 3, norm_topk_prob=norm_topk_prob, forced_experts=forced_on_device)
     (weights * grad.to(weights)).sum().backward()
     assert torch.equal(idx.cpu(), forced)
     dtype = dtype_of(backend)
@@ -365,7 +369,8 @@ def test_bad_expert_arguments_raise_naming_the_argument(change, name):
         (dict(router_logits=torch.randn(4, 3), top_k=0), "top_k"),
         (dict(router_logits=torch.randn(4, 3), top_k=2.0), "top_k"),
         (dict(router_logits=torch.randn(4, 3, 1), top_k=1), "router_logits"),
-        (dict(router_logits=torch.randn(4, 3), top_k=2, forced_experts=torch.zeros(4, 3, dtype=torch.int64)), "forced_experts"),
+        (dict(router_logits=torch.randn(4, 3), top_k=2, forced_experts=torch.zeros(4, 3, dtype=torch.int64)),
+         "forced_experts"),
         (dict(router_logits=torch.randn(4, 3), top_k=2, forced_experts=torch.full((4, 2), 3)), "forced_experts"),
     ],
 )
