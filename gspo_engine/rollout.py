@@ -155,13 +155,17 @@ def generate(
 ) -> Generation:
     """Up to max_new_tokens tokens after each prompt (token ids), stopping a row at its first eos.
 
-    Runs on the model's device and dtype. seed draws from a generator of its own (the same
+    Runs on the model's device and dtype (or under the caller's autocast). seed draws from a generator of its own (the same
     prompts, options and device give the same completions); None draws from torch's global one.
     See Generation for the outputs and sample_next for temperature, top_k and top_p.
     """
     _validate(model, prompts, max_new_tokens, temperature, top_p, top_k)
     weight = model.embed_tokens.weight
     device, dtype = weight.device, weight.dtype
+    if torch.is_autocast_enabled(device.type):
+        # Keys and values come out of autocast's matmuls in its dtype: a cache in the weights'
+        # (fp32) dtype would only double its memory and the bytes each step reads.
+        dtype = torch.get_autocast_dtype(device.type)
     batch = len(prompts)
     prompt_lengths = [len(prompt) for prompt in prompts]
     width = max(prompt_lengths)

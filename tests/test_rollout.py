@@ -288,3 +288,12 @@ def test_bfloat16_model_generates(pair, tmp_path):
     assert all(len(tokens) == MAX_NEW for tokens in out.tokens)
     for logps in out.logps:
         assert logps.dtype == torch.float32 and torch.isfinite(logps).all() and (logps <= 0).all()
+
+
+def test_generates_under_autocast(pair):
+    _, model = pair
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = generate(model, make_prompts(), max_new_tokens=MAX_NEW, temperature=0.7, seed=0)
+    assert all(len(tokens) == MAX_NEW for tokens in out.tokens)
+    for logps in out.logps:
+        assert logps.dtype == torch.float32 and torch.isfinite(logps).all() and (logps <= 0).all()

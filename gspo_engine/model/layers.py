@@ -61,7 +61,8 @@ class Attention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-            out = grouped_query_attention(q, k, v, attn_mask, groups)
+            # Under autocast the cache holds autocast's dtype, while q leaves the fp32 q norm in fp32.
+            out = grouped_query_attention(q.to(k.dtype), k, v, attn_mask, groups)
         elif attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups > 1)
         else:
