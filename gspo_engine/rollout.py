@@ -11,7 +11,9 @@ from the cache), so that they cost nothing afterwards.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 import torch.nn.functional as F
@@ -125,13 +127,13 @@ def _validate(model, prompts, max_new_tokens, temperature, top_p, top_k) -> None
         raise ValueError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
 
 
-def _eos_ids(eos_token_id: int | list[int] | None, device: torch.device) -> torch.Tensor:
+def _eos_ids(eos_token_id: int | Iterable[int] | None, device: torch.device) -> torch.Tensor:
     if eos_token_id is None:
         ids = []
-    elif isinstance(eos_token_id, (list, tuple)):
-        ids = [int(token) for token in eos_token_id]
-    else:
+    elif isinstance(eos_token_id, Integral):
         ids = [int(eos_token_id)]
+    else:
+        ids = [int(token) for token in eos_token_id]
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
@@ -149,7 +151,7 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
-    eos_token_id: int | list[int] | None = None,
+    eos_token_id: int | Iterable[int] | None = None,
     seed: int | None = None,
     return_routing: bool = False,
 ) -> Generation:
