@@ -32,6 +32,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from gspo_kernels import reference
 from gspo_kernels.backend import resolve_backend
@@ -177,6 +178,7 @@ class _RouteTopKTriton(torch.autograd.Function):
         return topk_weights, topk_idx
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_weights, _grad_idx):
         router_logits, topk_weights, topk_idx = ctx.saved_tensors
         grad = route_backward(router_logits, topk_weights, topk_idx, grad_weights, ctx.norm_topk_prob)
@@ -352,6 +354,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_y):
         x, topk_weights, w_gate_up, w_down, gate_up, sorted_pair, counts, starts = ctx.saved_tensors
         plan = ExpertPlan(sorted_pair, counts, starts, ctx.top_k)

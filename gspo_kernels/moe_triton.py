@@ -24,6 +24,11 @@ GEMMs (fp32 accumulation, operands in the storage dtype so bf16 runs on tensor c
 - `_expert_weight_grad_kernel`: dW_e = sum over the expert's rows of A^T B, one program per
   (expert, output tile), looping over the expert's rows; an expert with no row writes zeros.
 
+Memory: forward keeps h [S, I] and the per-pair rows [S, H] only until y is summed, and hands
+the pre-activations [S, 2I] to autograd; backward allocates d gate_up [S, 2I], h [S, I] (recomputed
+from the pre-activations), the per-pair rows of dx [S, H] and the partial d topk_weights
+[S, I / 16] in fp32 (S = N * k).
+
 BLOCK_M follows the average rows per expert (16 when decoding a few tokens, up to 128 when
 training on thousands); the other block sizes, warps and stages are autotuned per (N rounded up
 to a power of two, E, H, I). Under TRITON_INTERPRET=1 the kernels run one fixed small tile.
