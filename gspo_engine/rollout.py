@@ -5,7 +5,8 @@ PREFILL_TOKENS padded tokens); then every step feeds the batch's last tokens thr
 at once, one cache column per step. Sampling, the eos test and the bookkeeping of lengths stay
 on the device, so on a GPU the loop itself only waits for the device every FINISHED_CHECK_STEPS
 steps, when it stops once every row has ended and drops the rows that have from the batch (and
-from the cache), so that they cost nothing afterwards.
+from the cache), so that they cost nothing afterwards. (The MoE layers' expert dispatch still
+checks its indices on the host, once per MoE layer and step.)
 """
 
 from __future__ import annotations

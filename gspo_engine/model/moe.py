@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from gspo_engine.model.args import ModelArgs
+from gspo_kernels.moe import moe_experts
 from gspo_kernels.reference import moe_experts_reference, moe_route_reference
 
 
@@ -66,9 +67,14 @@ class SparseMoE(nn.Module):
         self.down = nn.Parameter(torch.empty(experts, hidden, inter).normal_(0, 0.02))
 
     def forward(
-        self, x: torch.Tensor, forced_experts: torch.Tensor | None = None
+        self, x: torch.Tensor, forced_experts: torch.Tensor | None = None, generating: bool = False
     ) -> tuple[torch.Tensor, Routing]:
-        """x [B, T, H] -> [B, T, H]; forced_experts [B, T, k] or [N, k] replays a recorded routing."""
+        """x [B, T, H] -> [B, T, H]; forced_experts [B, T, k] or [N, k] replays a recorded routing.
+
+        generating (a forward with a KV cache) runs the experts through gspo_kernels' dispatch:
+        a decode step holds a few tokens, and on a GPU the reference loop waits for the device
+        once per expert, the dispatch once (its check of the expert indices).
+        """
         batch, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
         router_logits = self.router(flat)
@@ -76,7 +82,8 @@ class SparseMoE(nn.Module):
             forced_experts = forced_experts.reshape(flat.shape[0], self.top_k).to(torch.int64)
         weights, experts = route(router_logits, self.top_k, self.norm_topk_prob, forced_experts)
         # transformers rounds the routing weights to the model dtype before the experts use them.
-        out = grouped_experts(flat, experts, weights.to(x.dtype), self.gate_up, self.down)
+        experts_fn = moe_experts if generating else grouped_experts
+        out = experts_fn(flat, experts, weights.to(x.dtype), self.gate_up, self.down)
         return out.view(batch, seq, hidden), Routing(router_logits, experts)
 
 
