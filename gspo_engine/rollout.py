@@ -158,9 +158,10 @@ def generate(
 ) -> Generation:
     """Up to max_new_tokens tokens after each prompt (token ids), stopping a row at its first eos.
 
-    Runs on the model's device and dtype (or under the caller's autocast). seed draws from a generator of its own (the same
-    prompts, options and device give the same completions); None draws from torch's global one.
-    See Generation for the outputs and sample_next for temperature, top_k and top_p.
+    Runs on the model's device and dtype (or under the caller's autocast). seed draws from a
+    generator of its own (the same prompts, options and device give the same completions); None
+    draws from torch's global one. See Generation for the outputs and sample_next for
+    temperature, top_k and top_p.
     """
     _validate(model, prompts, max_new_tokens, temperature, top_p, top_k)
     weight = model.embed_tokens.weight
