@@ -62,9 +62,11 @@ def transformers_greedy(hf, prompts: list[list[int]], max_new_tokens: int, eos: 
     return [cut_after_eos(row, eos) for row in out[:, width:].tolist()]
 
 
-def an_early_eos(completions: list[list[int]]) -> int:
+def an_early_eos(completions: list[list[int]], skip_rows: tuple[int, ...] = ()) -> int:
     """A token that ends some row between its 3rd and 7th token and never appears in another row."""
     for row, tokens in enumerate(completions):
+        if row in skip_rows:
+            continue
         for index in range(2, 7):
             token = tokens[index]
             others = [t for other, c in enumerate(completions) if other != row for t in c]
@@ -124,10 +126,14 @@ def test_greedy_stops_at_eos_like_transformers(pair, greedy):
         assert finished or len(tokens) == MAX_NEW
     assert min(len(tokens) for tokens in out.tokens) <= 7
 
-    # A list of eos ids; one that is never produced changes nothing.
+    # A list of eos ids: a second one that ends another row, and one that is never produced.
+    first_row = next(row for row, tokens in enumerate(free_run.tokens) if eos in tokens)
+    second = an_early_eos(free_run.tokens, skip_rows=(first_row,))
     never_produced = min(set(range(VOCAB)) - {t for tokens in free_run.tokens for t in tokens})
-    as_list = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0, eos_token_id=[never_produced, eos])
-    assert as_list.tokens == out.tokens and as_list.finished == out.finished
+    eos_ids = [never_produced, eos, second]
+    as_list = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=0, eos_token_id=eos_ids)
+    assert as_list.tokens == transformers_greedy(hf, prompts, MAX_NEW, eos_ids)
+    assert sum(as_list.finished) == sum(out.finished) + 1
 
 
 def test_looking_for_finished_rows_every_few_steps_changes_nothing(pair, greedy, monkeypatch):
