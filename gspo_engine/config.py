@@ -319,6 +319,11 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(f"data.builtin.tasks: {builtin.tasks} is not valid; choose some of {', '.join(SOLVERS)}")
     if not config.rewards and config.data.dataset != "builtin":
         raise ConfigError("rewards: a dataset other than a built-in task needs at least one reward")
+    if config.gspo.old_logps == "rollout" and (config.rollout.top_k or config.rollout.top_p < 1):
+        raise ConfigError(
+            "gspo.old_logps: rollout takes the sampler's log-probs, which top_k / top_p filtering changes; "
+            "use gspo.old_logps: recompute, or rollout.top_k: 0 and rollout.top_p: 1"
+        )
     if config.model.routing_replay and config.gspo.old_logps == "rollout":
         raise ConfigError("model.routing_replay needs gspo.old_logps: recompute (the replayed routing is the rollout's)")
 

@@ -44,6 +44,7 @@ def test_rewards_are_typed(tmp_path):
         ("gspo:\n  num_minibatches: 100\nrollout:\n  prompts_per_step: 2\n  group_size: 4\n", "gspo.num_minibatches: 100 minibatches for 8"),
         ("data:\n  dataset: my.jsonl\n", "rewards: a dataset other than a built-in task needs at least one reward"),
         ("- a\n- b\n", "must hold a mapping of sections"),
+        ("gspo:\n  old_logps: rollout\nrollout:\n  top_p: 0.9\n", "gspo.old_logps: rollout takes the sampler's"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, text, message):
