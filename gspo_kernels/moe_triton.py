@@ -7,9 +7,9 @@ Permutation, a two-pass stable counting sort of the N*k (token, slot) pairs by e
 `_count_experts_kernel` counts the pairs of each block of 128 per expert, a cumsum over blocks
 (PyTorch, [blocks, E] integers) gives each block its first row per expert, and
 `_place_pairs_kernel` writes every pair to its sorted row. Padding to the GEMM tile exists only in
-the tile table (`tile_table`: expert, first row, end row of every BLOCK_M tile, built with a few
-small PyTorch ops and no host sync), so tiles never straddle two experts and no row of x is ever
-copied or padded.
+the tile table (`_tile_table_kernel`: expert, first row, end row of every BLOCK_M tile, sized for
+the worst case so the host never waits for the counts), so tiles never straddle two experts and
+no row of x is ever copied or padded.
 
 GEMMs (fp32 accumulation, operands in the storage dtype so bf16 runs on tensor cores):
 - `_gate_up_kernel`: h = silu(x[token] @ Wg^T) * (x[token] @ Wu^T), x rows gathered in the loads,
@@ -208,21 +208,44 @@ def block_rows(pairs: int, num_experts: int) -> int:
     return next((block for block in (16, 32, 64) if per_expert <= block), 128)
 
 
+@triton.jit
+def _tile_table_kernel(
+    counts_ptr, starts_ptr, tiles_ptr, T, E, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, BLOCK_T: tl.constexpr
+):
+    """tiles[:, t] = (expert, first sorted row, end row) of tile t, for BLOCK_T tiles per program."""
+    tile = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    experts = tl.arange(0, E_PAD)
+    counts = tl.load(counts_ptr + experts, mask=experts < E, other=0)
+    starts = tl.load(starts_ptr + experts, mask=experts < E, other=0)
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, axis=0)
+    # Past the last tile every tile_end is <= t: the clamp puts it after the last expert's rows.
+    expert = tl.minimum(tl.sum((tile_end[None, :] <= tile[:, None]).to(tl.int32), axis=1), E - 1)
+    this = experts[None, :] == expert[:, None]
+    first_tile = tl.sum(tl.where(this, (tile_end - tiles)[None, :], 0), axis=1)
+    start = tl.sum(tl.where(this, starts[None, :], 0), axis=1)
+    end = start + tl.sum(tl.where(this, counts[None, :], 0), axis=1)
+    ok = tile < T
+    tl.store(tiles_ptr + tile, expert, mask=ok)
+    tl.store(tiles_ptr + T + tile, start + (tile - first_tile) * BLOCK_M, mask=ok)
+    tl.store(tiles_ptr + 2 * T + tile, end, mask=ok)
+
+
 def tile_table(plan: ExpertPlan, block_m: int) -> torch.Tensor:
     """[3, T] int32: expert, first sorted row and end row of every BLOCK_M tile of every expert.
 
     T = pairs // block_m + min(E, pairs) bounds the number of tiles whatever the counts, so the
     grid is known without waiting for them; tiles past the last one get an empty row range.
     """
-    counts, starts = plan.counts, plan.starts
-    num_experts, pairs = counts.numel(), plan.sorted_pair.numel()
-    tiles = (counts + block_m - 1) // block_m
-    tile_end = torch.cumsum(tiles, 0, dtype=torch.int32)
-    tile = torch.arange(pairs // block_m + min(num_experts, pairs), device=counts.device, dtype=torch.int32)
-    expert = torch.searchsorted(tile_end, tile, right=True).clamp_(max=num_experts - 1).to(torch.int32)
-    first_row = starts[expert] + (tile - (tile_end - tiles)[expert]) * block_m
-    end_row = starts[expert] + counts[expert]
-    return torch.stack([expert, first_row, end_row]).to(torch.int32)
+    num_experts, pairs = plan.counts.numel(), plan.sorted_pair.numel()
+    num_tiles = pairs // block_m + min(num_experts, pairs)
+    tiles = allocate_output(3, num_tiles, dtype=torch.int32, device=plan.counts.device)
+    experts_pad = triton.next_power_of_2(num_experts)
+    block_t = max(1, 4096 // experts_pad)
+    _tile_table_kernel[(triton.cdiv(num_tiles, block_t),)](
+        plan.counts, plan.starts, tiles, num_tiles, num_experts, BLOCK_M=block_m, E_PAD=experts_pad, BLOCK_T=block_t
+    )
+    return tiles
 
 
 @triton.jit

@@ -62,6 +62,8 @@ def main(arch: int) -> None:
         (moe_triton._count_experts_kernel, dict(idx_ptr="*i64", block_counts_ptr="*i32"), dict(BLOCK_P=128, E_PAD=128)),
         (moe_triton._place_pairs_kernel, dict(idx_ptr="*i64", block_base_ptr="*i32", sorted_pair_ptr="*i32"),
          dict(BLOCK_P=128)),
+        (moe_triton._tile_table_kernel, dict(counts_ptr="*i32", starts_ptr="*i32", tiles_ptr="*i32"),
+         dict(BLOCK_M=128, E_PAD=128, BLOCK_T=32)),
         (moe_triton._gate_up_kernel, dict(x_ptr=bf16, w_ptr=bf16, h_ptr=bf16, gate_up_ptr=bf16, **rows),
          dict(STORE_GATE_UP=True, DOT_PRECISION="tf32", **TRAINING_TILE)),
         (moe_triton._scatter_matmul_kernel, dict(a_ptr=bf16, w_ptr=bf16, scale_ptr="*fp32", out_ptr=bf16, **rows),
@@ -78,7 +80,7 @@ def main(arch: int) -> None:
                       dict(A_BY_TOKEN=a_by_token, B_BY_TOKEN=b_by_token, HAS_SCALE=scale, DOT_PRECISION="tf32",
                            **TRAINING_TILE)))
     for kernel, pointers, constexprs in cases:
-        warps = 8 if "BLOCK_M" in constexprs else 4
+        warps = 8 if "BLOCK_N" in constexprs else 4
         print(json.dumps(compile_kernel(kernel, pointers, constexprs, target, num_warps=warps)), flush=True)
 
 

@@ -430,7 +430,7 @@ def test_kernels_compile_for_hopper_into_pipelined_wgmma_loops():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     kernels = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(kernels) == 8
+    assert len(kernels) == 9
     gemms = [kernel for kernel in kernels if kernel["gemm"]]
     assert len(gemms) == 5
     for kernel in gemms:
