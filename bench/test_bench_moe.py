@@ -160,7 +160,7 @@ def test_experts_forward_backward(benchmark, device, shape, implementation, ceil
 @pytest.mark.skipif(not CUDA, reason="the share of routing in a layer only means something on the GPU")
 @pytest.mark.parametrize("shape", GPU_SHAPES[:3], ids=lambda shape: shape[0])
 def test_routing_share_of_the_layer(benchmark, shape):
-    """Routing (softmax + top-k) and the permutation against the whole experts forward+backward."""
+    """Routing (softmax + top-k), the permutation and its tile table against the experts' forward+backward."""
     import triton.testing
 
     from gspo_kernels import moe_triton
@@ -171,7 +171,9 @@ def test_routing_share_of_the_layer(benchmark, shape):
 
     def route_and_permute() -> ExpertPlan:
         _, idx = gk.moe_route(logits, top_k)
-        return moe_triton.sort_pairs(idx, experts)
+        plan = moe_triton.sort_pairs(idx, experts)
+        moe_triton.tile_table(plan, moe_triton.block_rows(tokens * top_k, experts))
+        return plan
 
     forward, _ = experts_forward(layer, "gspo_kernels")
     layer_ms = triton.testing.do_bench(lambda: forward().backward(layer["grad_y"]))
