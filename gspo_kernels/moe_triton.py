@@ -31,7 +31,8 @@ from the pre-activations), the per-pair rows of dx [S, H] and the partial d topk
 
 BLOCK_M follows the average rows per expert (16 when decoding a few tokens, up to 128 when
 training on thousands); the other block sizes, warps and stages are autotuned per (N rounded up
-to a power of two, E, H, I). Under TRITON_INTERPRET=1 the kernels run one fixed small tile.
+to a power of two, E, H, I) from 1024 tokens up, and fixed below, where reading the weights
+dominates. Under TRITON_INTERPRET=1 the kernels run one fixed small tile.
 """
 
 from __future__ import annotations
@@ -56,13 +57,13 @@ _GEMM_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),  # small batches
 ]
 # Weight gradients: an output tile BLOCK_M x BLOCK_N per program, BLOCK_K sorted rows per step.
 _WEIGHT_GRAD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),  # small batches
 ]
 # The interpreter would time every config; it runs one small tile (several steps of every loop).
 _INTERPRET_GEMM_BLOCKS = {"BLOCK_N": 32, "BLOCK_K": 32}
@@ -71,11 +72,23 @@ _GEMM_BLOCKS = _INTERPRET_GEMM_BLOCKS if INTERPRET else {}
 _WEIGHT_GRAD_BLOCKS = _INTERPRET_WEIGHT_GRAD_BLOCKS if INTERPRET else {}
 
 
+# Below this many tokens a layer is bound by reading the expert weights (decoding, small batches)
+# and the tile shape barely matters: the last config of each list is used without a search.
+SEARCH_FROM_TOKENS = 1024
+
+
+def _prune_small_batches(configs, named_args, **kwargs):
+    return configs if named_args["N_BUCKET"] >= SEARCH_FROM_TOKENS else configs[-1:]
+
+
 def _autotuned(configs, *key: str):
     """Autotune over `configs` keyed on `key`, except in the interpreter."""
 
     def wrap(kernel):
-        return kernel if INTERPRET else triton.autotune(configs=configs, key=list(key))(kernel)
+        if INTERPRET:
+            return kernel
+        prune = {"early_config_prune": _prune_small_batches}
+        return triton.autotune(configs=configs, key=list(key), prune_configs_by=prune)(kernel)
 
     return wrap
 
