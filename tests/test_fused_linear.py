@@ -14,8 +14,9 @@ BF16_BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(DEVICE
 LEVELS = ["sequence", "sequence_token", "token"]
 # V not a multiple of any tile, T not a multiple of any row block.
 BATCH, STEPS, HIDDEN, VOCAB = 3, 37, 64, 4099
-# Room for 30 response tokens' logits: the batch below mixes kept groups and recomputed sequences.
-MIXED_BUDGET_MIB = 30 * VOCAB * 4 / 2**20
+# Room for 35 response tokens' fp32 logits: make_rollout's full row (37 tokens) is recomputed,
+# its ragged row (at most 34) kept.
+MIXED_BUDGET_MIB = 35 * VOCAB * 4 / 2**20
 
 
 def rel_err(value, expected):
@@ -44,7 +45,7 @@ def fp32_exact(*tensors):
 
 
 def make_rollout(seed, logps):
-    """old / ref log-probs near logps, advantages [B], a mask with ragged and one empty row."""
+    """old / ref log-probs near logps, advantages [B], a mask with a ragged, an empty and a full row."""
     gen = torch.Generator().manual_seed(seed + 1000)
     logps = logps.cpu()
     batch, steps = logps.shape
@@ -54,6 +55,7 @@ def make_rollout(seed, logps):
     mask = (torch.rand(batch, steps, generator=gen) < 0.8).long()
     mask[1] = 0  # a sequence without response tokens
     mask[0, :3] = 0  # prompt-like leading padding
+    mask[2] = 1
     return on_device(*fp32_exact(old, ref, advantages), mask)
 
 
@@ -145,6 +147,8 @@ def test_fused_linear_gspo_loss_matches_float64_reference(backend, level):
     for name, grad, ref_grad in zip(("hidden", "weight", "bias"), grads, ref_grads):
         assert rel_err(grad, ref_grad) < 2e-5, name
     assert (grads[0][1] == 0).all(), "a sequence without response tokens gets no gradient"
+    plan = fused_linear.plan_groups(mask.sum(dim=1).tolist(), VOCAB, 4, MIXED_BUDGET_MIB)
+    assert plan == [([0], True), ([2], False)], "one kept and one recomputed sequence"
 
 
 @pytest.mark.parametrize("level", LEVELS)
