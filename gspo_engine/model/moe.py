@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from gspo_engine.model.args import ModelArgs
-from gspo_kernels.moe import moe_experts
-from gspo_kernels.reference import moe_experts_reference, moe_route_reference
+import gspo_kernels as gk
 
 
 @dataclass
@@ -21,37 +20,6 @@ class Routing:
 
     router_logits: torch.Tensor
     expert_indices: torch.Tensor
-
-
-def route(
-    router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool, forced_experts: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """topk_weights fp32 [N, k] and topk_idx [N, k] from router_logits [N, E].
-
-    With forced_experts [N, k] (routing replay) the experts are given, and their weights are still
-    the softmax of the current logits, so the router keeps its gradient.
-    """
-    if forced_experts is None:
-        return moe_route_reference(router_logits, top_k, norm_topk_prob=norm_topk_prob)
-    probs = torch.softmax(router_logits.to(torch.float32), dim=-1)
-    weights = probs.gather(-1, forced_experts)
-    if norm_topk_prob:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights, forced_experts
-
-
-def grouped_experts(
-    x: torch.Tensor,
-    topk_idx: torch.Tensor,
-    topk_weights: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-) -> torch.Tensor:
-    """y [N, H] = sum over the k chosen experts of weight * SwiGLU_expert(x).
-
-    The one place the expert computation is chosen (the plain PyTorch reference for now).
-    """
-    return moe_experts_reference(x, topk_idx, topk_weights, w_gate_up, w_down)
 
 
 class SparseMoE(nn.Module):
@@ -66,24 +34,25 @@ class SparseMoE(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(experts, 2 * inter, hidden).normal_(0, 0.02))
         self.down = nn.Parameter(torch.empty(experts, hidden, inter).normal_(0, 0.02))
 
-    def forward(
-        self, x: torch.Tensor, forced_experts: torch.Tensor | None = None, generating: bool = False
-    ) -> tuple[torch.Tensor, Routing]:
+    def forward(self, x: torch.Tensor, forced_experts: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
         """x [B, T, H] -> [B, T, H]; forced_experts [B, T, k] or [N, k] replays a recorded routing.
 
-        generating (a forward with a KV cache) runs the experts through gspo_kernels' dispatch:
-        a decode step holds a few tokens, and on a GPU the reference loop waits for the device
-        once per expert, the dispatch once (its check of the expert indices).
+        Routing and experts run through gspo_kernels' MoE dispatch (Triton on a GPU, a grouped
+        PyTorch path elsewhere). With forced experts (routing replay) the weights are still the
+        softmax of the current router logits, so the router keeps its gradient.
         """
         batch, seq, hidden = x.shape
         flat = x.reshape(-1, hidden)
         router_logits = self.router(flat)
         if forced_experts is not None:
             forced_experts = forced_experts.reshape(flat.shape[0], self.top_k).to(torch.int64)
-        weights, experts = route(router_logits, self.top_k, self.norm_topk_prob, forced_experts)
-        # transformers rounds the routing weights to the model dtype before the experts use them.
-        experts_fn = moe_experts if generating else grouped_experts
-        out = experts_fn(flat, experts, weights.to(x.dtype), self.gate_up, self.down)
+        weights, experts = gk.moe_route(
+            router_logits, self.top_k, norm_topk_prob=self.norm_topk_prob, forced_experts=forced_experts
+        )
+        # transformers rounds the routing weights to the model dtype before the experts use them; under
+        # autocast the fp32 master weights are cast to the compute dtype here (a custom kernel is not autocast).
+        dtype = flat.dtype
+        out = gk.moe_experts(flat, experts, weights.to(dtype), self.gate_up.to(dtype), self.down.to(dtype))
         return out.view(batch, seq, hidden), Routing(router_logits, experts)
 
 

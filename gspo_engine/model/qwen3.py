@@ -56,7 +56,7 @@ class TransformerBlock(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache)
         if not self.is_moe:
             return x + self.mlp(self.post_attention_layernorm(x)), None
-        out, routing = self.mlp(self.post_attention_layernorm(x), forced_experts, generating=kv_cache is not None)
+        out, routing = self.mlp(self.post_attention_layernorm(x), forced_experts)
         return x + out, routing
 
 
