@@ -1,8 +1,23 @@
 """gspo-engine: GSPO fine-tuning of Qwen3 dense and MoE models."""
 
+import importlib
+
 __version__ = "0.1.0"
 
-from gspo_engine.checkpoint import load_pretrained, save_pretrained  # noqa: E402
-from gspo_engine.rollout import Generation, generate, replay_experts  # noqa: E402
+# Public names and the module that defines each. They are imported on first use, so that
+# `gspo-engine --help` and `--version` answer without loading torch.
+_EXPORTS = {
+    "load_pretrained": "gspo_engine.checkpoint",
+    "save_pretrained": "gspo_engine.checkpoint",
+    "Generation": "gspo_engine.rollout",
+    "generate": "gspo_engine.rollout",
+    "replay_experts": "gspo_engine.rollout",
+}
 
-__all__ = ["__version__", "Generation", "generate", "load_pretrained", "replay_experts", "save_pretrained"]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'gspo_engine' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
