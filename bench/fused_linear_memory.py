@@ -6,16 +6,13 @@ cache or earlier peak leaks between them; the parent prints a markdown table.
     PYTHONPATH=. python bench/fused_linear_memory.py                      # B=4 T=512 H=512 V=151936 fp32
     PYTHONPATH=. python bench/fused_linear_memory.py --repeats 3 --impls reference,fused
 
-Implementations: "reference" (logits -> log_softmax -> gather -> GSPO loss, as TRL computes it),
-"fused" (gspo_kernels.fused_linear_gspo_loss, default budget: each sequence's logits kept, 6NHV),
-"fused_recompute" (the same with a budget too small to keep any sequence: logits recomputed, 8NHV), "liger" (Liger-Kernel's LigerFusedLinearGRPOLoss,
-sequence-level importance sampling, loss_type="grpo", beta=0, uncompiled; skipped when missing).
+Implementations and inputs: gspo_engine/benchmarks/fused_linear.py (shared with `gspo-engine bench`);
+peers are skipped when not installed.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -26,65 +23,7 @@ import time
 
 import torch
 
-import gspo_kernels as gk
-from gspo_kernels import reference
-
-IMPLEMENTATIONS = ("reference", "fused", "fused_recompute", "liger")
-EPS_LOW, EPS_HIGH = 3e-4, 4e-4
-
-
-def available(name: str) -> bool:
-    return name != "liger" or importlib.util.find_spec("liger_kernel") is not None
-
-
-def make_inputs(batch, steps, hidden_size, vocab, dtype=torch.float32, device="cpu", seed=0):
-    """lm_head inputs and a rollout whose old log-probs sit near the current ones (ratios near 1)."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    # normal_ in place: no temporary of the weight's size raises the peak before the measurement
-    hidden = torch.empty(batch, steps, hidden_size, dtype=dtype, device=device).normal_(generator=gen)
-    weight = torch.empty(vocab, hidden_size, dtype=dtype, device=device).normal_(0.0, 0.05, generator=gen)
-    targets = torch.randint(0, vocab, (batch, steps), generator=gen, device=device)
-    with torch.no_grad():
-        logps = gk.token_logprobs(hidden, weight, targets)
-    old_logps = logps + 0.01 * torch.randn(logps.shape, generator=gen, device=device)
-    advantages = torch.randn(batch, generator=gen, device=device)
-    mask = torch.ones(batch, steps, dtype=torch.long, device=device)
-    hidden.requires_grad_()
-    weight.requires_grad_()
-    return dict(hidden=hidden, weight=weight, targets=targets, old_logps=old_logps, advantages=advantages, mask=mask)
-
-
-def make_step(name, inputs):
-    """One forward + backward of implementation `name` on `inputs`; gradients land in .grad."""
-    hidden, weight, targets = inputs["hidden"], inputs["weight"], inputs["targets"]
-    old_logps, advantages, mask = inputs["old_logps"], inputs["advantages"], inputs["mask"]
-    options = dict(level="sequence", eps_low=EPS_LOW, eps_high=EPS_HIGH)
-    if name == "reference":
-        def loss():
-            return reference.fused_linear_gspo_loss_reference(hidden, weight, targets, old_logps, advantages, mask, **options)[0]
-    elif name in ("fused", "fused_recompute"):
-        budget = dict(chunk_budget_mib=1e-3) if name == "fused_recompute" else {}
-
-        def loss():
-            return gk.fused_linear_gspo_loss(hidden, weight, targets, old_logps, advantages, mask, **options, **budget)[0]
-    elif name == "liger":
-        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
-
-        module = LigerFusedLinearGRPOLoss(
-            beta=0.0, compiled=False, use_ref_model=False, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH,
-            loss_type="grpo", importance_sampling_level="sequence",
-        )
-
-        def loss():
-            return module(hidden, weight, targets, mask, advantages, old_per_token_logps=old_logps)[0]
-    else:
-        raise ValueError(f"unknown implementation {name!r}; choose from {', '.join(IMPLEMENTATIONS)}")
-
-    def step():
-        hidden.grad = weight.grad = None
-        loss().backward()
-
-    return step
+from gspo_engine.benchmarks.fused_linear import IMPLEMENTATIONS, available, make_inputs, make_step
 
 
 def resident_bytes() -> int:

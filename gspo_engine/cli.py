@@ -15,40 +15,27 @@ def main() -> None:
     """GSPO reinforcement-learning fine-tuning of Qwen3 models."""
 
 
-def _format_cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
-    return str(value)
-
-
 @main.command()
-@click.option("--kernel", "kernels", multiple=True, help="Kernel family to compare (repeatable; default: all).")
+@click.option("--kernel", "families", multiple=True, type=click.Choice(["loss", "fused-linear", "moe", "e2e"]),
+              help="Family to compare (repeatable; default: all).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
-@click.option("--rounds", default=10, show_default=True, type=click.IntRange(1), help="Timed calls per case.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON list instead of a table.")
-def bench(kernels: tuple[str, ...], device: str | None, rounds: int, as_json: bool) -> None:
-    """Time our kernels side by side with the plain PyTorch reference."""
+@click.option("--rounds", default=10, show_default=True, type=click.IntRange(1), help="Timed calls per case (at most).")
+@click.option("--scale", type=click.Choice(["gpu", "cpu", "smoke"]), default=None,
+              help="Shape set (default: gpu on cuda, cpu otherwise; smoke runs in seconds).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON list of rows instead of a table.")
+def bench(families: tuple[str, ...], device: str | None, rounds: int, scale: str | None, as_json: bool) -> None:
+    """Time ours side by side with the PyTorch reference, transformers and installed peers."""
     import torch
 
-    from gspo_engine.benchmarks import KERNELS, run_kernel_benchmarks
+    from gspo_engine.benchmarks import FAMILIES, default_scale, markdown_table, run_benchmarks
+    from gspo_engine.benchmarks.timing import ceilings
 
-    unknown = [name for name in kernels if name not in KERNELS]
-    if unknown:
-        raise click.BadParameter(f"unknown kernel {unknown[0]!r}; choose from {', '.join(KERNELS)}", param_hint="--kernel")
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if target.type == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("cuda was asked for but no GPU is visible", param_hint="--device")
-    rows = run_kernel_benchmarks(list(kernels) or list(KERNELS), target, rounds)
-    if as_json:
-        click.echo(json.dumps(rows, indent=1))
-        return
-    columns = list(rows[0]) if rows else []
-    table = [columns] + [[_format_cell(row[column]) for column in columns] for row in rows]
-    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
-    for line in table:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)))
+    rows = run_benchmarks(list(families) or list(FAMILIES), target, rounds, scale or default_scale(target),
+                          ceilings(target))
+    click.echo(json.dumps(rows, indent=1) if as_json else "\n".join(markdown_table(rows)))
 
 
 # Familiar flags of other trainers, mapped onto config keys.

@@ -2,6 +2,8 @@
 
 Bytes of one forward + backward, the floor any implementation pays: logps, old_logps,
 ref_logps and the bool mask read once, the gradient written once, plus the advantages.
+The public peers (Liger-Kernel's chunked and Triton GRPO losses) start from hidden states or
+logits, not from log-probs: they are compared in the fused-linear family.
 """
 
 from __future__ import annotations
@@ -9,10 +11,13 @@ from __future__ import annotations
 import torch
 
 import gspo_kernels as gk
+from gspo_engine.benchmarks.cases import Case
 from gspo_kernels import reference
 
-SHAPES = [(64, 4096), (512, 2048)]
-IMPLEMENTATIONS = {"gspo_kernels": gk.gspo_loss, "reference": reference.gspo_loss_reference}
+# B=512, T=2048 is the loss issue's GPU target shape; the smoke shape keeps CPU tests fast.
+SHAPES = {"gpu": [(64, 4096), (512, 2048)], "cpu": [(64, 4096), (512, 2048)], "smoke": [(4, 64)]}
+IMPLEMENTATIONS = {"reference": reference.gspo_loss_reference, "gspo_kernels": gk.gspo_loss}
+LEVELS = ("sequence", "token")
 
 
 def loss_bytes(batch: int, length: int, dtype: torch.dtype) -> int:
@@ -45,3 +50,21 @@ def loss_step(implementation: str, inputs, level: str):
         loss.backward()
 
     return step
+
+
+def cases(device: torch.device, scale: str) -> list[Case]:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    result = []
+    for batch, length in SHAPES[scale]:
+        for level in LEVELS:
+            def builder(implementation, batch=batch, length=length, level=level):
+                return lambda: loss_step(implementation, loss_inputs(batch, length, dtype, device), level)
+
+            result.append(Case(
+                kernel="loss",
+                name=f"{level} B={batch} T={length} {str(dtype).removeprefix('torch.')}",
+                unit="GB/s",
+                work=loss_bytes(batch, length, dtype),
+                builders={name: builder(name) for name in IMPLEMENTATIONS},
+            ))
+    return result

@@ -1,4 +1,4 @@
-"""Timing and memory readings that mean the same on CPU and GPU."""
+"""Timing, memory and ceiling readings that mean the same on CPU and GPU."""
 
 from __future__ import annotations
 
@@ -48,3 +48,18 @@ def copy_bandwidth_gb_per_s(device: torch.device) -> float | None:
     target = torch.empty_like(source)
     seconds = median_seconds(lambda: target.copy_(source), device, rounds=20, warmup=3)
     return 2 * source.numel() / seconds / 1e9
+
+
+def matmul_tflops(device: torch.device, size: int = 8192) -> float | None:
+    """Measured bf16 matmul ceiling, 2 * size^3 FLOPs per product on random data (GPU only)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    b = torch.randn(size, size, dtype=torch.bfloat16, device=device)
+    seconds = median_seconds(lambda: a @ b, device, rounds=20, warmup=3)
+    return 2 * size**3 / seconds / 1e12
+
+
+def ceilings(device: torch.device) -> dict[str, float | None]:
+    """What the rows' fraction_of_ceiling divides by: None on CPU, where absolute figures mean little."""
+    return {"copy_gb_per_s": copy_bandwidth_gb_per_s(device), "matmul_tflops": matmul_tflops(device)}
