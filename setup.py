@@ -34,6 +34,7 @@ setup(
         "matplotlib",
         "pyarrow",  # parquet prompt datasets
         "math-verify",  # the `math` reward
+        "peft>=0.17",  # LoRA (lora.rank > 0); 0.17 added LoRA on parameters, which the MoE experts need
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4"],

@@ -118,6 +118,29 @@ class CheckpointConfig:
     resume: str = "none"  # "none", "auto" (latest in output_dir) or a checkpoint folder
 
 
+# Names of the weights LoRA can adapt (gspo_engine/lora): attention, dense MLP, MoE router, grouped MoE experts.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "router", "experts")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters instead of full fine-tuning: base weights frozen, only the adapters trained."""
+
+    rank: int = 0  # 0 trains every weight (no LoRA)
+    alpha: float | None = None  # the update is scaled by alpha / rank; None: 2 x rank, as LLaMA-Factory does
+    dropout: float = 0.0  # on the input of the nn.Linear adapters (attention, dense MLP, router), not the experts
+    # "experts" adapts both grouped MoE tensors (gate_up and down) with per-expert factors; the
+    # router is left out by default: changing the routing is rarely what an RL run wants.
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts"]
+    )
+    base_bf16: bool = False  # keep the frozen base weights in bf16 (half their memory); needs bf16-mixed
+
+    @property
+    def scale_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else 2.0 * self.rank
+
+
 @dataclass
 class LoggingConfig:
     every: int = 1
@@ -135,6 +158,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     output_dir: str = "runs/gspo"
 
@@ -171,6 +195,9 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "logging.every": (lambda v: v >= 1, "an integer >= 1"),
     "logging.sample_every": (lambda v: v >= 0, "an integer >= 0"),
     "model.router_aux_loss_coef": (lambda v: v >= 0, "a number >= 0"),
+    "lora.rank": (lambda v: v >= 0, "an integer >= 0 (0 trains every weight)"),
+    "lora.alpha": (lambda v: v is None or v > 0, "a number > 0, or null for 2 x rank"),
+    "lora.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
 }
 
 
@@ -326,6 +353,18 @@ def _check_consistency(config: Config) -> None:
         )
     if config.model.routing_replay and config.gspo.old_logps == "rollout":
         raise ConfigError("model.routing_replay needs gspo.old_logps: recompute (the replayed routing is the rollout's)")
+    _check_lora(config)
+
+
+def _check_lora(config: Config) -> None:
+    lora = config.lora
+    unknown = sorted(set(lora.targets) - set(LORA_TARGETS))
+    if unknown or not lora.targets:
+        raise ConfigError(f"lora.targets: {lora.targets} is not valid; choose some of {', '.join(LORA_TARGETS)}")
+    if lora.base_bf16 and not lora.rank:
+        raise ConfigError("lora.base_bf16: only with LoRA (lora.rank > 0); full fine-tuning keeps fp32 master weights")
+    if lora.base_bf16 and config.train.precision == "fp32":
+        raise ConfigError("lora.base_bf16: needs train.precision bf16-mixed (or auto on a GPU), not fp32")
 
 
 def config_to_dict(config: Config) -> dict:

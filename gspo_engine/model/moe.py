@@ -33,6 +33,9 @@ class SparseMoE(nn.Module):
         # Initialised as transformers does (normal, std 0.02); a checkpoint overwrites them.
         self.gate_up = nn.Parameter(torch.empty(experts, 2 * inter, hidden).normal_(0, 0.02))
         self.down = nn.Parameter(torch.empty(experts, hidden, inter).normal_(0, 0.02))
+        # Per-expert LoRA on gate_up and down (gspo_engine.lora.experts.ExpertLoRA), set when LoRA
+        # targets the experts; it runs the experts in place of the fused kernel.
+        self.expert_lora: nn.Module | None = None
 
     def forward(self, x: torch.Tensor, forced_experts: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
         """x [B, T, H] -> [B, T, H]; forced_experts [B, T, k] or [N, k] replays a recorded routing.
@@ -52,7 +55,8 @@ class SparseMoE(nn.Module):
         # transformers rounds the routing weights to the model dtype before the experts use them; under
         # autocast the fp32 master weights are cast to the compute dtype here (a custom kernel is not autocast).
         dtype = flat.dtype
-        out = gk.moe_experts(flat, experts, weights.to(dtype), self.gate_up.to(dtype), self.down.to(dtype))
+        run_experts = gk.moe_experts if self.expert_lora is None else self.expert_lora
+        out = run_experts(flat, experts, weights.to(dtype), self.gate_up.to(dtype), self.down.to(dtype))
         return out.view(batch, seq, hidden), Routing(router_logits, experts)
 
 

@@ -1,0 +1,126 @@
+"""Add LoRA adapters to a Qwen3Model, switch them off, fold them into the base weights.
+
+PEFT adapts the plain nn.Linear projections (`peft.inject_adapter_in_model` with a `peft.LoraConfig`):
+attention q / k / v / o, the dense MLP gate / up / down and, when targeted, the MoE router. The grouped
+MoE expert tensors are not nn.Linear modules; our ExpertLoRA (experts.py) adapts them.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from gspo_engine.config import LoraConfig
+from gspo_engine.lora.experts import ExpertLoRA
+from gspo_engine.model import Qwen3Model
+
+# Our target names that are nn.Linear modules of that name (PEFT matches them by suffix).
+LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "router")
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError as error:
+        raise ImportError("LoRA needs PEFT: pip install peft") from error
+    return peft
+
+
+def linear_targets(model: Qwen3Model, targets: list[str]) -> list[str]:
+    """The targeted nn.Linear names this model has (a dense model has no router, an all-MoE model no dense MLP)."""
+    # An adapted projection keeps its nn.Linear as `base_layer`.
+    linear = [name.removesuffix(".base_layer") for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    present = {name.rpartition(".")[2] for name in linear}
+    return [name for name in LINEAR_TARGETS if name in targets and name in present]
+
+
+def add_lora(model: Qwen3Model, lora: LoraConfig) -> None:
+    """Freeze every base weight and add trainable adapters (fp32, B = 0) on the targets, in place."""
+    model.requires_grad_(False)
+    linear = linear_targets(model, lora.targets)
+    adapt_experts = "experts" in lora.targets and model.args.is_moe
+    if not linear and not adapt_experts:
+        raise ValueError(f"lora.targets: {lora.targets} match no weight of this model")
+    if linear:
+        peft = _peft()
+        config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.scale_alpha, lora_dropout=lora.dropout,
+                                 target_modules=linear, bias="none")
+        peft.inject_adapter_in_model(config, model)
+    if adapt_experts:
+        args = model.args
+        device = model.embed_tokens.weight.device
+        for block in model.layers:
+            if block.is_moe:
+                block.mlp.expert_lora = ExpertLoRA(
+                    args.num_experts, args.hidden_size, args.moe_intermediate_size, lora.rank, lora.scale_alpha
+                ).to(device)
+    for parameter in adapter_parameters(model):
+        # PEFT gives an adapter its base layer's dtype; the adapters are the master weights: fp32.
+        parameter.data = parameter.data.to(torch.float32)
+        parameter.requires_grad_(True)
+
+
+def has_lora(model: nn.Module) -> bool:
+    return any(True for _ in adapter_parameters(model))
+
+
+def named_adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    for name, parameter in model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name or ".expert_lora." in name:
+            yield name, parameter
+
+
+def adapter_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
+    return (parameter for _, parameter in named_adapter_parameters(model))
+
+
+def _peft_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every PEFT LoRA layer; none (and PEFT not imported) in a model without adapters."""
+    if not has_lora(model):
+        return []
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """The base model inside the block (the GSPO reference policy), the adapted one again after it."""
+    peft_layers = [layer for _, layer in _peft_layers(model)]
+    experts = [module for module in model.modules() if isinstance(module, ExpertLoRA)]
+    for layer in peft_layers:
+        layer.enable_adapters(False)
+    for adapter in experts:
+        adapter.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in peft_layers:
+            # enable_adapters(False) also froze the adapters; this makes them trainable again.
+            layer.enable_adapters(True)
+        for adapter in experts:
+            adapter.enabled = True
+
+
+def merge_lora(model: Qwen3Model) -> Qwen3Model:
+    """Fold every adapter into its base weight and remove it: a plain Qwen3Model again, in place."""
+    for name, layer in _peft_layers(model):
+        layer.merge()
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, layer.get_base_layer())
+    for block in model.layers:
+        adapter = getattr(block.mlp, "expert_lora", None)
+        if adapter is not None:
+            adapter.merge_into(block.mlp.gate_up, block.mlp.down)
+            block.mlp.expert_lora = None
+    return model
+
+
+def cast_base_weights(model: nn.Module, dtype: torch.dtype) -> None:
+    """Store the frozen base weights in `dtype` (bf16 halves them); the adapters stay fp32."""
+    for parameter in model.parameters():
+        if not parameter.requires_grad and parameter.is_floating_point():
+            parameter.data = parameter.data.to(dtype)

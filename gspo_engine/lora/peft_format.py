@@ -1,0 +1,170 @@
+"""Adapters on disk in PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+The keys are those PEFT gives the transformers Qwen3 / Qwen3-MoE model, so
+`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), folder)` loads them:
+
+    ours                                         PEFT, on the transformers model
+    layers.{i}.self_attn.q_proj.lora_A.default.weight  base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight
+    layers.{i}.mlp.router.lora_A.default.weight  base_model.model.model.layers.{i}.mlp.gate.lora_A.weight
+    layers.{i}.mlp.expert_lora.gate_up_A [E, r, H]   ...layers.{i}.mlp.experts.base_layer.lora_A.weight [E*r, H]
+    layers.{i}.mlp.expert_lora.gate_up_B [E, 2I, r]  ...layers.{i}.mlp.experts.base_layer.lora_B.weight [2I, r*E]
+    layers.{i}.mlp.expert_lora.down_A / down_B       ...layers.{i}.mlp.experts.lora_A / lora_B.weight
+
+transformers' router and experts are parameters, not nn.Linear modules; PEFT adapts them through
+`target_parameters` (its ParamWrapper), nesting the down_proj wrapper around the gate_up_proj one
+(hence `base_layer`). Its expert factors are stacked expert-major in A (row e*r + j) and rank-major
+in B (column j*E + e). ParamWrapper has no dropout, so with router or expert adapters the saved
+lora_dropout is 0: dropout only matters in training, and our own config keeps the value.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from gspo_engine.checkpoint import COPIED_FILES, load_pretrained, save_pretrained
+from gspo_engine.config import LoraConfig
+from gspo_engine.lora.adapters import _peft, add_lora, linear_targets, merge_lora, named_adapter_parameters
+from gspo_engine.model import Qwen3Model
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model.model."
+_EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+_ROUTER_PARAMETER = "mlp.gate.weight"
+
+
+def is_adapter_folder(folder: str | os.PathLike) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def _expert_factor(kind: str) -> tuple[Callable, Callable]:
+    """(ours -> PEFT, PEFT -> ours) for an expert factor: A [E, r, K] <-> [E*r, K], B [E, M, r] <-> [M, r*E]."""
+    if kind == "A":
+        return (lambda t: t.reshape(-1, t.shape[-1]),
+                lambda t, shape: t.reshape(shape))
+    return (lambda t: t.permute(1, 2, 0).reshape(t.shape[1], -1),
+            lambda t, shape: t.reshape(shape[1], shape[2], shape[0]).permute(2, 0, 1))
+
+
+def _peft_name(name: str) -> tuple[str, Callable, Callable]:
+    """PEFT's key of our adapter parameter `name`, with the layout conversions both ways."""
+    identity = (lambda t: t, lambda t, shape: t)
+    if ".expert_lora." in name:
+        module, _, leaf = name.rpartition(".expert_lora.")
+        tensor, kind = leaf.rsplit("_", 1)  # "gate_up_A" -> ("gate_up", "A")
+        wrapper = "experts.base_layer" if tensor == "gate_up" else "experts"
+        return (f"{_PREFIX}{module}.{wrapper}.lora_{kind}.weight", *_expert_factor(kind))
+    key = name.replace(".default.", ".").replace(".mlp.router.", ".mlp.gate.")
+    return (_PREFIX + key, *identity)
+
+
+def adapter_state_dict(model: Qwen3Model) -> dict[str, torch.Tensor]:
+    """PEFT key -> adapter tensor (CPU, contiguous), in PEFT's layout."""
+    out = {}
+    for name, parameter in named_adapter_parameters(model):
+        key, to_peft, _ = _peft_name(name)
+        out[key] = to_peft(parameter.detach()).to("cpu").contiguous()
+    return dict(sorted(out.items()))
+
+
+def _peft_config(model: Qwen3Model, lora: LoraConfig, base_path: str):
+    linear = linear_targets(model, lora.targets)
+    modules = [name for name in linear if name != "router"]
+    parameters = []
+    if "router" in linear:
+        parameters.append(_ROUTER_PARAMETER)
+    if "experts" in lora.targets and model.args.is_moe:
+        parameters += _EXPERT_PARAMETERS
+    return _peft().LoraConfig(
+        r=lora.rank, lora_alpha=lora.scale_alpha, lora_dropout=0.0 if parameters else lora.dropout,
+        target_modules=modules or None, target_parameters=parameters or None, bias="none",
+        task_type="CAUSAL_LM", base_model_name_or_path=base_path,
+    )
+
+
+def save_adapters(model: Qwen3Model, lora: LoraConfig, path: str | os.PathLike) -> None:
+    """Write the adapters of `model` as a PEFT adapter folder, with the tokenizer files of its base.
+
+    The base is model.args.source_path (recorded as base_model_name_or_path). Written next to
+    `path` and renamed into place, as save_pretrained does.
+    """
+    target = Path(path).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    base = Path(model.args.source_path).resolve()
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging.chmod(0o755)
+    try:
+        _peft_config(model, lora, str(base)).save_pretrained(staging)
+        save_file(adapter_state_dict(model), staging / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        for name in COPIED_FILES:
+            if (base / name).is_file():
+                shutil.copy2(base / name, staging / name)
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def read_lora_config(folder: str | os.PathLike) -> tuple[LoraConfig, Path]:
+    """Our LoraConfig of an adapter folder, and the base model folder it names."""
+    config = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
+    targets = list(config.get("target_modules") or [])
+    parameters = config.get("target_parameters") or []
+    if _ROUTER_PARAMETER in parameters:
+        targets.append("router")
+    if _EXPERT_PARAMETERS[0] in parameters:
+        targets.append("experts")
+    lora = LoraConfig(rank=config["r"], alpha=float(config["lora_alpha"]), dropout=config.get("lora_dropout", 0.0),
+                      targets=targets)
+    return lora, Path(config["base_model_name_or_path"])
+
+
+def load_adapters(model: Qwen3Model, folder: str | os.PathLike) -> None:
+    """Copy the adapters of a PEFT adapter folder into `model`, which has the same adapters (add_lora)."""
+    path = Path(folder) / ADAPTER_WEIGHTS
+    expected = {}
+    for name, parameter in named_adapter_parameters(model):
+        key, _, from_peft = _peft_name(name)
+        expected[key] = (parameter, from_peft)
+    with safe_open(path, framework="pt") as f:
+        found = set(f.keys())
+        if found != set(expected):
+            missing, unexpected = sorted(set(expected) - found), sorted(found - set(expected))
+            raise ValueError(
+                f"{path} does not fit the model's adapters (lora.rank / lora.targets differ?): "
+                f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        with torch.no_grad():
+            for key, (parameter, from_peft) in expected.items():
+                value = from_peft(f.get_tensor(key), parameter.shape)
+                if value.shape != parameter.shape:
+                    raise ValueError(f"{path}: {key} has shape {tuple(value.shape)}, the model's adapter "
+                                     f"{tuple(parameter.shape)} (lora.rank differs?)")
+                parameter.copy_(value)
+
+
+def load_adapted(folder: str | os.PathLike, dtype: torch.dtype | None = None, device=None) -> Qwen3Model:
+    """The base model named by an adapter folder with those adapters added."""
+    lora, base = read_lora_config(folder)
+    model = load_pretrained(base, dtype=dtype, device=device)
+    add_lora(model, lora)
+    load_adapters(model, folder)
+    return model
+
+
+def export_merged(folder: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Write base + adapters of an adapter folder, merged, as a Hugging Face checkpoint in the base's dtype."""
+    model = merge_lora(load_adapted(folder))
+    save_pretrained(model, output)
+    return Path(output)
