@@ -1,6 +1,7 @@
 """Training checkpoints: `checkpoint-STEP/` folders that transformers loads and the trainer resumes from.
 
-Each folder holds the model as Hugging Face safetensors (save_pretrained) plus trainer_state.pt:
+Each folder holds the model as Hugging Face safetensors (save_pretrained), or with LoRA the adapters
+as a PEFT adapter folder, plus trainer_state.pt:
 optimizer, LR scheduler, RNG states, data position, step and counters. A folder is complete or
 absent: it is written under a temporary name and renamed into place, so a crash mid-save
 leaves the previous checkpoint as the latest one.
@@ -13,12 +14,10 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
-
-from gspo_engine.checkpoint import save_pretrained
 
 STATE_FILE = "trainer_state.pt"
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -52,15 +51,18 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
-def save_checkpoint(output_dir: str | Path, step: int, model, trainer_state: dict[str, Any], keep_last: int) -> Path:
-    """Write checkpoint-STEP atomically, then delete all but the newest `keep_last`."""
+def save_checkpoint(
+    output_dir: str | Path, step: int, save_weights: Callable[[Path], None], trainer_state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write checkpoint-STEP atomically (save_weights(folder) writes the model), then keep the newest `keep_last`."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     target = output_dir / f"checkpoint-{step}"
     staging = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.", dir=output_dir))
     try:
         model_folder = staging / "checkpoint"
-        save_pretrained(model, model_folder)
+        save_weights(model_folder)
         torch.save(trainer_state | {"rng": rng_state()}, model_folder / STATE_FILE)
         if target.exists():
             shutil.rmtree(target)

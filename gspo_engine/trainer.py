@@ -3,7 +3,8 @@
 1. take `prompts_per_step` prompts and sample `group_size` completions of each (KV-cache rollout);
 2. score them (rewards) and turn the scores into group-normalised advantages (GSPO eq. 6);
 3. old log-probs of the sampled tokens: one no-grad forward of the policy ("recompute") or the
-   sampler's own ("rollout"); reference log-probs when beta > 0;
+   sampler's own ("rollout"); reference log-probs when beta > 0 (with LoRA: the same model with
+   its adapters switched off, so no second copy of the weights);
 4. split the batch into `num_minibatches`; for each: micro-batches under a token budget,
    hidden states -> fused lm_head + GSPO loss -> backward, then clip, AdamW step;
 5. LR schedule, metrics, checkpoint.
@@ -29,6 +30,7 @@ from gspo_engine.batching import Sample, TrainBatch, collate, split_micro_batche
 from gspo_engine.checkpoint import load_pretrained, save_pretrained
 from gspo_engine.config import Config, dump_config
 from gspo_engine.data import PromptDataset, PromptLoader, read_rows, reward_inputs
+from gspo_engine.lora import adapter_parameters, adapters_disabled, add_lora, is_adapter_folder, load_adapters, save_adapters
 from gspo_engine.metrics import MetricsLog, console_line
 from gspo_engine.model import Qwen3Model
 from gspo_engine.optim import build_optimizer, build_scheduler
@@ -144,9 +146,13 @@ class GSPOTrainer:
         self.rewards = build_rewards(config)
 
         resume_from = resolve_resume(config.checkpoint.resume, self.output_dir)
-        self.model = self._load_model(resume_from or self.source)
+        self.lora = config.lora if config.lora.rank else None
+        if self.lora is None:
+            self.model = self._load_model(resume_from or self.source)
+        else:
+            self.model = self._load_adapted_model(resume_from)
         self.reference = None
-        if config.gspo.beta > 0:
+        if config.gspo.beta > 0 and self.lora is None:
             # The reference policy is the starting model, frozen: the KL keeps the policy near it.
             self.reference = self._load_model(self.source) if resume_from else copy.deepcopy(self.model)
             self.reference.requires_grad_(False).eval()
@@ -162,8 +168,8 @@ class GSPOTrainer:
         self.temperature = config.rollout.temperature if config.rollout.temperature > 0 else 1.0
 
     # ----------------------------------------------------------------- set-up
-    def _load_model(self, folder: Path) -> Qwen3Model:
-        model = load_pretrained(folder, dtype=torch.float32, device=self.device)
+    def _load_model(self, folder: Path, dtype: torch.dtype = torch.float32) -> Qwen3Model:
+        model = load_pretrained(folder, dtype=dtype, device=self.device)
         model.args.source_path = str(self.source)  # tokenizer files travel with every save
         model.args.activation_checkpointing = self.config.model.activation_checkpointing
         model.args.router_aux_loss = self.config.model.router_aux_loss_coef > 0 and model.args.is_moe
@@ -171,7 +177,24 @@ class GSPOTrainer:
             model.args.router_aux_loss_coef = self.config.model.router_aux_loss_coef
         return model
 
+    def _load_adapted_model(self, resume_from: Path | None) -> Qwen3Model:
+        """The frozen starting model with trainable adapters: fresh ones (B = 0), or a checkpoint's."""
+        base_dtype = torch.float32
+        if self.lora.base_bf16:
+            if self.precision != "bf16-mixed":
+                raise TrainingError("lora.base_bf16 needs train.precision bf16-mixed (a GPU)")
+            base_dtype = torch.bfloat16
+        if resume_from is not None and not is_adapter_folder(resume_from):
+            raise TrainingError(f"{resume_from} holds full weights, not LoRA adapters; resume it with lora.rank: 0")
+        model = self._load_model(self.source, base_dtype)
+        add_lora(model, self.lora)
+        if resume_from is not None:
+            load_adapters(model, resume_from)
+        return model
+
     def _restore(self, folder: Path) -> None:
+        if self.lora is None and is_adapter_folder(folder):
+            raise TrainingError(f"{folder} holds LoRA adapters; resume it with the run's lora settings")
         state = load_trainer_state(folder)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -191,8 +214,12 @@ class GSPOTrainer:
         config = self.config
         self.echo(dump_config(config).rstrip())
         (self.output_dir / "config.yaml").write_text(dump_config(config))
+        total = sum(p.numel() for p in self.model.parameters())
+        trained = "" if self.lora is None else (
+            f", LoRA rank {self.lora.rank}: {sum(p.numel() for p in adapter_parameters(self.model)) / 1e6:.3f}M trained"
+        )
         self.echo(
-            f"model {self.source} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, "
+            f"model {self.source} ({total / 1e6:.2f}M parameters{trained}, "
             f"{'MoE' if self.model.args.is_moe else 'dense'}) on {self.device}, precision {self.precision}; "
             f"{len(self.dataset)} prompts ({self.dataset.num_skipped} skipped as too long)"
         )
@@ -213,7 +240,7 @@ class GSPOTrainer:
         finally:
             progress.close()
         final_dir = self.output_dir / "final"
-        save_pretrained(self.model, final_dir)
+        self.save_weights(final_dir)
         self.metrics.close()
         return self._summary(final_dir)
 
@@ -254,8 +281,8 @@ class GSPOTrainer:
         else:
             for sample in samples:
                 sample.old_logps = sample.rollout_logps
-        if self.reference is not None:
-            self.score_samples(self.reference, samples, "ref_logps")
+        if config.gspo.beta > 0:
+            self.score_reference(samples)
 
         # 4. update, one optimizer step per minibatch
         self.model.train()
@@ -307,6 +334,14 @@ class GSPOTrainer:
                             r.expert_indices.view(len(micro), batch.input_ids.shape[1], -1)[row, :width].cpu()
                             for r in output.routing
                         ]
+
+    def score_reference(self, samples: list[Sample]) -> None:
+        """Reference log-probs: of the frozen starting model, or with LoRA of the model with its adapters off."""
+        if self.reference is not None:
+            self.score_samples(self.reference, samples, "ref_logps")
+            return
+        with adapters_disabled(self.model):
+            self.score_samples(self.model, samples, "ref_logps")
 
     def update(self, samples: list[Sample]) -> dict:
         """One optimizer step per minibatch; gradient accumulation over micro-batches is exact."""
@@ -389,7 +424,7 @@ class GSPOTrainer:
         output = self.model.run(batch.input_ids, attention_mask=attention_mask, forced_experts=forced)
         hidden = output.hidden_states
         old = batch.scatter([s.old_logps for s in micro])
-        ref = batch.scatter([s.ref_logps for s in micro]) if self.reference is not None else None
+        ref = batch.scatter([s.ref_logps for s in micro]) if config.gspo.beta > 0 else None
         loss, metrics = gk.fused_linear_gspo_loss(
             hidden, self.model.lm_head_weight.to(hidden.dtype), batch.targets, old, batch.advantages, batch.mask,
             temperature=self.temperature, level=config.gspo.level, eps_low=config.gspo.eps_low,
@@ -407,6 +442,13 @@ class GSPOTrainer:
         return worst
 
     # ------------------------------------------------------------ outputs
+    def save_weights(self, folder: Path) -> None:
+        """A Hugging Face checkpoint, or with LoRA a PEFT adapter folder (export --merge merges it)."""
+        if self.lora is None:
+            save_pretrained(self.model, folder)
+        else:
+            save_adapters(self.model, self.lora, folder)
+
     def save_checkpoint(self) -> Path:
         state = {
             "optimizer": self.optimizer.state_dict(),
@@ -415,7 +457,7 @@ class GSPOTrainer:
             "step": self.step,
             "skipped_updates": self.skipped_updates,
         }
-        path = save_checkpoint(self.output_dir, self.step, self.model, state, self.config.checkpoint.keep_last)
+        path = save_checkpoint(self.output_dir, self.step, self.save_weights, state, self.config.checkpoint.keep_last)
         logger.info("saved %s", path)
         return path
 

@@ -8,7 +8,6 @@ from gspo_engine.lora.adapters import (
     adapter_parameters,
     adapters_disabled,
     add_lora,
-    cast_base_weights,
     has_lora,
     merge_lora,
 )
@@ -23,7 +22,7 @@ from gspo_engine.lora.peft_format import (
 )
 
 __all__ = [
-    "ExpertLoRA", "adapter_parameters", "adapters_disabled", "add_lora", "cast_base_weights", "export_merged",
+    "ExpertLoRA", "adapter_parameters", "adapters_disabled", "add_lora", "export_merged",
     "has_lora", "is_adapter_folder", "load_adapted", "load_adapters", "merge_lora", "read_lora_config",
     "save_adapters",
 ]

@@ -118,9 +118,3 @@ def merge_lora(model: Qwen3Model) -> Qwen3Model:
             block.mlp.expert_lora = None
     return model
 
-
-def cast_base_weights(model: nn.Module, dtype: torch.dtype) -> None:
-    """Store the frozen base weights in `dtype` (bf16 halves them); the adapters stay fp32."""
-    for parameter in model.parameters():
-        if not parameter.requires_grad and parameter.is_floating_point():
-            parameter.data = parameter.data.to(dtype)
