@@ -46,6 +46,7 @@ _FLAG_KEYS = {
     "learning_rate": "optim.learning_rate",
     "output_dir": "output_dir",
     "cutoff_len": "data.max_prompt_tokens",
+    "lora_rank": "lora.rank",
 }
 
 
@@ -60,10 +61,10 @@ _FLAG_KEYS = {
 @click.option("--output_dir", help="Where metrics, checkpoints and the final model go.")
 @click.option("--cutoff_len", type=int, help="Longest prompt in tokens (longer ones are skipped and counted).")
 @click.option("--stage", default="gspo", show_default=True, help="Training stage; only gspo exists.")
-@click.option("--lora_rank", type=int, help="LoRA rank (not available in this version: an error).")
+@click.option("--lora_rank", type=int, help="Train rank-N LoRA adapters instead of every weight (lora.rank).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in output_dir.")
 @click.option("--dry-run", is_flag=True, help="Validate the config and print the plan without loading weights.")
-def train(config_path, config_option, overrides, stage, lora_rank, resume, dry_run, **flags) -> None:
+def train(config_path, config_option, overrides, stage, resume, dry_run, **flags) -> None:
     """Train a Qwen3 model with GSPO: gspo-engine train configs/tiny-moe.yaml"""
     import logging
 
@@ -73,9 +74,6 @@ def train(config_path, config_option, overrides, stage, lora_rank, resume, dry_r
         raise click.UsageError(f"two configs given: {config_path} and --config {config_option}")
     if stage != "gspo":
         raise click.BadParameter(f"{stage!r} is not a stage of gspo-engine; the only stage is gspo", param_hint="--stage")
-    if lora_rank is not None:
-        raise click.BadParameter("LoRA is not available in this version of gspo-engine; train all weights "
-                                 "or use a version with LoRA support", param_hint="--lora_rank")
     assignments = [f"{_FLAG_KEYS[name]}={value}" for name, value in flags.items() if value is not None]
     if resume:
         assignments.append("checkpoint.resume=auto")
@@ -126,12 +124,13 @@ def train(config_path, config_option, overrides, stage, lora_rank, resume, dry_r
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
 def generate(model_dir, prompts, chat, max_new_tokens, temperature, top_p, top_k, samples, seed, device) -> None:
-    """Sample completions from a checkpoint folder (e.g. OUTPUT_DIR/final)."""
+    """Sample completions from a checkpoint or LoRA adapter folder (e.g. OUTPUT_DIR/final)."""
     from pathlib import Path
 
     import torch
 
     from gspo_engine.checkpoint import load_pretrained
+    from gspo_engine.lora import is_adapter_folder, load_adapted, merge_lora
     from gspo_engine.rollout import generate as sample
     from gspo_engine.tokenizer import load_tokenizer, render_prompt
     from gspo_engine.trainer import eos_token_ids
@@ -139,7 +138,10 @@ def generate(model_dir, prompts, chat, max_new_tokens, temperature, top_p, top_k
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tokenizer = load_tokenizer(model_dir)
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
-    model = load_pretrained(model_dir, dtype=dtype, device=target).eval()
+    if is_adapter_folder(model_dir):  # a LoRA run's output: its base model with the adapters merged
+        model = merge_lora(load_adapted(model_dir, dtype=dtype, device=target)).eval()
+    else:
+        model = load_pretrained(model_dir, dtype=dtype, device=target).eval()
     texts = [render_prompt(tokenizer, prompt, chat_template=chat) for prompt in prompts]
     ids = [tokenizer(text, add_special_tokens=not chat)["input_ids"] for text in texts for _ in range(samples)]
     with torch.no_grad():
@@ -149,3 +151,22 @@ def generate(model_dir, prompts, chat, max_new_tokens, temperature, top_p, top_k
         prompt = prompts[index // samples]
         completion = tokenizer.decode(tokens, skip_special_tokens=True)
         click.echo(f"[{index}] {prompt!r} -> {completion!r}{'' if out.finished[index] else ' (cut at max-new-tokens)'}")
+
+
+@main.command()
+@click.argument("source", type=click.Path(exists=True, file_okay=False))
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+@click.option("--merge", is_flag=True, help="Fold LoRA adapters into their base: a plain Hugging Face checkpoint.")
+def export(source, output, merge) -> None:
+    """Export the model of a checkpoint folder, or of a run folder (its final/ or latest checkpoint).
+
+    A LoRA run's adapters are copied as a PEFT adapter folder, or with --merge merged into their
+    base model and written as a Hugging Face checkpoint; full weights are written as one.
+    """
+    from gspo_engine.export import export_model
+
+    try:
+        folder = export_model(source, output, merge)
+    except (FileNotFoundError, ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"exported {folder} to {output}")

@@ -45,7 +45,7 @@ def test_familiar_flags_map_onto_the_config():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--lora_rank", "16"], "LoRA is not available"),
+        (["--lora_rank", "-1"], "lora.rank: -1 is not valid"),
         (["--stage", "dpo"], "the only stage is gspo"),
         (["--set", "gspo.level=tokens"], "gspo.level: 'tokens' is not valid"),
         (["--set", "nonsense"], "section.key=value"),

@@ -1,0 +1,37 @@
+"""`gspo-engine export`: a run's model as a folder other tools load.
+
+Full fine-tuning runs hold Hugging Face checkpoints already; LoRA runs hold PEFT adapter folders,
+which are copied as they are (PEFT loads them onto the transformers base model) or, with merge,
+folded into their base and written as a Hugging Face checkpoint that transformers and vLLM load.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from gspo_engine.checkpoint import CONFIG_FILE, load_pretrained, save_pretrained
+from gspo_engine.lora import export_merged, is_adapter_folder
+from gspo_engine.train_checkpoint import STATE_FILE, list_checkpoints
+
+
+def model_folder_of(path: str | Path) -> Path:
+    """The model in `path`: the folder itself when it holds one, else the run's final/ or latest checkpoint."""
+    path = Path(path)
+    candidates = [path, path / "final", *reversed(list_checkpoints(path))]
+    for folder in candidates:
+        if (folder / CONFIG_FILE).is_file() or is_adapter_folder(folder):
+            return folder
+    raise FileNotFoundError(f"{path} holds no model: no config.json or adapter_config.json, no final/, no checkpoint")
+
+
+def export_model(source: str | Path, output: str | Path, merge: bool) -> Path:
+    """Write the model of `source` (a model folder or a run folder) to `output`; returns the folder exported."""
+    folder = model_folder_of(source)
+    if is_adapter_folder(folder) and merge:
+        export_merged(folder, output)
+    elif is_adapter_folder(folder):
+        shutil.copytree(folder, output, ignore=shutil.ignore_patterns(STATE_FILE), dirs_exist_ok=True)
+    else:
+        save_pretrained(load_pretrained(folder), output)
+    return folder
