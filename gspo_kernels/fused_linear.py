@@ -15,17 +15,25 @@ chosen per chunk of sequences under a memory budget that does not depend on the 
   a mean over non-empty sequences, so it is the gradient of the group's own gspo_loss times the
   group's share of them), turns the logits into d logits in place and forms d hidden, d weight
   and d bias right away, during the forward. The backward only scales them by d loss.
-- recompute (8NHV): a sequence whose logits alone exceed the budget streams tiles of
-  [ROW_CHUNK, VOCAB_CHUNK] twice: once with an online log-sum-exp for its log-probs, once, after
-  its gradient is known, recomputing each tile to form d logits. `token_logprobs` always works
-  this way (its downstream use is unknown, so it saves only the per-token log-sum-exp).
+- recompute (8NHV): the sequences whose logits alone exceed the budget form one last group that
+  streams tiles of [ROW_CHUNK, VOCAB_CHUNK] twice: once with an online log-sum-exp for the
+  log-probs, once, after the gradient is known, recomputing each tile to form d logits.
+  `token_logprobs` always works this way (its downstream use is unknown, so it saves only the
+  per-token log-sum-exp).
+
+The GPU choice. At the issue's GPU shape (T = 4096, V = 151,936) one sequence's fp32 logits take
+2.3 GiB, more than the default budget, so the default recomputes there (8NHV) and keeps its
+extra memory near one tile; a caller with memory to spare raises `chunk_budget_mib` to keep them
+(6NHV). On CPU the default keeps each 512-token sequence (297 MiB): both are measured in
+bench/RESULTS.md.
 
 Only response tokens (mask != 0) are computed at all in `fused_linear_gspo_loss`; in
 `token_logprobs`' backward, rows whose gradient is zero are skipped. Extra memory: one group's
 logits (at most the budget) or one tile, an fp32 d hidden [N, H], and, only for a non-fp32
-weight that several groups add to, an fp32 d weight [V, H]. On CUDA the tile statistics and tile d logits are Triton kernels
-(gspo_kernels/fused_linear_triton.py); the matmuls of a kept group and the two matmuls that turn
-d logits into d hidden and d weight run on the tensor cores through cuBLAS.
+weight that several groups add to, an fp32 d weight [V, H]. On CUDA the tile statistics and the
+tile d logits are Triton kernels (gspo_kernels/fused_linear_triton.py); the matmuls of a kept
+group and the two matmuls that turn d logits into d hidden and d weight run on the tensor cores
+through cuBLAS.
 """
 
 from __future__ import annotations
