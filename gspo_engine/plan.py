@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from gspo_engine.config import Config
+from gspo_engine.lora import adapter_parameter_count
 from gspo_engine.model import ModelArgs, Qwen3Model
 from gspo_engine.tiny import TINY_MODELS, tiny_model_args
 
@@ -50,17 +51,31 @@ class Plan:
     active_params: int  # per token: shared weights plus top-k experts
     tokens_per_step: int  # prompts x group x (prompt + completion), at the configured maxima
     sequences_per_minibatch: int
-    train_memory_gib: float  # weights + gradients + AdamW states, fp32 master copy
+    train_memory_gib: float  # weights + gradients + AdamW states of what is trained, fp32 master copy
+    trainable_params: int  # all of them, or the LoRA adapters'
+    lora_rank: int = 0
+    base_dtype: str = "fp32"  # of the frozen base weights under LoRA
 
     def lines(self) -> list[str]:
-        return [
+        lines = [
             f"model: {self.model_source} ({self.architecture})",
             f"parameters: {_count(self.total_params)} total, {_count(self.active_params)} active per token",
+        ]
+        if self.lora_rank:
+            share = self.trainable_params / self.total_params
+            lines.append(f"trained: LoRA rank {self.lora_rank}, {_count(self.trainable_params)} adapter "
+                         f"parameters ({share:.2%} of the model)")
+        lines += [
             f"tokens per step (at most): {self.tokens_per_step:,}",
             f"sequences per minibatch: {self.sequences_per_minibatch}",
-            f"weights + gradients + AdamW states: {self.train_memory_gib:.2f} GiB "
-            "(fp32 master weights, before activations and the KV cache)",
         ]
+        if self.lora_rank:
+            lines.append(f"frozen {self.base_dtype} base weights + adapters, their gradients and AdamW states: "
+                         f"{self.train_memory_gib:.2f} GiB (before activations and the KV cache)")
+        else:
+            lines.append(f"weights + gradients + AdamW states: {self.train_memory_gib:.2f} GiB "
+                         "(fp32 master weights, before activations and the KV cache)")
+        return lines
 
 
 def _count(n: int) -> str:
@@ -95,6 +110,13 @@ def make_plan(config: Config) -> Plan:
     rollout = config.rollout
     sequences = rollout.prompts_per_step * rollout.group_size
     tokens = sequences * (config.data.max_prompt_tokens + rollout.max_new_tokens)
-    # fp32 weights (4 B) + fp32 gradients (4 B) + AdamW exp_avg and exp_avg_sq (8 B).
-    memory = total * 16 / 2**30
-    return Plan(source, args.architecture, total, active, tokens, -(-sequences // config.gspo.num_minibatches), memory)
+    per_minibatch = -(-sequences // config.gspo.num_minibatches)
+    # fp32 weights (4 B) + fp32 gradients (4 B) + AdamW exp_avg and exp_avg_sq (8 B) per trained parameter.
+    if not config.lora.rank:
+        return Plan(source, args.architecture, total, active, tokens, per_minibatch, total * 16 / 2**30, total)
+    # LoRA: gradients and optimizer states for the adapters only; the base is stored, not trained.
+    adapters = adapter_parameter_count(model, config.lora)
+    base_bytes = 2 if config.lora.base_bf16 else 4
+    memory = (total * base_bytes + adapters * 16) / 2**30
+    return Plan(source, args.architecture, total + adapters, active, tokens, per_minibatch, memory, adapters,
+                config.lora.rank, "bf16" if config.lora.base_bf16 else "fp32")

@@ -5,6 +5,7 @@ per-expert LoRA on the grouped MoE tensors, peft_format.py reads and writes adap
 """
 
 from gspo_engine.lora.adapters import (
+    adapter_parameter_count,
     adapter_parameters,
     adapters_disabled,
     add_lora,
@@ -22,7 +23,7 @@ from gspo_engine.lora.peft_format import (
 )
 
 __all__ = [
-    "ExpertLoRA", "adapter_parameters", "adapters_disabled", "add_lora", "export_merged",
+    "ExpertLoRA", "adapter_parameter_count", "adapter_parameters", "adapters_disabled", "add_lora", "export_merged",
     "has_lora", "is_adapter_folder", "load_adapted", "load_adapters", "merge_lora", "read_lora_config",
     "save_adapters",
 ]

@@ -118,3 +118,17 @@ def merge_lora(model: Qwen3Model) -> Qwen3Model:
             block.mlp.expert_lora = None
     return model
 
+
+
+def adapter_parameter_count(model: Qwen3Model, lora: LoraConfig) -> int:
+    """How many parameters add_lora would add to `model` (a plain model; the meta device is fine)."""
+    linear = set(linear_targets(model, lora.targets))
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in linear:
+            count += lora.rank * (module.in_features + module.out_features)
+    if "experts" in lora.targets and model.args.is_moe:
+        args = model.args
+        per_layer = args.num_experts * lora.rank * (2 * args.hidden_size + 3 * args.moe_intermediate_size)
+        count += per_layer * len(args.moe_layers)
+    return count
