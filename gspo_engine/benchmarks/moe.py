@@ -133,5 +133,6 @@ def cases(device: torch.device, scale: str) -> list[Case]:
             work=experts_flops(tokens, top_k, hidden, intermediate),
             builders={name: builder(name) for name in names},
             skipped=skipped,
+            max_rounds=10 if device.type == "cuda" else 3,
         ))
     return result
