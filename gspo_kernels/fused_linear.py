@@ -71,13 +71,19 @@ def validate_linear_inputs(hidden, weight, targets, bias, temperature) -> None:
     if not hidden.is_floating_point():
         raise ValueError(f"hidden must be a floating-point tensor, got {hidden.dtype}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
-        raise ValueError(f"weight must be [V, H] with H = {hidden.shape[2]} (hidden {_shape(hidden)}), got shape {_shape(weight)}")
+        raise ValueError(
+            f"weight must be [V, H] with H = {hidden.shape[2]} (hidden {_shape(hidden)}), got shape {_shape(weight)}"
+        )
     if targets.shape != hidden.shape[:2]:
-        raise ValueError(f"targets must be [B, T] = {_shape(hidden)[:2]} like hidden {_shape(hidden)}, got shape {_shape(targets)}")
+        raise ValueError(
+            f"targets must be [B, T] = {_shape(hidden)[:2]} like hidden {_shape(hidden)}, got shape {_shape(targets)}"
+        )
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise ValueError(f"targets must hold integer token ids, got {targets.dtype}")
     if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"bias must be [V] = ({weight.shape[0]},) like weight {_shape(weight)}, got shape {_shape(bias)}")
+        raise ValueError(
+            f"bias must be [V] = ({weight.shape[0]},) like weight {_shape(weight)}, got shape {_shape(bias)}"
+        )
     if not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     for name, tensor in (("weight", weight), ("targets", targets), ("bias", bias)):
@@ -132,8 +138,9 @@ def _new_grads(num_rows, hidden, weight, bias, needs, weight_contributions: int)
     (see fused_linear_stream.stream_grads) and lands in the weight's own dtype.
     """
     weight_dtype = weight.dtype if weight_contributions == 1 else accumulation_dtype(weight.dtype)
+    hidden_shape = (num_rows, hidden.shape[-1])
     return Grads(
-        hidden=hidden.new_zeros((num_rows, hidden.shape[-1]), dtype=accumulation_dtype(hidden.dtype)) if needs[0] else None,
+        hidden=hidden.new_zeros(hidden_shape, dtype=accumulation_dtype(hidden.dtype)) if needs[0] else None,
         weight=torch.zeros(weight.shape, dtype=weight_dtype, device=weight.device) if needs[1] else None,
         bias=torch.zeros(bias.shape, dtype=accumulation_dtype(bias.dtype), device=bias.device) if needs[2] else None,
     )
@@ -347,7 +354,7 @@ def fused_linear_gspo_loss(
         raise ValueError(f"mask must be [B, T] = {_shape(targets)} like targets, got shape {_shape(mask)}")
     if not chunk_budget_mib > 0:
         raise ValueError(f"chunk_budget_mib must be positive, got {chunk_budget_mib!r}")
-    loss_options = dict(level=level, eps_low=eps_low, eps_high=eps_high, beta=beta)
+    loss_options = {"level": level, "eps_low": eps_low, "eps_high": eps_high, "beta": beta}
     backend = resolve_backend(hidden)
     if backend == "reference":
         logps = reference.token_logprobs_reference(hidden, weight, targets, bias=bias, temperature=temperature)

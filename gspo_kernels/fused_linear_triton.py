@@ -35,8 +35,10 @@ def _logits_block(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, 
     for k0 in range(0, hidden_size, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < hidden_size
-        h = tl.load(hidden_ptr + rows[:, None] * stride_hm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(weight_ptr + cols[None, :] * stride_wv + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        h = tl.load(hidden_ptr + rows[:, None] * stride_hm + ks[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(weight_ptr + cols[None, :] * stride_wv + ks[:, None],
+                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(h, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -120,7 +122,7 @@ def logprob_stats(hidden_rows, weight, bias, targets, inv_temperature, with_entr
     """(logp, lse, entropy or None) fp32 [R] for hidden rows [R, H]; see the module docstring."""
     hidden_rows, weight = _contiguous_rows(hidden_rows), _contiguous_rows(weight)
     num_rows, hidden_size = hidden_rows.shape
-    poison = dict(dtype=torch.float32, device=hidden_rows.device)
+    poison = {"dtype": torch.float32, "device": hidden_rows.device}
     logp = torch.full((num_rows,), float("nan"), **poison)
     lse = torch.full((num_rows,), float("nan"), **poison)
     entropy = torch.full((num_rows,), float("nan"), **poison) if with_entropy else lse

@@ -99,7 +99,7 @@ def test_token_logprobs_and_entropy_match_float64_reference(backend, seed):
 
 
 def test_token_logprobs_without_entropy_skips_rows_with_zero_gradient():
-    hidden, weight, bias, targets = make_lm_head(2, with_bias=False)
+    hidden, weight, _, targets = make_lm_head(2, with_bias=False)
     exact = leaves(hidden, weight, dtype=torch.float64)
     upstream = (torch.randn(hidden.shape[:2], dtype=torch.float64) * (torch.rand(hidden.shape[:2]) < 0.5)).to(DEVICE)
     ref_grads = torch.autograd.grad((reference.token_logprobs_reference(*exact, targets) * upstream).sum(), exact)
@@ -118,7 +118,7 @@ def fused_case(seed, level):
     if level != "sequence":
         noise = 0.1 * torch.randn(targets.shape, dtype=torch.float64, device=DEVICE)
         advantages = fp32_exact(advantages[:, None] + noise)[0]
-    options = dict(temperature=0.7, level=level, eps_low=3e-3, eps_high=4e-3, beta=0.05)
+    options = {"temperature": 0.7, "level": level, "eps_low": 3e-3, "eps_high": 4e-3, "beta": 0.05}
     return (hidden, weight, bias, targets), (old, advantages, mask, ref), options
 
 
@@ -156,7 +156,8 @@ def test_float64_inputs_agree_with_reference_to_rounding(level):
     """In float64 the streamed algorithm must equal the full-logits one up to rounding, not fp32 noise."""
     (hidden, weight, bias, targets), (old, advantages, mask, ref), options = fused_case(20, level)
     results = []
-    for fn, backend in ((reference.fused_linear_gspo_loss_reference, "reference"), (gk.fused_linear_gspo_loss, "torch")):
+    runs = ((reference.fused_linear_gspo_loss_reference, "reference"), (gk.fused_linear_gspo_loss, "torch"))
+    for fn, backend in runs:
         inputs = leaves(hidden, weight, bias, dtype=torch.float64)
         with gk.use_backend(backend):
             loss, _ = fn(inputs[0], inputs[1], targets, old, advantages, mask, bias=inputs[2], ref_logps=ref, **options)
@@ -206,14 +207,16 @@ def test_plan_groups_keeps_what_fits_and_recomputes_long_sequences():
 
 def test_tied_weights_get_both_gradients():
     """weight shared with the input embedding: its gradient sums the embedding and lm_head paths."""
-    _, weight, bias, targets = make_lm_head(5, with_bias=False)
+    _, weight, _, targets = make_lm_head(5, with_bias=False)
     input_ids = torch.randint(0, VOCAB, targets.shape, device=DEVICE)
     old, _, advantages, mask = make_rollout(5, torch.full(targets.shape, -8.0, dtype=torch.float64))
 
     def run(fn, dtype):
         embedding = weight.detach().to(dtype).requires_grad_()
         hidden = torch.tanh(torch.nn.functional.embedding(input_ids, embedding))
-        loss, _ = fn(hidden, embedding, targets, old.to(dtype), advantages.to(dtype), mask, temperature=1.3, level="sequence")
+        loss, _ = fn(
+            hidden, embedding, targets, old.to(dtype), advantages.to(dtype), mask, temperature=1.3, level="sequence"
+        )
         return torch.autograd.grad(loss, embedding)[0]
 
     expected = run(reference.fused_linear_gspo_loss_reference, torch.float64)
@@ -251,7 +254,7 @@ def test_no_grad_forward_matches_reference():
 
 @pytest.mark.parametrize("backend", BF16_BACKENDS)
 def test_bf16_token_logprobs(backend):
-    hidden, weight, bias, targets = make_lm_head(8, with_bias=False)
+    hidden, weight, _, targets = make_lm_head(8, with_bias=False)
     exact = leaves(hidden.bfloat16(), weight.bfloat16(), dtype=torch.float64)
     expected = reference.token_logprobs_reference(*exact, targets)
     ref_grads = torch.autograd.grad(expected.sum(), exact)
@@ -269,9 +272,11 @@ def test_bf16_token_logprobs(backend):
 def test_bf16_fused_loss_is_as_accurate_as_bf16_full_logits(budget_mib, backend):
     """GSPO gradients come from differences of log-probs, which bf16 logits perturb by ~1e-2: the
     fused path must do no worse than the full-logits reference run in the same dtype."""
-    (hidden, weight, bias, targets), (old, advantages, mask, ref), options = fused_case(14, "sequence")
+    (hidden, weight, _, targets), (old, advantages, mask, ref), options = fused_case(14, "sequence")
     exact = leaves(hidden.bfloat16(), weight.bfloat16(), dtype=torch.float64)
-    ref_loss, _ = reference.fused_linear_gspo_loss_reference(*exact, targets, old, advantages, mask, ref_logps=ref, **options)
+    ref_loss, _ = reference.fused_linear_gspo_loss_reference(
+        *exact, targets, old, advantages, mask, ref_logps=ref, **options
+    )
     ref_grads = torch.autograd.grad(ref_loss, exact)
     errors = {}
     for name in (backend, "reference"):
@@ -337,10 +342,12 @@ def test_large_logits_stay_finite():
 
 
 def test_linear_gspo_loss_module_on_policy():
-    (hidden, weight, bias, targets), (_, advantages, mask, ref), _ = fused_case(10, "sequence")
+    (hidden, weight, _, targets), (_, advantages, mask, ref), _ = fused_case(10, "sequence")
     exact = leaves(hidden, weight, dtype=torch.float64)
     logps = reference.token_logprobs_reference(*exact, targets, temperature=0.9)
-    ref_loss, ref_metrics = reference.gspo_loss_reference(logps, logps.detach(), advantages, mask, ref_logps=ref, beta=0.1)
+    ref_loss, ref_metrics = reference.gspo_loss_reference(
+        logps, logps.detach(), advantages, mask, ref_logps=ref, beta=0.1
+    )
     ref_grads = torch.autograd.grad(ref_loss, exact)
     module = gk.LinearGSPOLoss(level="sequence", beta=0.1, temperature=0.9)
     inputs = leaves(hidden, weight)
@@ -389,31 +396,39 @@ def test_triton_kernels_write_every_element():
     logp, lse, entropy = fused_linear_triton.logprob_stats(rows, weight, bias, flat_targets, 1.0, True)
     assert all(torch.isfinite(t).all() for t in (logp, lse, entropy))
     dlogits = fused_linear_triton.dlogits_tile(
-        rows, weight, bias, 1000, 1000 + 333, flat_targets, lse, entropy, *on_device(torch.randn(71), torch.randn(71)), 1.0
+        rows, weight, bias, 1000, 1000 + 333, flat_targets, lse, entropy,
+        *on_device(torch.randn(71), torch.randn(71)), 1.0,
     )
     assert dlogits.shape == (71, 333) and torch.isfinite(dlogits).all()
+
+
+def replace_column(targets, token_id):
+    """targets with column 3 set to token_id."""
+    return targets.clone().index_fill_(1, torch.tensor([3], device=targets.device), token_id)
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(targets=lambda t: t.clone().index_fill_(1, torch.tensor([3], device=t.device), VOCAB)), r"targets must lie in \[0, 4099\)"),
-        (dict(targets=lambda t: t.clone().index_fill_(1, torch.tensor([3], device=t.device), -1)), r"targets must lie in \[0, 4099\)"),
-        (dict(targets=lambda t: t.float()), "targets must hold integer"),
-        (dict(targets=lambda t: t[:, :5]), r"targets must be \[B, T\]"),
-        (dict(hidden=lambda h: h[0]), r"hidden must be \[B, T, H\]"),
-        (dict(weight=lambda w: w[:, :10]), r"weight must be \[V, H\]"),
-        (dict(bias=lambda b: b[:10]), r"bias must be \[V\]"),
-        (dict(temperature=lambda _: 0.0), "temperature must be a positive"),
+        ({"targets": lambda t: replace_column(t, VOCAB)}, r"targets must lie in \[0, 4099\)"),
+        ({"targets": lambda t: replace_column(t, -1)}, r"targets must lie in \[0, 4099\)"),
+        ({"targets": lambda t: t.float()}, "targets must hold integer"),
+        ({"targets": lambda t: t[:, :5]}, r"targets must be \[B, T\]"),
+        ({"hidden": lambda h: h[0]}, r"hidden must be \[B, T, H\]"),
+        ({"weight": lambda w: w[:, :10]}, r"weight must be \[V, H\]"),
+        ({"bias": lambda b: b[:10]}, r"bias must be \[V\]"),
+        ({"temperature": lambda _: 0.0}, "temperature must be a positive"),
     ],
 )
 def test_invalid_inputs_raise_value_error_naming_the_argument(change, message):
     hidden, weight, bias, targets = make_lm_head(13)
-    args = dict(hidden=hidden, weight=weight, bias=bias, targets=targets, temperature=1.0)
+    args = {"hidden": hidden, "weight": weight, "bias": bias, "targets": targets, "temperature": 1.0}
     for name, edit in change.items():
         args[name] = edit(args[name])
     with pytest.raises(ValueError, match=message):
-        gk.token_logprobs(args["hidden"], args["weight"], args["targets"], bias=args["bias"], temperature=args["temperature"])
+        gk.token_logprobs(
+            args["hidden"], args["weight"], args["targets"], bias=args["bias"], temperature=args["temperature"]
+        )
     with pytest.raises(ValueError, match=message):
         gk.fused_linear_gspo_loss(
             args["hidden"], args["weight"], args["targets"], None, torch.zeros(BATCH, device=DEVICE),
