@@ -1,0 +1,263 @@
+"""LoRA: adapters on the projections (PEFT) and on the grouped experts (ours), training, PEFT files, merged export."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from test_trainer import quiet, tiny_config, weights
+from tiny_checkpoints import build_hf_model, save_hf_model
+
+import gspo_kernels as gk
+from gspo_engine.batching import Sample
+from gspo_engine.checkpoint import load_pretrained
+from gspo_engine.cli import main
+from gspo_engine.config import ConfigError, LoraConfig, config_from_dict, load_config
+from gspo_engine.lora import (
+    ExpertLoRA,
+    adapter_parameter_count,
+    adapter_parameters,
+    adapters_disabled,
+    add_lora,
+    export_merged,
+    has_lora,
+    load_adapted,
+    merge_lora,
+    save_adapters,
+)
+from gspo_engine.plan import make_plan
+from gspo_engine.tiny import build_tiny_checkpoint
+from gspo_engine.trainer import GSPOTrainer
+
+ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "router", "experts"]
+TINY_MOE_CONFIG = Path(__file__).parent.parent / "configs" / "tiny-moe.yaml"
+IDS = torch.tensor([[3, 4, 5, 12, 7, 9], [8, 2, 11, 5, 6, 3]])
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {name: build_tiny_checkpoint(name, root / name) for name in ("tiny-moe", "tiny-dense")}
+
+
+def randomize_adapters(model, seed=0, scale=0.2):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in adapter_parameters(model):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * scale)
+
+
+# ------------------------------------------------------------------ adapters on the model
+@pytest.mark.parametrize("name", ["tiny-moe", "tiny-dense"])
+def test_zero_initialised_adapters_leave_logits_unchanged_and_only_they_train(tiny_folders, name):
+    model = load_pretrained(tiny_folders[name], dtype=torch.float32)
+    with torch.no_grad():
+        before = model(IDS)
+    lora = LoraConfig(rank=4, targets=ALL_TARGETS)
+    add_lora(model, lora)
+    with torch.no_grad():
+        assert torch.equal(model(IDS), before)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_" in n or ".expert_lora." in n for n in trainable)
+    assert sum(p.numel() for p in adapter_parameters(model)) == adapter_parameter_count(
+        load_pretrained(tiny_folders[name]), lora
+    )
+    assert any(".expert_lora." in n for n in trainable) == (name == "tiny-moe")
+    randomize_adapters(model)
+    with torch.no_grad():
+        assert not torch.allclose(model(IDS), before)
+        with adapters_disabled(model):
+            assert torch.equal(model(IDS), before)  # the GSPO reference policy
+    assert all(p.requires_grad for p in adapter_parameters(model))
+
+
+def test_merge_removes_the_adapters_and_keeps_the_logits(tiny_folders):
+    model = load_pretrained(tiny_folders["tiny-moe"], dtype=torch.float32)
+    add_lora(model, LoraConfig(rank=4, targets=ALL_TARGETS))
+    randomize_adapters(model)
+    with torch.no_grad():
+        adapted = model(IDS)
+        merge_lora(model)
+        torch.testing.assert_close(model(IDS), adapted, atol=1e-5, rtol=1e-5)
+    assert not has_lora(model) and model.layers[0].mlp.expert_lora is None
+    assert set(model.state_dict()) == set(load_pretrained(tiny_folders["tiny-moe"]).state_dict())
+
+
+# ------------------------------------------------------------------ grouped-expert LoRA
+def per_expert_reference(x, topk_idx, topk_weights, w_gate_up, w_down, adapter):
+    """Every (token, slot) on its own with the expert's dense adapted weights W + s B A."""
+    s = adapter.scaling
+    gate_up = w_gate_up + s * adapter.gate_up_B @ adapter.gate_up_A
+    down = w_down + s * adapter.down_B @ adapter.down_A
+    rows = []
+    for n in range(x.shape[0]):
+        y = torch.zeros_like(x[n])
+        for j in range(topk_idx.shape[1]):
+            e = topk_idx[n, j]
+            gate, up = (gate_up[e] @ x[n]).chunk(2)
+            y = y + topk_weights[n, j] * (down[e] @ (F.silu(gate) * up))
+        rows.append(y)
+    return torch.stack(rows)
+
+
+def test_grouped_expert_lora_matches_a_per_expert_reference_in_values_and_gradients():
+    torch.manual_seed(0)
+    tokens, experts, hidden, inter, k, rank = 11, 5, 8, 6, 2, 3
+    x = torch.randn(tokens, hidden, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(tokens, experts, dtype=torch.float64)
+    logits[:, -1] = -1e9  # the last expert gets no token: its factors must get exactly zero gradient
+    topk_weights, topk_idx = gk.moe_route(logits.requires_grad_(), k)
+    w_gate_up = torch.randn(experts, 2 * inter, hidden, dtype=torch.float64) * 0.3
+    w_down = torch.randn(experts, hidden, inter, dtype=torch.float64) * 0.3
+    adapter = ExpertLoRA(experts, hidden, inter, rank, alpha=6.0).double()
+    with torch.no_grad():
+        adapter.gate_up_B.normal_(0, 0.3)
+        adapter.down_B.normal_(0, 0.3)
+
+    inputs = [x, logits, *adapter.parameters()]
+    out = adapter(x, topk_idx, topk_weights, w_gate_up, w_down)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, grad_out, retain_graph=True)  # the routing graph is shared
+    expected = per_expert_reference(x, topk_idx, topk_weights, w_gate_up, w_down, adapter)
+    expected_grads = torch.autograd.grad(expected, inputs, grad_out)
+    torch.testing.assert_close(out, expected)
+    for name, got, want in zip(["x", "router logits", *dict(adapter.named_parameters())], grads, expected_grads):
+        torch.testing.assert_close(got, want, msg=name)
+    assert torch.all(grads[2][-1] == 0) and torch.all(grads[3][-1] == 0)
+
+    adapter.enabled = False
+    torch.testing.assert_close(adapter(x, topk_idx, topk_weights, w_gate_up, w_down),
+                               gk.moe_experts(x, topk_idx, topk_weights, w_gate_up, w_down))
+
+
+# ------------------------------------------------------------------ PEFT files, transformers, merged export
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_peft_loads_our_adapters_and_the_merged_export_matches(tmp_path, moe):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = save_hf_model(build_hf_model(moe=moe), tmp_path / "base")
+    model = load_pretrained(base, dtype=torch.float32)
+    lora = LoraConfig(rank=4, alpha=8.0, targets=ALL_TARGETS)
+    add_lora(model, lora)
+    randomize_adapters(model, scale=0.3)
+    save_adapters(model, lora, tmp_path / "adapters")
+    with torch.no_grad():
+        ours = model(IDS)
+
+    config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["base_model_name_or_path"] == str(base.resolve())
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapters").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(IDS).logits, ours, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(load_adapted(tmp_path / "adapters")(IDS), ours, atol=0, rtol=0)
+
+    export_merged(tmp_path / "adapters", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, ours, atol=1e-4, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ training
+def lora_config(tmp_path, rank=4, **sections):
+    config = tiny_config(tmp_path, **sections)
+    config.lora = LoraConfig(rank=rank, targets=ALL_TARGETS)
+    return config
+
+
+def test_training_changes_only_the_adapters_and_the_reference_is_the_base(tmp_path):
+    trainer = GSPOTrainer(lora_config(tmp_path, gspo={"beta": 0.05, "eps_low": 0.2, "eps_high": 0.28,
+                                                      "num_minibatches": 2}), echo=quiet)
+    assert trainer.reference is None  # no second copy of the weights
+    before = weights(trainer.model)
+    summary = trainer.train()
+    after = weights(trainer.model)
+    adapters = {n for n, _ in trainer.model.named_parameters() if ".lora_" in n or ".expert_lora." in n}
+    assert {n for n in before if not torch.equal(before[n], after[n])} == adapters
+    assert {id(p) for group in trainer.optimizer.param_groups for p in group["params"]} == {
+        id(p) for p in adapter_parameters(trainer.model)
+    }
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor([r["loss"], r["grad_norm"], r["kl"]])).all() for r in records)
+    assert (summary.final_dir / "adapter_model.safetensors").is_file()
+
+    samples = [Sample([3, 4, 5, 12], [4, 5, 2]), Sample([6, 7, 12], [7, 2])]
+    trainer.score_reference(samples)
+    base = GSPOTrainer(tiny_config(tmp_path), echo=quiet)
+    base.score_samples(base.model, samples, "old_logps")
+    for sample in samples:
+        torch.testing.assert_close(sample.ref_logps, sample.old_logps, atol=1e-6, rtol=1e-6)
+
+
+def test_resumed_lora_run_ends_with_identical_adapters(tmp_path):
+    straight = GSPOTrainer(lora_config(tmp_path / "a", train={"steps": 4}), echo=quiet)
+    straight.train()
+    first = GSPOTrainer(lora_config(tmp_path / "b", train={"steps": 2}, checkpoint={"every": 1, "keep_last": 1}),
+                        echo=quiet)
+    first.train()
+    first.save_checkpoint()
+    assert (tmp_path / "b" / "run" / "checkpoint-2" / "adapter_config.json").is_file()
+    resumed = GSPOTrainer(lora_config(tmp_path / "b", train={"steps": 4}, checkpoint={"resume": "auto"}), echo=quiet)
+    assert resumed.step == 2
+    resumed.train()
+    want, got = weights(straight.model), weights(resumed.model)
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+
+
+def test_cli_trains_lora_and_exports_a_merged_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    runner = CliRunner()
+    result = runner.invoke(main, [
+        "train", str(TINY_MOE_CONFIG), "--lora_rank", "8", "--output_dir", str(tmp_path / "run"),
+        "--set", "train.steps=2", "--set", "rollout.prompts_per_step=2", "--set", "rollout.group_size=4",
+    ], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "LoRA rank 8" in result.output and "done: 2 steps" in result.output
+    result = runner.invoke(main, ["export", str(tmp_path / "run"), "--merge", "--output", str(tmp_path / "merged")],
+                           catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    adapted = load_adapted(tmp_path / "run" / "final")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(IDS).logits, adapted(IDS), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_lora_on_the_tiny_moe_learns(tmp_path):
+    config = load_config(TINY_MOE_CONFIG, [f"output_dir={tmp_path / 'run'}", "lora.rank=8"])
+    summary = GSPOTrainer(config, echo=quiet).train()
+    assert summary.last_reward_mean > summary.first_reward_mean + 0.1
+
+
+# ------------------------------------------------------------------ config and plan
+@pytest.mark.parametrize(
+    "lora, message",
+    [
+        ({"rank": -1}, "lora.rank: -1 is not valid"),
+        ({"rank": 8, "targets": ["qkv"]}, "lora.targets: ['qkv'] is not valid; choose some of q_proj"),
+        ({"rank": 8, "dropout": 1.5}, "lora.dropout: 1.5 is not valid"),
+        ({"rank": 8, "alpha": 0}, "lora.alpha: 0.0 is not valid"),
+        ({"base_bf16": True}, "lora.base_bf16: only with LoRA"),
+        ({"rank": 8, "base_bf16": True, "_precision": "fp32"}, "lora.base_bf16: needs train.precision bf16-mixed"),
+    ],
+)
+def test_lora_config_errors_name_the_key(lora, message):
+    lora = dict(lora)
+    data = {"lora": lora}
+    if "_precision" in lora:
+        data["train"] = {"precision": lora.pop("_precision")}
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        config_from_dict(data)
+
+
+def test_plan_counts_adapters_and_their_optimizer_states_only():
+    full = make_plan(config_from_dict({"model": {"name_or_path": "tiny-moe"}}))
+    lora = make_plan(config_from_dict({"model": {"name_or_path": "tiny-moe"}, "lora": {"rank": 16}}))
+    assert full.trainable_params == full.total_params and lora.lora_rank == 16
+    assert lora.trainable_params == lora.total_params - full.total_params
+    assert lora.train_memory_gib * 2**30 == pytest.approx(full.total_params * 4 + lora.trainable_params * 16)
+    assert any("LoRA rank 16" in line for line in lora.lines())
