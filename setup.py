@@ -37,7 +37,8 @@ setup(
         "peft>=0.17",  # LoRA (lora.rank > 0); 0.17 added LoRA on parameters, which the MoE experts need
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        # liger-kernel: the parity test against its sequence-level GRPO loss runs in CI too.
+        "test": ["pytest>=7", "pytest-benchmark>=4", "liger-kernel"],
         "bench": ["pytest-benchmark>=4", "liger-kernel"],
     },
     entry_points={"console_scripts": ["gspo-engine=gspo_engine.cli:main"]},
