@@ -1,93 +1,220 @@
-"""Driver of bench/gpu_check.sh: environment, kernel tests, benchmarks, and a markdown table.
+"""Driver of bench/gpu_check.sh: environment, ceilings, kernel tests on CUDA, every benchmark family, one table.
 
-Every stage runs in its own subprocess with a time limit, so one failure or hang still leaves
-the others' results. The table (gpu_check.md) is what goes into bench/RESULTS.md.
+Each stage runs in a subprocess with a time limit drawn from one overall budget, so that a
+failure or a hang still leaves the other stages' results and the whole check ends in time. On a
+machine without a GPU nothing is measured: every GPU row is written as "not run" and it exits 0.
+
+results.json (schema_version 1):
+    schema_version  1
+    date            "YYYY-MM-DD HH:MM UTC"
+    commit          short hash of HEAD, or "unknown"
+    command         the command line that produced it
+    environment     {"card", "driver", "torch", "triton", "transformers", "liger_kernel", "python"}:
+                    version strings, None where absent (card and driver: None without a GPU)
+    ceilings        {"copy_gb_per_s", "matmul_tflops"}: measured on the card, None without a GPU
+    tests           {"status": "passed" | "failed" | "not run", "command", "seconds", "summary"}
+    rows            one row per (family, case, implementation): the fields of
+                    gspo_engine.benchmarks.cases.ROW_FIELDS, documented there
+    seconds         wall time of the whole check
+gpu_check.md holds the same as markdown: the environment, then one table of the rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import pathlib
+import platform
+import shlex
 import subprocess
 import sys
+import time
 
+import torch
+
+from gspo_engine.benchmarks import FAMILIES, ROW_FIELDS, markdown_table
+from gspo_engine.benchmarks.cases import empty_row
+from gspo_engine.benchmarks.timing import ceilings
+
+SCHEMA_VERSION = 1
 KERNEL_TESTS = ["tests/test_gspo_loss.py", "tests/test_fused_linear.py", "tests/test_moe_kernels.py"]
+TOP_KEYS = ("schema_version", "date", "commit", "command", "environment", "ceilings", "tests", "rows", "seconds")
+ENVIRONMENT_KEYS = ("card", "driver", "torch", "triton", "transformers", "liger_kernel", "python")
+TEST_STATUSES = ("passed", "failed", "not run")
+ROW_STATUSES = ("ok", "error", "skipped", "not run")
 
 
-def environment() -> list[str]:
-    import torch
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench/out", help="Folder for results.json, gpu_check.md and the logs.")
+    parser.add_argument("--families", default=",".join(FAMILIES), type=lambda text: text.split(","),
+                        help=f"Comma-separated benchmark families (default: {','.join(FAMILIES)}).")
+    parser.add_argument("--rounds", type=int, default=10, help="Timed calls per case, at most.")
+    parser.add_argument("--budget-s", type=float, default=270, help="Time for the whole check; stages share it.")
+    parser.add_argument("--tests-timeout-s", type=float, default=100, help="At most this much for the kernel tests.")
+    parser.add_argument("--skip-tests", action="store_true", help="Only the benchmarks.")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.families if name not in FAMILIES]
+    if unknown:
+        parser.error(f"unknown family {unknown[0]!r}; choose from {', '.join(FAMILIES)}")
+    return args
 
-    lines = [f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    lines.append(f"commit: {commit or 'unknown'}")
-    lines.append(f"torch: {torch.__version__}")
+
+def _version(package: str) -> str | None:
     try:
-        import triton
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
-        lines.append(f"triton: {triton.__version__}")
-    except ImportError:
-        lines.append("triton: not installed")
+
+def _command_output(command: list[str]) -> str | None:
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (result.stdout.strip() or None) if result.returncode == 0 else None
+
+
+def environment() -> dict[str, str | None]:
+    card = None
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        lines.append(f"card: {props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs")
-    else:
-        lines.append("card: none (CPU run)")
-    return lines
+        card = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs"
+    return {
+        "card": card,
+        "driver": _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if card else None,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "liger_kernel": _version("liger-kernel") or _version("liger_kernel"),
+        "python": platform.python_version(),
+    }
 
 
-def stage(name: str, command: list[str], timeout_s: int, log: pathlib.Path) -> bool:
-    print(f"\n== {name}: {' '.join(command)}", flush=True)
+def run_stage(name: str, command: list[str], timeout_s: float, log: pathlib.Path) -> tuple[str, str, float]:
+    """Run `command`, its output to `log`; ("ok" | "failed" | "timed out", stdout, seconds)."""
+    print(f"\n== {name}: {shlex.join(command)} (at most {timeout_s:.0f} s)", flush=True)
+    start = time.perf_counter()
     try:
-        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout_s)
-        output, ok = result.stdout, result.returncode == 0
+        result = subprocess.run(command, capture_output=True, text=True, timeout=max(timeout_s, 1))
+        status, stdout, stderr = "ok" if result.returncode == 0 else "failed", result.stdout, result.stderr
     except subprocess.TimeoutExpired as error:
-        output, ok = (error.stdout or b"").decode() if isinstance(error.stdout, bytes) else (error.stdout or ""), False
-        output += f"\n{name}: timed out after {timeout_s} s\n"
-    log.write_text(output)
-    print("\n".join(output.splitlines()[-15:]), flush=True)
-    print(f"== {name}: {'ok' if ok else 'FAILED'}", flush=True)
-    return ok
+        decode = lambda out: out.decode(errors="replace") if isinstance(out, bytes) else (out or "")  # noqa: E731
+        status, stdout, stderr = "timed out", decode(error.stdout), decode(error.stderr)
+    seconds = time.perf_counter() - start
+    log.write_text(stdout + ("\n--- stderr ---\n" + stderr if stderr else ""))
+    print("\n".join((stderr or stdout).splitlines()[-12:]), flush=True)
+    print(f"== {name}: {status} after {seconds:.0f} s", flush=True)
+    return status, stdout, seconds
 
 
-def benchmark_table(report: pathlib.Path) -> list[str]:
-    if not report.exists():
-        return ["(no benchmark report)"]
-    benchmarks = json.loads(report.read_text())["benchmarks"]
-    rows = ["| group | case | median ms | extra |", "| --- | --- | --- | --- |"]
-    for bench in sorted(benchmarks, key=lambda b: (b["group"] or "", b["name"])):
-        extra = ", ".join(f"{k}={v}" for k, v in bench.get("extra_info", {}).items())
-        rows.append(f"| {bench['group']} | {bench['name']} | {bench['stats']['median'] * 1e3:.3f} | {extra} |")
-    return rows
+def kernel_tests(out: pathlib.Path, timeout_s: float) -> dict:
+    tests = [path for path in KERNEL_TESTS if pathlib.Path(path).exists()]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+    if not torch.cuda.is_available():
+        return {"status": "not run", "command": shlex.join(command), "seconds": None, "summary": "no GPU"}
+    status, output, seconds = run_stage("kernel tests on CUDA", command, timeout_s, out / "tests.log")
+    summary = output.strip().splitlines()[-1] if output.strip() else "no output"
+    if status == "timed out":
+        summary = f"timed out after {timeout_s:.0f} s; {summary}"
+    return {"status": "passed" if status == "ok" else "failed", "command": shlex.join(command), "seconds": seconds,
+            "summary": summary}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--tests-timeout-s", type=int, default=180)
-    parser.add_argument("--bench-timeout-s", type=int, default=300)
-    args = parser.parse_args()
+def not_run_rows(family: str, note: str) -> list[dict]:
+    """The GPU cases of `family`, every implementation marked "not run" (nothing is built or measured)."""
+    return [empty_row(case, name, "not run", note)
+            for case in FAMILIES[family](torch.device("cuda"), "gpu") for name in case.implementations]
+
+
+def family_rows(family: str, rounds: int, timeout_s: float, out: pathlib.Path) -> list[dict]:
+    """The family's GPU cases through `gspo-engine bench --json`; if the run fails, its rows say so."""
+    command = [sys.executable, "-m", "gspo_engine", "bench", "--kernel", family, "--device", "cuda",
+               "--scale", "gpu", "--rounds", str(rounds), "--json"]
+    status, output, _ = run_stage(f"benchmarks: {family}", command, timeout_s, out / f"bench-{family}.log")
+    if status == "ok":
+        try:
+            return json.loads(output)
+        except json.JSONDecodeError as error:
+            status = f"unreadable output ({error})"
+    reason = f"{status} after {timeout_s:.0f} s" if status == "timed out" else f"{status}, see bench-{family}.log"
+    return [dict(row, status="error") for row in not_run_rows(family, reason)]
+
+
+def validate_results(results: dict) -> None:
+    """Raise ValueError where `results` departs from schema version 1 (module docstring)."""
+    problems = []
+    if tuple(results) != TOP_KEYS:
+        problems.append(f"top-level keys {tuple(results)} != {TOP_KEYS}")
+    if results.get("schema_version") != SCHEMA_VERSION:
+        problems.append(f"schema_version {results.get('schema_version')!r}")
+    if tuple(results.get("environment", {})) != ENVIRONMENT_KEYS:
+        problems.append(f"environment keys {tuple(results.get('environment', {}))}")
+    if set(results.get("ceilings", {})) != {"copy_gb_per_s", "matmul_tflops"}:
+        problems.append(f"ceilings keys {tuple(results.get('ceilings', {}))}")
+    if results.get("tests", {}).get("status") not in TEST_STATUSES:
+        problems.append(f"tests status {results.get('tests', {}).get('status')!r}")
+    for index, row in enumerate(results.get("rows", [])):
+        if tuple(row) != ROW_FIELDS or row["status"] not in ROW_STATUSES:
+            problems.append(f"row {index}: keys {tuple(row)}, status {row.get('status')!r}")
+    if problems:
+        raise ValueError("results.json does not follow schema version 1: " + "; ".join(problems))
+
+
+def markdown_report(results: dict) -> list[str]:
+    env, ceil, tests = results["environment"], results["ceilings"], results["tests"]
+    lines = [f"- date: {results['date']}, commit {results['commit']}", f"- command: `{results['command']}`",
+             f"- card: {env['card'] or 'none (CPU: the GPU rows are not run)'}, driver {env['driver'] or '-'}",
+             f"- torch {env['torch']}, triton {env['triton'] or '-'}, transformers {env['transformers'] or '-'}, "
+             f"liger-kernel {env['liger_kernel'] or 'not installed'}, python {env['python']}"]
+    if ceil["matmul_tflops"]:
+        lines.append(f"- ceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, "
+                     f"device copy {ceil['copy_gb_per_s']:.0f} GB/s")
+    lines.append(f"- kernel tests on CUDA: {tests['status']} ({tests['summary']})")
+    return [*lines, "", *markdown_table(results["rows"])]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    start = time.perf_counter()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-
+    commit = _command_output(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
     env = environment()
-    print("\n".join(env), flush=True)
-    tests = [path for path in KERNEL_TESTS if pathlib.Path(path).exists()]
-    tests_ok = stage("kernel tests", [sys.executable, "-m", "pytest", "-q", "-x", *tests], args.tests_timeout_s, out / "tests.log")
-    report = out / "bench.json"
-    bench_ok = stage(
-        "benchmarks",
-        [sys.executable, "-m", "pytest", "bench", "-q", f"--benchmark-json={report}", "--benchmark-group-by=group"],
-        args.bench_timeout_s,
-        out / "bench.log",
-    )
-    table = ["### GPU check", "", *[f"- {line}" for line in env],
-             f"- kernel tests: {'passed' if tests_ok else 'FAILED (see tests.log)'}",
-             f"- benchmarks: {'ran' if bench_ok else 'FAILED (see bench.log)'}", "", *benchmark_table(report)]
-    (out / "gpu_check.md").write_text("\n".join(table) + "\n")
-    print("\n" + "\n".join(table))
-    return 0 if tests_ok and bench_ok else 1
+    print("\n".join(f"{key}: {value}" for key, value in env.items()), flush=True)
+    gpu = torch.cuda.is_available()
+    card_ceilings = ceilings(torch.device("cuda" if gpu else "cpu"))
+    print(f"ceilings: {card_ceilings}", flush=True)
+    left_s = lambda: args.budget_s - (time.perf_counter() - start)  # noqa: E731
+    tests = ({"status": "not run", "command": None, "seconds": None, "summary": "--skip-tests"} if args.skip_tests
+             else kernel_tests(out, min(args.tests_timeout_s, left_s() / 3)))
+    rows = []
+    for index, family in enumerate(args.families):
+        if not gpu:
+            rows += not_run_rows(family, "no GPU")
+            continue
+        share_s = left_s() / (len(args.families) - index)  # what is left, split among the families still to run
+        rows += family_rows(family, args.rounds, share_s, out)
+    results = {
+        "schema_version": SCHEMA_VERSION,
+        "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "commit": commit,
+        "command": shlex.join(["bash", "bench/gpu_check.sh", *(argv if argv is not None else sys.argv[1:])]),
+        "environment": env,
+        "ceilings": card_ceilings,
+        "tests": tests,
+        "rows": rows,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    validate_results(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    report = markdown_report(results)
+    (out / "gpu_check.md").write_text("\n".join(report) + "\n")
+    print("\n" + "\n".join(report), flush=True)
+    failed = tests["status"] == "failed" or any(row["status"] == "error" for row in rows)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,24 @@
 #!/usr/bin/env bash
-# One prepared call on a lent GPU: environment, kernel tests on CUDA, benchmarks, one table.
-# Runs from the source tree (nothing is installed there). Results land in $OUT (or bench/gpu_check_out).
-#   bash bench/gpu_check.sh            # everything, a few minutes on an H100 / H200
+# One prepared call on a lent GPU: environment, ceilings, kernel tests on CUDA, every benchmark
+# family at the issues' shapes, results.json and a markdown table (bench/gpu_check.py documents
+# both). Runs from the source tree (nothing is installed there), in under 5 minutes on an H100.
+# Results land in $OUT when set (the device tool's folder), else bench/out/. On a machine without
+# a GPU it measures nothing, marks every GPU row "not run" and exits 0.
+#
+#   bash bench/gpu_check.sh                          # everything
+#   bash bench/gpu_check.sh --families loss,moe      # some families; --help for the rest
+#
+# Peers the GPU image lacks (liger-kernel) travel as wheels. Once, here, in the repository root:
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl liger-kernel==0.8.5
+# (liger-kernel needs only torch and triton, both in the image.) Then the device call names `.whl`
+# in carry and runs:
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+#       .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash bench/gpu_check.sh
+# Without the wheel the Liger rows are "skipped: liger-kernel not installed"; the rest still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-exec python3 bench/gpu_check.py --out "${OUT:-bench/gpu_check_out}" "$@"
+exec python3 bench/gpu_check.py --out "${OUT:-bench/out}" "$@"
