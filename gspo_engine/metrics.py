@@ -38,12 +38,14 @@ def console_line(step: int, metrics: dict[str, Any]) -> str:
 class MetricsLog:
     """Appends one JSON object per step to output_dir/metrics.jsonl (and TensorBoard when asked)."""
 
-    def __init__(self, output_dir: str | Path, tensorboard: bool = False, resume: bool = False):
+    def __init__(self, output_dir: str | Path, tensorboard: bool = False, resume_step: int | None = None):
+        """A fresh log, or with resume_step the existing one cut back to the steps up to resume_step
+        (steps logged after the checkpoint a run resumes from are run again)."""
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / "metrics.jsonl"
-        if not resume and self.path.exists():
-            self.path.unlink()
+        kept = [r for r in self.records() if r["step"] <= resume_step] if resume_step is not None else []
+        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
         self.writer = None
         if tensorboard:
             try:

@@ -163,7 +163,8 @@ class GSPOTrainer:
         self.consecutive_skips = 0
         if resume_from is not None:
             self._restore(resume_from)
-        self.metrics = MetricsLog(self.output_dir, tensorboard=config.logging.tensorboard, resume=resume_from is not None)
+        self.metrics = MetricsLog(self.output_dir, tensorboard=config.logging.tensorboard,
+                                  resume_step=self.step if resume_from is not None else None)
         # Sampling and the loss use the same temperature (gspo.md); greedy rollouts score at 1.
         self.temperature = config.rollout.temperature if config.rollout.temperature > 0 else 1.0
 

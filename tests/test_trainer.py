@@ -88,10 +88,9 @@ def test_resumed_run_ends_with_identical_weights(tmp_path):
                         echo=quiet)
     first.train()
     assert sorted(p.name for p in (tmp_path / "b" / "run").glob("checkpoint-*")) == ["checkpoint-1"]
-    # checkpoint-1 is the latest kept; the final model was written at step 2, so save step 2 too.
-    first.save_checkpoint()
+    # Resuming from step 1 runs step 2 again, and the run must not notice.
     resumed = GSPOTrainer(tiny_config(tmp_path / "b", train={"steps": 4}, checkpoint={"resume": "auto"}), echo=quiet)
-    assert resumed.step == 2
+    assert resumed.step == 1
     resumed.train()
     want, got = weights(straight.model), weights(resumed.model)
     for name in want:
