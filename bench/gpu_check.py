@@ -129,6 +129,15 @@ def not_run_rows(family: str, note: str) -> list[dict]:
             for case in FAMILIES[family](torch.device("cuda"), "gpu") for name in case.implementations]
 
 
+def json_rows(output: str) -> list[dict]:
+    """The JSON list `gspo-engine bench --json` printed, whatever a library printed before it."""
+    start = 0 if output.startswith("[") else output.find("\n[") + 1
+    if not output.startswith("[") and start == 0:
+        raise ValueError("no JSON list in the output")
+    rows, _ = json.JSONDecoder().raw_decode(output[start:])
+    return rows
+
+
 def family_rows(family: str, rounds: int, timeout_s: float, out: pathlib.Path) -> list[dict]:
     """The family's GPU cases through `gspo-engine bench --json`; if the run fails, its rows say so."""
     command = [sys.executable, "-m", "gspo_engine", "bench", "--kernel", family, "--device", "cuda",
@@ -136,8 +145,8 @@ def family_rows(family: str, rounds: int, timeout_s: float, out: pathlib.Path) -
     status, output, _ = run_stage(f"benchmarks: {family}", command, timeout_s, out / f"bench-{family}.log")
     if status == "ok":
         try:
-            return json.loads(output)
-        except json.JSONDecodeError as error:
+            return json_rows(output)
+        except ValueError as error:  # JSONDecodeError is a ValueError
             status = f"unreadable output ({error})"
     reason = f"{status} after {timeout_s:.0f} s" if status == "timed out" else f"{status}, see bench-{family}.log"
     return [dict(row, status="error") for row in not_run_rows(family, reason)]

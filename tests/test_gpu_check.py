@@ -107,3 +107,10 @@ def test_cli_bench_offers_every_family_and_prints_json_rows():
     rows = json.loads(result.output)
     assert {row["implementation"] for row in rows} == {"reference", "gspo_kernels"}
     assert all(tuple(row) == ROW_FIELDS for row in rows)
+
+
+def test_json_rows_are_read_past_what_libraries_print_first():
+    printed = 'a warning\n[\n {"kernel": "loss"}\n]\n'
+    assert gpu_check.json_rows(printed) == [{"kernel": "loss"}]
+    with pytest.raises(ValueError):
+        gpu_check.json_rows("Traceback: out of memory\n")
