@@ -130,26 +130,30 @@ def not_run_rows(family: str, note: str) -> list[dict]:
 
 
 def json_rows(output: str) -> list[dict]:
-    """The JSON list `gspo-engine bench --json` printed, whatever a library printed before it."""
-    start = 0 if output.startswith("[") else output.find("\n[") + 1
-    if not output.startswith("[") and start == 0:
-        raise ValueError("no JSON list in the output")
-    rows, _ = json.JSONDecoder().raw_decode(output[start:])
+    """The rows `gspo-engine bench --json` printed, one JSON object a line, between whatever else was printed."""
+    rows = []
+    for line in output.splitlines():
+        if line.startswith("{"):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a timeout, or a library's own output
     return rows
 
 
 def family_rows(family: str, rounds: int, timeout_s: float, out: pathlib.Path) -> list[dict]:
-    """The family's GPU cases through `gspo-engine bench --json`; if the run fails, its rows say so."""
+    """The family's GPU cases through `gspo-engine bench --json`. The rows of a run that fails or
+    runs out of time are kept as far as it got; the cases it did not reach become error rows."""
     command = [sys.executable, "-m", "gspo_engine", "bench", "--kernel", family, "--device", "cuda",
                "--scale", "gpu", "--rounds", str(rounds), "--json"]
     status, output, _ = run_stage(f"benchmarks: {family}", command, timeout_s, out / f"bench-{family}.log")
+    rows = json_rows(output)
     if status == "ok":
-        try:
-            return json_rows(output)
-        except ValueError as error:  # JSONDecodeError is a ValueError
-            status = f"unreadable output ({error})"
+        return rows
     reason = f"{status} after {timeout_s:.0f} s" if status == "timed out" else f"{status}, see bench-{family}.log"
-    return [dict(row, status="error") for row in not_run_rows(family, reason)]
+    done = {(row["case"], row["implementation"]) for row in rows}
+    return rows + [dict(row, status="error") for row in not_run_rows(family, reason)
+                   if (row["case"], row["implementation"]) not in done]
 
 
 def validate_results(results: dict) -> None:

@@ -22,7 +22,7 @@ def main() -> None:
 @click.option("--rounds", default=10, show_default=True, type=click.IntRange(1), help="Timed calls per case (at most).")
 @click.option("--scale", type=click.Choice(["gpu", "cpu", "smoke"]), default=None,
               help="Shape set (default: gpu on cuda, cpu otherwise; smoke runs in seconds).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON list of rows instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON row per line, as each case ends, instead of a table.")
 def bench(families: tuple[str, ...], device: str | None, rounds: int, scale: str | None, as_json: bool) -> None:
     """Time ours side by side with the PyTorch reference, transformers and installed peers."""
     import torch
@@ -35,7 +35,11 @@ def bench(families: tuple[str, ...], device: str | None, rounds: int, scale: str
         raise click.BadParameter("cuda was asked for but no GPU is visible", param_hint="--device")
     rows = run_benchmarks(list(families) or list(FAMILIES), target, rounds, scale or default_scale(target),
                           ceilings(target))
-    click.echo(json.dumps(rows, indent=1) if as_json else "\n".join(markdown_table(rows)))
+    if not as_json:
+        click.echo("\n".join(markdown_table(list(rows))))
+        return
+    for row in rows:
+        click.echo(json.dumps(row))
 
 
 # Familiar flags of other trainers, mapped onto config keys.

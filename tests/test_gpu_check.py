@@ -104,13 +104,20 @@ def test_cli_bench_offers_every_family_and_prints_json_rows():
     assert list(cli.commands["bench"].params[0].type.choices) == list(FAMILIES)
     result = CliRunner().invoke(cli, ["bench", "--kernel", "loss", "--scale", "smoke", "--rounds", "1", "--json"])
     assert result.exit_code == 0, result.output
-    rows = json.loads(result.output)
+    rows = [json.loads(line) for line in result.output.splitlines()]
     assert {row["implementation"] for row in rows} == {"reference", "gspo_kernels"}
     assert all(tuple(row) == ROW_FIELDS for row in rows)
 
 
-def test_json_rows_are_read_past_what_libraries_print_first():
-    printed = 'a warning\n[\n {"kernel": "loss"}\n]\n'
-    assert gpu_check.json_rows(printed) == [{"kernel": "loss"}]
-    with pytest.raises(ValueError):
-        gpu_check.json_rows("Traceback: out of memory\n")
+def test_json_rows_are_read_past_what_libraries_print_and_a_line_cut_short():
+    printed = 'a warning\n{"kernel": "loss"}\n{"kernel": "moe"}\n{"kernel": "e2'
+    assert gpu_check.json_rows(printed) == [{"kernel": "loss"}, {"kernel": "moe"}]
+
+
+def test_a_family_that_runs_out_of_time_keeps_its_rows_and_marks_the_rest(tmp_path, monkeypatch):
+    first = gpu_check.not_run_rows("loss", "")[0]
+    finished = dict(first, status="ok", median_ms=1.0, note=None)
+    monkeypatch.setattr(gpu_check, "run_stage", lambda *args: ("timed out", json.dumps(finished) + "\n", 9.0))
+    rows = gpu_check.family_rows("loss", rounds=1, timeout_s=9, out=tmp_path)
+    assert rows[0] == finished and len(rows) == len(gpu_check.not_run_rows("loss", ""))
+    assert all(row["status"] == "error" and row["note"] == "timed out after 9 s" for row in rows[1:])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -23,9 +23,8 @@ def default_scale(device: torch.device) -> str:
 
 
 def run_benchmarks(families: list[str], device: torch.device, rounds: int, scale: str,
-                   ceilings: dict[str, float | None]) -> list[dict]:
-    rows = []
+                   ceilings: dict[str, float | None]) -> Iterator[dict]:
+    """The rows of every case of `families`, yielded as each case finishes."""
     for family in families:
         for case in FAMILIES[family](device, scale):
-            rows.extend(run_case(case, device, rounds, ceilings))
-    return rows
+            yield from run_case(case, device, rounds, ceilings)
