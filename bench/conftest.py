@@ -13,6 +13,9 @@ import torch
 if not torch.cuda.is_available():
     # Triton kernels only run in the interpreter here; the benchmarks then time the CPU paths.
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # On a CPU shared with other jobs, two threads mostly wait on each other (a 256^3 matmul:
+    # 16 ms with 2 threads, 1.2 ms with 1) and the ratios swing with the load: time on one.
+    torch.set_num_threads(1)
 
 from gspo_engine.benchmarks import markdown_table  # noqa: E402
 from gspo_engine.benchmarks.cases import Case, add_reference_ratios, measured_row  # noqa: E402

@@ -25,17 +25,6 @@ CUDA = DEVICE.type == "cuda"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """On a CPU shared with other jobs, two threads of small matmuls mostly wait on each other
-    (a 256^3 matmul: 16 ms with 2 threads, 1.2 ms with 1): time every implementation on one."""
-    threads = torch.get_num_threads()
-    if not CUDA:
-        torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("case, implementation", case_params(moe.cases(DEVICE, SCALE)))
 def test_experts_forward_backward(benchmark, card_ceilings, case, implementation):
     benchmark_case(benchmark, case, implementation, card_ceilings)

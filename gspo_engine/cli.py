@@ -33,6 +33,8 @@ def bench(families: tuple[str, ...], device: str | None, rounds: int, scale: str
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if target.type == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("cuda was asked for but no GPU is visible", param_hint="--device")
+    if target.type == "cpu":
+        torch.set_num_threads(1)  # threads of a shared CPU wait on each other and make the ratios swing
     rows = run_benchmarks(list(families) or list(FAMILIES), target, rounds, scale or default_scale(target),
                           ceilings(target))
     if not as_json:
