@@ -147,6 +147,9 @@ class GSPOTrainer:
 
         resume_from = resolve_resume(config.checkpoint.resume, self.output_dir)
         self.lora = config.lora if config.lora.rank else None
+        if resume_from is not None and is_adapter_folder(resume_from) != (self.lora is not None):
+            held = "LoRA adapters" if self.lora is None else "full weights, not LoRA adapters"
+            raise TrainingError(f"{resume_from} holds {held}; resume it with the lora settings it was trained with")
         if self.lora is None:
             self.model = self._load_model(resume_from or self.source)
         else:
@@ -185,8 +188,6 @@ class GSPOTrainer:
             if self.precision != "bf16-mixed":
                 raise TrainingError("lora.base_bf16 needs train.precision bf16-mixed (a GPU)")
             base_dtype = torch.bfloat16
-        if resume_from is not None and not is_adapter_folder(resume_from):
-            raise TrainingError(f"{resume_from} holds full weights, not LoRA adapters; resume it with lora.rank: 0")
         model = self._load_model(self.source, base_dtype)
         add_lora(model, self.lora)
         if resume_from is not None:
@@ -194,8 +195,6 @@ class GSPOTrainer:
         return model
 
     def _restore(self, folder: Path) -> None:
-        if self.lora is None and is_adapter_folder(folder):
-            raise TrainingError(f"{folder} holds LoRA adapters; resume it with the run's lora settings")
         state = load_trainer_state(folder)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

@@ -29,7 +29,7 @@ from gspo_engine.lora import (
 )
 from gspo_engine.plan import make_plan
 from gspo_engine.tiny import build_tiny_checkpoint
-from gspo_engine.trainer import GSPOTrainer
+from gspo_engine.trainer import GSPOTrainer, TrainingError
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "router", "experts"]
 TINY_MOE_CONFIG = Path(__file__).parent.parent / "configs" / "tiny-moe.yaml"
@@ -83,6 +83,27 @@ def test_merge_removes_the_adapters_and_keeps_the_logits(tiny_folders):
         torch.testing.assert_close(model(IDS), adapted, atol=1e-5, rtol=1e-5)
     assert not has_lora(model) and model.layers[0].mlp.expert_lora is None
     assert set(model.state_dict()) == set(load_pretrained(tiny_folders["tiny-moe"]).state_dict())
+
+
+def test_bf16_base_weights_train_fp32_adapters_under_autocast(tiny_folders):
+    model = load_pretrained(tiny_folders["tiny-moe"], dtype=torch.bfloat16)
+    add_lora(model, LoraConfig(rank=4, targets=ALL_TARGETS))
+    randomize_adapters(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(IDS)
+    logits.float().logsumexp(-1).mean().backward()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.dtype == torch.float32 and parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+        else:
+            assert parameter.dtype == torch.bfloat16 and parameter.grad is None, name
+
+
+def test_bf16_base_weights_need_bf16_mixed(tmp_path):
+    config = tiny_config(tmp_path)
+    config.lora = LoraConfig(rank=4, base_bf16=True)
+    with pytest.raises(TrainingError, match="lora.base_bf16 needs train.precision bf16-mixed"):
+        GSPOTrainer(config, echo=quiet)
 
 
 # ------------------------------------------------------------------ grouped-expert LoRA
@@ -205,6 +226,19 @@ def test_resumed_lora_run_ends_with_identical_adapters(tmp_path):
     want, got = weights(straight.model), weights(resumed.model)
     for name in want:
         assert torch.equal(want[name], got[name]), name
+
+
+def test_resuming_with_other_training_settings_says_why(tmp_path):
+    GSPOTrainer(lora_config(tmp_path / "lora", train={"steps": 1}, checkpoint={"every": 1}), echo=quiet).save_checkpoint()
+    GSPOTrainer(tiny_config(tmp_path / "full", train={"steps": 1}), echo=quiet).save_checkpoint()
+    with pytest.raises(TrainingError, match="holds LoRA adapters"):
+        GSPOTrainer(tiny_config(tmp_path / "lora", checkpoint={"resume": "auto"}), echo=quiet)
+    with pytest.raises(TrainingError, match="holds full weights, not LoRA adapters"):
+        GSPOTrainer(lora_config(tmp_path / "full", checkpoint={"resume": "auto"}), echo=quiet)
+    with pytest.raises(ValueError, match="does not fit the model's adapters"):
+        config = lora_config(tmp_path / "lora", checkpoint={"resume": "auto"})
+        config.lora.targets = ["q_proj"]
+        GSPOTrainer(config, echo=quiet)
 
 
 def test_cli_trains_lora_and_exports_a_merged_checkpoint(tmp_path):
