@@ -21,7 +21,7 @@ from gspo_engine.model import Qwen3Model
 LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "router")
 
 
-def _peft():
+def require_peft():
     try:
         import peft
     except ImportError as error:
@@ -45,7 +45,7 @@ def add_lora(model: Qwen3Model, lora: LoraConfig) -> None:
     if not linear and not adapt_experts:
         raise ValueError(f"lora.targets: {lora.targets} match no weight of this model")
     if linear:
-        peft = _peft()
+        peft = require_peft()
         config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.scale_alpha, lora_dropout=lora.dropout,
                                  target_modules=linear, bias="none")
         peft.inject_adapter_in_model(config, model)

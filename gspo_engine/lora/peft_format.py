@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 
 from gspo_engine.checkpoint import COPIED_FILES, load_pretrained, save_pretrained
 from gspo_engine.config import LoraConfig
-from gspo_engine.lora.adapters import _peft, add_lora, linear_targets, merge_lora, named_adapter_parameters
+from gspo_engine.lora.adapters import add_lora, linear_targets, merge_lora, named_adapter_parameters, require_peft
 from gspo_engine.model import Qwen3Model
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -84,7 +84,7 @@ def _peft_config(model: Qwen3Model, lora: LoraConfig, base_path: str):
         parameters.append(_ROUTER_PARAMETER)
     if "experts" in lora.targets and model.args.is_moe:
         parameters += _EXPERT_PARAMETERS
-    return _peft().LoraConfig(
+    return require_peft().LoraConfig(
         r=lora.rank, lora_alpha=lora.scale_alpha, lora_dropout=0.0 if parameters else lora.dropout,
         target_modules=modules or None, target_parameters=parameters or None, bias="none",
         task_type="CAUSAL_LM", base_model_name_or_path=base_path,
