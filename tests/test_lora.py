@@ -258,6 +258,14 @@ def test_cli_trains_lora_and_exports_a_merged_checkpoint(tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(IDS).logits, adapted(IDS), atol=1e-4, rtol=1e-4)
+    result = runner.invoke(main, ["export", str(tmp_path / "run" / "checkpoint-2"), "--output", str(tmp_path / "copy")])
+    assert result.exit_code != 0 and "does not exist" in result.output
+    result = runner.invoke(main, ["export", str(tmp_path / "run"), "--output", str(tmp_path / "copy")],
+                           catch_exceptions=False)
+    assert result.exit_code == 0 and (tmp_path / "copy" / "adapter_model.safetensors").is_file()
+    result = runner.invoke(main, ["generate", str(tmp_path / "copy"), "--prompt", "<copy>12=", "--temperature", "0",
+                                  "--max-new-tokens", "3"], catch_exceptions=False)
+    assert result.exit_code == 0 and result.output.startswith("[0] '<copy>12=' -> ")
 
 
 @pytest.mark.slow
