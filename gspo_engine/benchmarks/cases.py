@@ -123,7 +123,8 @@ def run_case(case: Case, device: torch.device, rounds: int, ceilings: dict[str, 
             rows.append(measured_row(case, implementation, seconds, peak_mib, ceilings))
         except Exception as error:  # one failing implementation must not stop the others
             traceback.print_exc()
-            rows.append(empty_row(case, implementation, "error", f"{type(error).__name__}: {error}"))
+            first_line = (str(error).splitlines() or [""])[0][:200]  # CUDA errors run to many lines
+            rows.append(empty_row(case, implementation, "error", f"{type(error).__name__}: {first_line}"))
         release_memory(device)
     rows += [empty_row(case, name, "skipped", why) for name, why in case.skipped.items()]
     return add_reference_ratios(rows, case.baseline)
