@@ -71,7 +71,7 @@ def _version(package: str) -> str | None:
 
 def _command_output(command: list[str]) -> str | None:
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=30)
+        result = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     return (result.stdout.strip() or None) if result.returncode == 0 else None
@@ -84,7 +84,7 @@ def environment() -> dict[str, str | None]:
         card = f"{props.name}, {props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs"
     return {
         "card": card,
-        "driver": _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]) if card else None,
+        "driver": card and _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
         "torch": torch.__version__,
         "triton": _version("triton"),
         "transformers": _version("transformers"),
@@ -93,16 +93,20 @@ def environment() -> dict[str, str | None]:
     }
 
 
+def _text(output: bytes | str | None) -> str:
+    """What a timed-out subprocess had printed: bytes, whatever `text=True` asked for."""
+    return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
+
+
 def run_stage(name: str, command: list[str], timeout_s: float, log: pathlib.Path) -> tuple[str, str, float]:
     """Run `command`, its output to `log`; ("ok" | "failed" | "timed out", stdout, seconds)."""
     print(f"\n== {name}: {shlex.join(command)} (at most {timeout_s:.0f} s)", flush=True)
     start = time.perf_counter()
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=max(timeout_s, 1))
+        result = subprocess.run(command, capture_output=True, text=True, timeout=max(timeout_s, 1), check=False)
         status, stdout, stderr = "ok" if result.returncode == 0 else "failed", result.stdout, result.stderr
     except subprocess.TimeoutExpired as error:
-        decode = lambda out: out.decode(errors="replace") if isinstance(out, bytes) else (out or "")  # noqa: E731
-        status, stdout, stderr = "timed out", decode(error.stdout), decode(error.stderr)
+        status, stdout, stderr = "timed out", _text(error.stdout), _text(error.stderr)
     seconds = time.perf_counter() - start
     log.write_text(stdout + ("\n--- stderr ---\n" + stderr if stderr else ""))
     print("\n".join((stderr or stdout).splitlines()[-12:]), flush=True)
@@ -200,15 +204,18 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available()
     card_ceilings = ceilings(torch.device("cuda" if gpu else "cpu"))
     print(f"ceilings: {card_ceilings}", flush=True)
-    left_s = lambda: args.budget_s - (time.perf_counter() - start)  # noqa: E731
-    tests = ({"status": "not run", "command": None, "seconds": None, "summary": "--skip-tests"} if args.skip_tests
-             else kernel_tests(out, min(args.tests_timeout_s, left_s() / 3)))
+    deadline = start + args.budget_s
+    if args.skip_tests:
+        tests = {"status": "not run", "command": None, "seconds": None, "summary": "--skip-tests"}
+    else:
+        tests = kernel_tests(out, min(args.tests_timeout_s, (deadline - time.perf_counter()) / 3))
     rows = []
     for index, family in enumerate(args.families):
         if not gpu:
             rows += not_run_rows(family, "no GPU")
             continue
-        share_s = left_s() / (len(args.families) - index)  # what is left, split among the families still to run
+        # what is left, split among the families still to run: a quick family leaves more to the next
+        share_s = (deadline - time.perf_counter()) / (len(args.families) - index)
         rows += family_rows(family, args.rounds, share_s, out)
     results = {
         "schema_version": SCHEMA_VERSION,

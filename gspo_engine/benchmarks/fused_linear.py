@@ -69,12 +69,14 @@ def make_step(name, inputs):
     options = dict(level="sequence", eps_low=EPS_LOW, eps_high=EPS_HIGH)
     if name == "reference":
         def loss():
-            return reference.fused_linear_gspo_loss_reference(hidden, weight, targets, old_logps, advantages, mask, **options)[0]
+            return reference.fused_linear_gspo_loss_reference(
+                hidden, weight, targets, old_logps, advantages, mask, **options)[0]
     elif name in ("fused", "fused_recompute"):
         budget = dict(chunk_budget_mib=1e-3) if name == "fused_recompute" else {}
 
         def loss():
-            return gk.fused_linear_gspo_loss(hidden, weight, targets, old_logps, advantages, mask, **options, **budget)[0]
+            return gk.fused_linear_gspo_loss(
+                hidden, weight, targets, old_logps, advantages, mask, **options, **budget)[0]
     elif name == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 

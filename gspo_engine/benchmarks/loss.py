@@ -35,8 +35,7 @@ def loss_inputs(batch: int, length: int, dtype: torch.dtype, device: torch.devic
     advantages = torch.randn(batch, generator=gen, device=device)
     lengths = torch.randint(length // 4, length + 1, (batch,), generator=gen, device=device)
     mask = torch.arange(length, device=device)[None, :] < lengths[:, None]
-    cast = lambda t: t.to(dtype)  # noqa: E731
-    return cast(logps).requires_grad_(), cast(old_logps), advantages, mask, cast(ref_logps)
+    return logps.to(dtype).requires_grad_(), old_logps.to(dtype), advantages, mask, ref_logps.to(dtype)
 
 
 def loss_step(implementation: str, inputs, level: str):
