@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import pathlib
 import platform
@@ -39,6 +40,7 @@ from gspo_engine.benchmarks.cases import empty_row
 from gspo_engine.benchmarks.timing import ceilings
 
 SCHEMA_VERSION = 1
+TEST_WORKERS = 4
 KERNEL_TESTS = ["tests/test_gspo_loss.py", "tests/test_fused_linear.py", "tests/test_moe_kernels.py"]
 TOP_KEYS = ("schema_version", "date", "commit", "command", "environment", "ceilings", "tests", "rows", "seconds")
 ENVIRONMENT_KEYS = ("card", "driver", "torch", "triton", "transformers", "liger_kernel", "python")
@@ -117,6 +119,9 @@ def run_stage(name: str, command: list[str], timeout_s: float, log: pathlib.Path
 def kernel_tests(out: pathlib.Path, timeout_s: float) -> dict:
     tests = [path for path in KERNEL_TESTS if pathlib.Path(path).exists()]
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+    if importlib.util.find_spec("xdist") is not None:
+        # some 235 tests, most of them compiling Triton kernels: compilation is CPU work, spread it
+        command += ["-n", str(TEST_WORKERS)]
     if not torch.cuda.is_available():
         return {"status": "not run", "command": shlex.join(command), "seconds": None, "summary": "no GPU"}
     status, output, seconds = run_stage("kernel tests on CUDA", command, timeout_s, out / "tests.log")
