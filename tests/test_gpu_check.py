@@ -1,5 +1,6 @@
 """bench/gpu_check.py and the benchmark cases, as far as a machine without a GPU can check them."""
 
+import importlib.util
 import json
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from click.testing import CliRunner
 
 from bench import gpu_check
-from gspo_engine.benchmarks import FAMILIES, ROW_FIELDS, markdown_table, run_case
+from gspo_engine.benchmarks import FAMILIES, ROW_FIELDS, fused_linear, markdown_table, run_case
 from gspo_engine.benchmarks.cases import Case, empty_row, measured_row
 from gspo_engine.benchmarks.e2e import QWEN3_30B_A3B_WIDTHS, matmul_params_per_token, model_dict
 from gspo_engine.cli import main as cli
@@ -121,3 +122,11 @@ def test_a_family_that_runs_out_of_time_keeps_its_rows_and_marks_the_rest(tmp_pa
     rows = gpu_check.family_rows("loss", rounds=1, timeout_s=9, out=tmp_path)
     assert rows[0] == finished and len(rows) == len(gpu_check.not_run_rows("loss", ""))
     assert all(row["status"] == "error" and row["note"] == "timed out after 9 s" for row in rows[1:])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel not installed")
+def test_the_triton_grpo_loss_peer_runs_its_gpu_call_in_the_interpreter():
+    """The GPU-only peer's call (shapes, contiguity, options), through Triton's interpreter at a tiny shape."""
+    inputs = fused_linear.make_inputs(2, 8, 16, 64)
+    fused_linear.make_step("liger-triton", inputs)()
+    assert inputs["hidden"].grad.isfinite().all() and inputs["weight"].grad.abs().sum() > 0

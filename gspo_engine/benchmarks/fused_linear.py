@@ -90,10 +90,12 @@ def make_step(name, inputs):
     elif name == "liger-triton":
         from liger_kernel.transformers.grpo_loss import triton_grpo_loss
 
+        # it reads logits [B, T, V] against T-1 completion tokens, all contiguous
+        old, completion, completion_mask = (t[:, :-1].contiguous() for t in (old_logps, targets, mask))
+
         def loss():
-            logits = hidden @ weight.T
             return triton_grpo_loss(
-                logits, old_logps[:, :-1], None, targets[:, :-1], advantages, mask[:, :-1], temperature=1.0,
+                hidden @ weight.T, old, None, completion, advantages, completion_mask, temperature=1.0,
                 beta=0.0, eps_low=EPS_LOW, eps_high=EPS_HIGH, loss_type="grpo",
                 importance_sampling_level="sequence", reduce=True,
             )[0]
