@@ -22,7 +22,7 @@ def main() -> None:
 @click.option("--rounds", default=10, show_default=True, type=click.IntRange(1), help="Timed calls per case (at most).")
 @click.option("--scale", type=click.Choice(["gpu", "cpu", "smoke"]), default=None,
               help="Shape set (default: gpu on cuda, cpu otherwise; smoke runs in seconds).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON row per line, as each case ends, instead of a table.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON row per line, as each case ends, instead of a table.")
 def bench(families: tuple[str, ...], device: str | None, rounds: int, scale: str | None, as_json: bool) -> None:
     """Time ours side by side with the PyTorch reference, transformers and installed peers."""
     import torch
