@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -18,7 +18,8 @@ class Sample:
     old_logps: torch.Tensor | None = None  # [len(completion_ids)], set before the update
     ref_logps: torch.Tensor | None = None  # [len(completion_ids)] under the reference policy (beta > 0)
     reward: float = 0.0
-    extra: dict = field(default_factory=dict)
+    # Routing replay: per MoE layer, the old policy's experts [length, k] for every input position.
+    old_routing: list[torch.Tensor] | None = None
 
     @property
     def length(self) -> int:

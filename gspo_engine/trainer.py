@@ -330,7 +330,7 @@ class GSPOTrainer:
                     setattr(sample, attribute, logps[row][batch.mask[row]].float().cpu())
                     if record_routing:
                         width = sample.length
-                        sample.extra["routing"] = [
+                        sample.old_routing = [
                             r.expert_indices.view(len(micro), batch.input_ids.shape[1], -1)[row, :width].cpu()
                             for r in output.routing
                         ]
@@ -416,7 +416,7 @@ class GSPOTrainer:
             for layer in range(len(self.model.args.moe_layers)):
                 experts = torch.zeros(len(micro), length, self.model.args.num_experts_per_tok, dtype=torch.long)
                 for row, sample in enumerate(micro):
-                    recorded = sample.extra["routing"][layer]
+                    recorded = sample.old_routing[layer]
                     experts[row, : recorded.shape[0]] = recorded
                 forced.append(experts.view(-1, experts.shape[-1]).to(self.device))
         # The attention mask only matters to the aux loss, which must not count padding.

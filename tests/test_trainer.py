@@ -126,3 +126,23 @@ def test_routing_replay_and_aux_loss_run(tmp_path):
     trainer.train()
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
     assert record["aux_loss"] > 0
+
+
+def test_routing_replay_forces_the_recorded_experts(tmp_path):
+    from gspo_engine.batching import collate
+
+    config = tiny_config(tmp_path, train={"steps": 1})
+    config.model.routing_replay = True
+    trainer = GSPOTrainer(config, echo=quiet)
+    samples = [Sample([14, 3, 4, 12], [3, 4, 0], advantage=1.0), Sample([14, 5, 12], [5, 0], advantage=-1.0)]
+    trainer.score_samples(trainer.model, samples, "old_logps", record_routing=True)
+    # Recorded experts that the free router would not pick: replay must use them anyway.
+    for sample in samples:
+        sample.old_routing = [(r + 1) % trainer.model.args.num_experts for r in sample.old_routing]
+    batch = collate(samples, trainer.pad_id)
+    _, _, _, routing = trainer.micro_batch_loss(batch, samples)
+    length = batch.input_ids.shape[1]
+    for layer, layer_routing in enumerate(routing):
+        used = layer_routing.expert_indices.view(len(samples), length, -1)
+        for row, sample in enumerate(samples):
+            assert torch.equal(used[row, : sample.length], sample.old_routing[layer])
