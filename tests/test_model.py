@@ -221,3 +221,26 @@ def test_bfloat16_matches_transformers(tmp_path):
     assert got.dtype == torch.bfloat16
     tokens = attention_mask.bool()
     torch.testing.assert_close(got[tokens], expected[tokens])
+
+
+def test_moe_experts_compute_in_the_autocast_dtype(moe_pair, monkeypatch):
+    import gspo_kernels
+
+    _, model = moe_pair
+    input_ids, attention_mask, position_ids = left_padded_batch()
+    real = attention_mask.bool()
+    seen = []
+
+    def recording(x, *args):
+        seen.append((x.dtype, args[2].dtype))
+        return real_experts(x, *args)
+
+    real_experts = gspo_kernels.moe_experts
+    with torch.no_grad():
+        full = model.run(input_ids, attention_mask, position_ids).hidden_states
+        monkeypatch.setattr(gspo_kernels, "moe_experts", recording)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model.run(input_ids, attention_mask, position_ids).hidden_states
+    assert seen and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in seen)
+    error = (mixed.float() - full)[real].norm() / full[real].norm()
+    assert error < 3e-2

@@ -52,12 +52,14 @@ class SparseMoE(nn.Module):
         weights, experts = gk.moe_route(
             router_logits, self.top_k, norm_topk_prob=self.norm_topk_prob, forced_experts=forced_experts
         )
-        # transformers rounds the routing weights to the model dtype before the experts use them; under
-        # autocast the fp32 master weights are cast to the compute dtype here (a custom kernel is not autocast).
-        dtype = flat.dtype
+        # transformers rounds the routing weights to the model dtype before the experts use them. Autocast
+        # does not reach a custom kernel, so under autocast the activations and the fp32 master weights are
+        # cast to its compute dtype here, as it would cast them for a matmul.
+        device_type = flat.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else flat.dtype
         run_experts = gk.moe_experts if self.expert_lora is None else self.expert_lora
-        out = run_experts(flat, experts, weights.to(dtype), self.gate_up.to(dtype), self.down.to(dtype))
-        return out.view(batch, seq, hidden), Routing(router_logits, experts)
+        out = run_experts(flat.to(dtype), experts, weights.to(dtype), self.gate_up.to(dtype), self.down.to(dtype))
+        return out.to(x.dtype).view(batch, seq, hidden), Routing(router_logits, experts)
 
 
 def switch_aux_loss(routing: Routing, num_experts: int, token_mask: torch.Tensor | None) -> torch.Tensor:
