@@ -110,8 +110,9 @@ def train(config_path, config_option, overrides, stage, resume, dry_run, **flags
     rise = summary.last_reward_mean - summary.first_reward_mean
     ratio = summary.last_reward_mean / summary.first_reward_mean if summary.first_reward_mean > 0 else float("inf")
     click.echo(
-        f"\ndone: {summary.steps} steps; mean reward of the first 10 steps {summary.first_reward_mean:.3f}, "
-        f"of the last 10 {summary.last_reward_mean:.3f} ({rise:+.3f}, x{ratio:.2f}); "
+        f"\ndone: {summary.steps} steps; mean reward of the first {summary.window} steps "
+        f"{summary.first_reward_mean:.3f}, of the last {summary.window} {summary.last_reward_mean:.3f} "
+        f"({rise:+.3f}, x{ratio:.2f}); "
         f"skipped updates {summary.skipped_updates}\n"
         f"final model: {summary.final_dir}\nmetrics: {summary.output_dir / 'metrics.jsonl'}, "
         f"curves: {summary.output_dir / 'curves.png'}"

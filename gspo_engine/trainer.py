@@ -51,6 +51,7 @@ class TrainingError(RuntimeError):
 @dataclass
 class TrainSummary:
     steps: int
+    window: int  # steps averaged at each end: 10, or half the run when it is shorter
     first_reward_mean: float
     last_reward_mean: float
     skipped_updates: int
@@ -69,8 +70,6 @@ def resolve_device(config: Config) -> torch.device:
 def resolve_precision(config: Config, device: torch.device) -> str:
     if config.train.precision == "auto":
         return "bf16-mixed" if device.type == "cuda" else "fp32"
-    if config.train.precision == "bf16-mixed" and device.type != "cuda":
-        raise TrainingError("train.precision bf16-mixed needs a GPU; use fp32 on a CPU")
     return config.train.precision
 
 
@@ -186,7 +185,7 @@ class GSPOTrainer:
         base_dtype = torch.float32
         if self.lora.base_bf16:
             if self.precision != "bf16-mixed":
-                raise TrainingError("lora.base_bf16 needs train.precision bf16-mixed (a GPU)")
+                raise TrainingError("lora.base_bf16 needs train.precision bf16-mixed")
             base_dtype = torch.bfloat16
         model = self._load_model(self.source, base_dtype)
         add_lora(model, self.lora)
@@ -205,9 +204,7 @@ class GSPOTrainer:
         self.echo(f"resumed from {folder} at step {self.step}")
 
     def _autocast(self):
-        if self.precision == "bf16-mixed":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16-mixed")
 
     # ------------------------------------------------------------- the loop
     def train(self) -> TrainSummary:
@@ -315,6 +312,12 @@ class GSPOTrainer:
             self.echo(f"sample: {prompt_texts[0]!r} -> {completions[0]!r} (reward {rewards[0]:.3f})")
         return record
 
+    def head_inputs(self, hidden: torch.Tensor, model: Qwen3Model) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states and lm_head weight in the compute dtype: bf16 under bf16-mixed (autocast does
+        not reach the fused kernels, and the final norm returns fp32), else the hidden states' dtype."""
+        dtype = torch.bfloat16 if self.precision == "bf16-mixed" else hidden.dtype
+        return hidden.to(dtype), model.lm_head_weight.to(dtype)
+
     def score_samples(self, model: Qwen3Model, samples: list[Sample], attribute: str, record_routing=False) -> None:
         """Per-token log-probs of each completion under `model` (no gradient), stored on the samples."""
         model.eval()
@@ -322,10 +325,8 @@ class GSPOTrainer:
             for micro in split_micro_batches(samples, self.config.gspo.micro_batch_tokens):
                 batch = collate(micro, self.pad_id, self.device)
                 output = model.run(batch.input_ids)
-                logps = gk.token_logprobs(
-                    output.hidden_states, model.lm_head_weight.to(output.hidden_states.dtype), batch.targets,
-                    temperature=self.temperature,
-                )
+                hidden, weight = self.head_inputs(output.hidden_states, model)
+                logps = gk.token_logprobs(hidden, weight, batch.targets, temperature=self.temperature)
                 for row, sample in enumerate(micro):
                     setattr(sample, attribute, logps[row][batch.mask[row]].float().cpu())
                     if record_routing:
@@ -422,11 +423,11 @@ class GSPOTrainer:
         # The attention mask only matters to the aux loss, which must not count padding.
         attention_mask = batch.real.long() if self.model.args.router_aux_loss else None
         output = self.model.run(batch.input_ids, attention_mask=attention_mask, forced_experts=forced)
-        hidden = output.hidden_states
+        hidden, weight = self.head_inputs(output.hidden_states, self.model)
         old = batch.scatter([s.old_logps for s in micro])
         ref = batch.scatter([s.ref_logps for s in micro]) if config.gspo.beta > 0 else None
         loss, metrics = gk.fused_linear_gspo_loss(
-            hidden, self.model.lm_head_weight.to(hidden.dtype), batch.targets, old, batch.advantages, batch.mask,
+            hidden, weight, batch.targets, old, batch.advantages, batch.mask,
             temperature=self.temperature, level=config.gspo.level, eps_low=config.gspo.eps_low,
             eps_high=config.gspo.eps_high, ref_logps=ref, beta=config.gspo.beta,
         )
@@ -466,4 +467,4 @@ class GSPOTrainer:
         window = min(10, max(1, len(rewards) // 2))
         first = sum(rewards[:window]) / window if rewards else float("nan")
         last = sum(rewards[-window:]) / window if rewards else float("nan")
-        return TrainSummary(len(rewards), first, last, self.skipped_updates, self.output_dir, final_dir)
+        return TrainSummary(len(rewards), window, first, last, self.skipped_updates, self.output_dir, final_dir)

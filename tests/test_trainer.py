@@ -146,3 +146,13 @@ def test_routing_replay_forces_the_recorded_experts(tmp_path):
         used = layer_routing.expert_indices.view(len(samples), length, -1)
         for row, sample in enumerate(samples):
             assert torch.equal(used[row, : sample.length], sample.old_routing[layer])
+
+
+def test_bf16_mixed_precision_trains_with_fp32_master_weights(tmp_path):
+    trainer = GSPOTrainer(tiny_config(tmp_path, train={"steps": 2, "precision": "bf16-mixed"}), echo=quiet)
+    before = weights(trainer.model)
+    trainer.train()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] is not None and r["grad_norm"] > 0 for r in records)
+    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
