@@ -99,6 +99,20 @@ def test_bf16_base_weights_train_fp32_adapters_under_autocast(tiny_folders):
             assert parameter.dtype == torch.bfloat16 and parameter.grad is None, name
 
 
+def test_bf16_base_weights_train_under_bf16_mixed(tmp_path):
+    config = tiny_config(tmp_path, train={"steps": 2, "precision": "bf16-mixed"})
+    config.lora = LoraConfig(rank=4, base_bf16=True)
+    trainer = GSPOTrainer(config, echo=quiet)
+    before = weights(trainer.model)
+    trainer.train()
+    for name, parameter in trainer.model.named_parameters():
+        if parameter.requires_grad:
+            assert parameter.dtype == torch.float32, name
+        else:
+            assert parameter.dtype == torch.bfloat16 and torch.equal(parameter, before[name]), name
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters() if p.requires_grad)
+
+
 def test_bf16_base_weights_need_bf16_mixed(tmp_path):
     config = tiny_config(tmp_path)
     config.lora = LoraConfig(rank=4, base_bf16=True)
