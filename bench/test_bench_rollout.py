@@ -18,6 +18,7 @@ import torch
 
 from bench.conftest import run_benchmark
 from gspo_engine import generate
+from gspo_engine.benchmarks.e2e import QWEN3_30B_A3B_WIDTHS
 from gspo_engine.model import ModelArgs, Qwen3Model
 
 CUDA = torch.cuda.is_available()
@@ -31,9 +32,7 @@ GPU_CASES = {
         64, 256, 256,
     ),
     "30b-a3b-layers-8-b64": (
-        dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=8,
-             num_attention_heads=32, num_key_value_heads=4, head_dim=128,
-             num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
+        dict(QWEN3_30B_A3B_WIDTHS, num_hidden_layers=8, norm_topk_prob=True),
         64, 256, 128,
     ),
 }

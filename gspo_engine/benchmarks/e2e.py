@@ -22,14 +22,16 @@ import torch.nn.functional as F
 import gspo_kernels as gk
 from gspo_engine.benchmarks.cases import Case
 from gspo_engine.model import ModelArgs, Qwen3Model
+from gspo_engine.plan import RELEASED_SHAPES
 from gspo_engine.rollout import generate
 from gspo_kernels import reference
 
 OURS, COMMON = "gspo_engine", "transformers"
-QWEN3_30B_A3B_WIDTHS = dict(
-    vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_attention_heads=32, num_key_value_heads=4,
-    head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+WIDTH_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "num_experts", "num_experts_per_tok", "moe_intermediate_size",
 )
+QWEN3_30B_A3B_WIDTHS = {key: RELEASED_SHAPES["Qwen3-30B-A3B"][key] for key in WIDTH_KEYS}
 NARROW_WIDTHS = dict(
     vocab_size=8192, hidden_size=256, intermediate_size=768, num_attention_heads=8, num_key_value_heads=4,
     head_dim=32, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=128,
