@@ -69,8 +69,47 @@ class Generation:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(values: torch.Tensor, factor: int) -> torch.Tensor:
+    """values * factor mod 2**32 for int64 values below 2**32, in two 16-bit halves so nothing overflows int64."""
+    low = values * (factor & 0xFFFF)
+    high = ((values * (factor >> 16)) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def mix32(values: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser: every input bit flips about half the output bits."""
+    values = values ^ (values >> 16)
+    values = _mul32(values, 0x85EBCA6B)
+    values = values ^ (values >> 13)
+    values = _mul32(values, 0xC2B2AE35)
+    return values ^ (values >> 16)
+
+
+def row_keys(seed: int, sample_ids: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
+    """One 32-bit key per row [B] int64, from the seed and the row's sample id alone."""
+    seed_key = mix32(torch.tensor([seed & _MASK32, ((seed >> 32) & _MASK32) ^ 0x5BD1E995], dtype=torch.long))
+    ids = torch.tensor(sample_ids, dtype=torch.long)
+    keys = mix32((ids & _MASK32) ^ seed_key[0]) ^ mix32(((ids >> 32) & _MASK32) ^ seed_key[1])
+    return keys.to(device)
+
+
+def keyed_uniform(keys: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, width] fp32 uniforms in (0, 1), each a hash of its row's key and its column.
+
+    The draws of a row depend on nothing else, so a row gets the same tokens whatever batch it
+    is sampled in: on one process or split across ranks.
+    """
+    columns = mix32(torch.arange(width, device=keys.device, dtype=torch.long) ^ 0x9E3779B9)
+    bits = mix32(keys[:, None] ^ columns[None, :])
+    return ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24
+
+
 def sample_next(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
+    keys: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens [B] and their log-probs fp32 [B] from logits fp32 [B, V].
 
@@ -82,7 +121,8 @@ def sample_next(
     and top_p = 1 this is log_softmax(logits / temperature).
 
     Drawn as argmax(p / q) with q ~ Exp(1) per token (gpt-fast's way): the same distribution as
-    torch.multinomial, without a wait for the device.
+    torch.multinomial, without a wait for the device. The uniforms behind q come from `generator`,
+    or with `keys` ([B] int64, see row_keys) from a hash of each row's key and the column.
     """
     if temperature == 0:
         tokens = logits.argmax(dim=-1)
@@ -102,7 +142,11 @@ def sample_next(
     logps = scaled.log_softmax(dim=-1)
     # q = -log(u), u ~ U[0, 1): a few times faster on the CPU than exponential_. The clamp keeps
     # p / q finite (and 0 for a filtered token) should u ever round to 1.
-    noise = torch.rand(logps.shape, generator=generator, device=logps.device).log_().neg_()
+    if keys is None:
+        uniform = torch.rand(logps.shape, generator=generator, device=logps.device)
+    else:
+        uniform = keyed_uniform(keys, logps.shape[-1])
+    noise = uniform.log_().neg_()
     choice = (logps.exp() / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1, keepdim=True)
     chosen_logps = logps.gather(-1, choice).squeeze(-1)
     tokens = choice if candidates is None else candidates.gather(-1, choice)
@@ -154,14 +198,17 @@ def generate(
     top_k: int = 0,
     eos_token_id: int | Iterable[int] | None = None,
     seed: int | None = None,
+    sample_ids: list[int] | None = None,
     return_routing: bool = False,
 ) -> Generation:
     """Up to max_new_tokens tokens after each prompt (token ids), stopping a row at its first eos.
 
     Runs on the model's device and dtype (or under the caller's autocast). seed draws from a
     generator of its own (the same prompts, options and device give the same completions); None
-    draws from torch's global one. See Generation for the outputs and sample_next for
-    temperature, top_k and top_p.
+    draws from torch's global one. With sample_ids (one distinct integer per prompt row) and a
+    seed, a row's draws depend only on the seed, its id and the step: the same row gets the same
+    tokens in any batch, which keeps data-parallel rollouts equal to a single process's. See
+    Generation for the outputs and sample_next for temperature, top_k and top_p.
     """
     _validate(model, prompts, max_new_tokens, temperature, top_p, top_k)
     weight = model.embed_tokens.weight
@@ -183,6 +230,13 @@ def generate(
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     eos_ids = _eos_ids(eos_token_id, device)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    keys = None
+    if sample_ids is not None:
+        if seed is None:
+            raise ValueError("sample_ids needs a seed")
+        if len(sample_ids) != len(prompts) or len(set(sample_ids)) != len(sample_ids):
+            raise ValueError(f"sample_ids must hold {len(prompts)} distinct ids, one per prompt row")
+        keys = row_keys(seed, sample_ids, device)
     check_every = finished_check_steps(device)
 
     # Indexed by the original row; `rows` maps the rows still in the batch to them.
@@ -199,9 +253,10 @@ def generate(
         lengths[rows] += ~finished[rows]
         finished[rows] |= torch.isin(next_tokens, eos_ids)
 
-    def next_from(last_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_from(last_hidden: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         logits = F.linear(last_hidden, model.lm_head_weight).float()
-        return sample_next(logits, temperature, top_k, top_p, generator)
+        step_keys = None if keys is None else mix32(keys[rows] ^ (step * 0x9E3779B9 & _MASK32))
+        return sample_next(logits, temperature, top_k, top_p, generator, step_keys)
 
     # The last token drawn is never fed back, hence max_new_tokens - 1 decode columns.
     cache = KVCache.allocate(model.args, batch, width + max_new_tokens - 1, dtype, device)
@@ -229,7 +284,7 @@ def generate(
         completion_experts = torch.zeros(
             batch, max_new_tokens, *prompt_experts.shape[2:], dtype=torch.int16, device=device
         )
-    next_tokens, next_logps = next_from(torch.cat(last_hidden))
+    next_tokens, next_logps = next_from(torch.cat(last_hidden), 0)
     record(0, next_tokens, next_logps)
     _synchronize(device)
     prefill_s = time.perf_counter() - start
@@ -250,7 +305,7 @@ def generate(
             experts = torch.stack([r.expert_indices for r in output.routing], dim=1)
             completion_experts[rows, step - 1] = experts.to(torch.int16)
         positions = positions + 1
-        next_tokens, next_logps = next_from(output.hidden_states[:, -1])
+        next_tokens, next_logps = next_from(output.hidden_states[:, -1], step)
         record(step, next_tokens, next_logps)
     _synchronize(device)
     decode_s = time.perf_counter() - start

@@ -303,3 +303,51 @@ def test_generates_under_autocast(pair):
     assert all(len(tokens) == MAX_NEW for tokens in out.tokens)
     for logps in out.logps:
         assert logps.dtype == torch.float32 and torch.isfinite(logps).all() and (logps <= 0).all()
+
+
+def test_keyed_draws_follow_the_filtered_distribution():
+    from gspo_engine.rollout import mix32, row_keys
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).expand(40000, -1)
+    keys = mix32(row_keys(7, list(range(40000))) ^ 3)
+    tokens, logps = sample_next(logits, 0.8, top_k=0, top_p=0.9, generator=None, keys=keys)
+    probs = (logits[0] / 0.8).softmax(-1)
+    keep = (probs.cumsum(0) - probs) < 0.9
+    expected = torch.where(keep, probs, 0) / probs[keep].sum()
+    frequencies = torch.bincount(tokens, minlength=5) / tokens.numel()
+    assert (frequencies - expected).abs().max() < 0.01
+    torch.testing.assert_close(logps, expected[tokens].log())
+
+
+def test_keyed_uniforms_are_uniform_and_distinct_per_row_and_column():
+    from gspo_engine.rollout import keyed_uniform, row_keys
+
+    uniform = keyed_uniform(row_keys(0, list(range(64))), 4096)
+    assert 0 < uniform.min() and uniform.max() < 1
+    assert abs(uniform.mean().item() - 0.5) < 0.002 and abs(uniform.var().item() - 1 / 12) < 0.001
+    # Neighbouring rows and columns are uncorrelated.
+    assert abs(torch.corrcoef(uniform[:2])[0, 1].item()) < 0.05
+    assert abs(torch.corrcoef(uniform[:, :2].T)[0, 1].item()) < 0.3
+    assert not torch.equal(keyed_uniform(row_keys(1, [0]), 16), keyed_uniform(row_keys(0, [0]), 16))
+
+
+def test_rows_with_sample_ids_draw_the_same_tokens_in_any_batch(pair):
+    _, model = pair
+    prompts = make_prompts()
+    ids = [100 + 7 * row for row in range(len(prompts))]
+    whole = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=1.0, seed=5, sample_ids=ids)
+    # Split in two batches in another order, as two data-parallel ranks would hold them.
+    odd = list(range(1, len(prompts), 2))[::-1]
+    even = list(range(0, len(prompts), 2))
+    for part in (odd, even):
+        out = generate(model, [prompts[r] for r in part], max_new_tokens=MAX_NEW, temperature=1.0, seed=5,
+                       sample_ids=[ids[r] for r in part])
+        for index, row in enumerate(part):
+            assert out.tokens[index] == whole.tokens[row]
+            torch.testing.assert_close(out.logps[index], whole.logps[row], rtol=1e-4, atol=1e-5)
+    other = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=1.0, seed=6, sample_ids=ids)
+    assert other.tokens != whole.tokens
+    with pytest.raises(ValueError, match="distinct ids"):
+        generate(model, prompts, max_new_tokens=MAX_NEW, seed=5, sample_ids=[0] * len(prompts))
+    with pytest.raises(ValueError, match="needs a seed"):
+        generate(model, prompts, max_new_tokens=MAX_NEW, sample_ids=ids)
