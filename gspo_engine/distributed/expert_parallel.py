@@ -17,10 +17,12 @@ own their experts and their output rows travel back:
    in; the token's home rank scales it by the routing weight and sums the k slots in that order,
    as the single-process path does.
 
-Both all-to-alls are differentiable (backward runs them in reverse), so gradients reach x, the
-routing weights and the local expert weights; an expert weight gradient sums the pairs of every
-rank's tokens. Every rank of the group must call `expert_parallel_moe` (and, in training, its
-backward) the same number of times in the same order, even with no tokens: the collectives pair up.
+Both all-to-alls are differentiable, backward running them in reverse (torch's functional
+collectives, as in torchtitan; torch.distributed.nn.functional's version is deprecated), so
+gradients reach x, the routing weights and the local expert weights; an expert weight gradient
+sums the pairs of every rank's tokens. Every rank of the group must call `expert_parallel_moe`
+(and, in training, its backward) the same number of times in the same order, even with no
+tokens: the collectives pair up.
 """
 
 from __future__ import annotations
