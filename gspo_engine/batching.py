@@ -96,3 +96,24 @@ def split_micro_batches(samples: list[Sample], token_budget: int) -> list[list[S
     if current:
         batches.append(current)
     return batches
+
+
+def equalize_micro_batches(batches: list[list[Sample]], count: int) -> list[list[Sample]]:
+    """`batches` made `count` long: the micro-batch with the most rows is halved until there are
+    enough; once every one holds a single row, empty micro-batches pad the list.
+
+    Ranks of a sharded model must run the same number of forwards; smaller micro-batches are
+    better padding than idle forwards, and an empty one tells the caller to run one that adds nothing.
+    """
+    if count < len(batches):
+        raise ValueError(f"cannot make {len(batches)} micro-batches into {count}")
+    batches = [list(batch) for batch in batches]
+    while len(batches) < count:
+        widest = max(range(len(batches)), key=lambda index: len(batches[index]), default=None)
+        if widest is None or len(batches[widest]) < 2:
+            batches.append([])
+            continue
+        rows = batches[widest]
+        half = len(rows) // 2
+        batches[widest : widest + 1] = [rows[:half], rows[half:]]
+    return batches

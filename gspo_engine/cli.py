@@ -100,13 +100,27 @@ def train(config_path, config_option, overrides, stage, resume, dry_run, **flags
         click.echo("\n".join(["", "plan:"] + [f"  {line}" for line in plan.lines()]))
         return
 
+    import os
+
     from gspo_engine.trainer import GSPOTrainer, TrainingError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    rank = os.environ.get("RANK") if "WORLD_SIZE" in os.environ else None
     try:
         summary = GSPOTrainer(config, echo=click.echo).train()
     except (TrainingError, ValueError, FileNotFoundError) as error:
-        raise click.ClickException(str(error)) from error
+        raise click.ClickException(str(error) if rank is None else f"rank {rank}: {error}") from error
+    except RuntimeError as error:
+        if rank is None:
+            raise
+        # A collective that failed: a peer died (the connection closed) or hung past the timeout.
+        raise click.ClickException(
+            f"rank {rank}: distributed training stopped: {error}\n"
+            f"A rank died or stopped answering (distributed.timeout_s = {config.distributed.timeout_s:g} s). "
+            f"The latest complete checkpoint in {config.output_dir} is intact; resume with --resume."
+        ) from error
+    if rank not in (None, "0"):
+        return
     rise = summary.last_reward_mean - summary.first_reward_mean
     ratio = summary.last_reward_mean / summary.first_reward_mean if summary.first_reward_mean > 0 else float("inf")
     click.echo(

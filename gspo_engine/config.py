@@ -118,6 +118,18 @@ class CheckpointConfig:
     resume: str = "none"  # "none", "auto" (latest in output_dir) or a checkpoint folder
 
 
+@dataclass
+class DistributedConfig:
+    """Runs launched by torchrun (WORLD_SIZE set); a plain process ignores this section."""
+
+    # Seconds a rank waits in a collective before the run fails (a peer died or hangs). Rollouts
+    # of different lengths make ranks wait for each other, so leave room for the longest one.
+    timeout_s: float = 1800.0
+    # FSDP2: free each block's gathered weights after its forward (and gather them again for the
+    # backward). Off keeps them to the backward: less traffic, more memory.
+    reshard_after_forward: bool = True
+
+
 # Names of the weights LoRA can adapt (gspo_engine/lora): attention, dense MLP, MoE router, grouped MoE experts.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "router", "experts")
 
@@ -160,6 +172,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = "runs/gspo"
 
 
@@ -191,6 +204,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.max_consecutive_skips": (lambda v: v >= 1, "an integer >= 1"),
     "train.cpu_threads": (lambda v: v >= 0, "an integer >= 0 (0 keeps torch's default)"),
     "checkpoint.every": (lambda v: v >= 0, "an integer >= 0"),
+    "distributed.timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
     "checkpoint.keep_last": (lambda v: v >= 1, "an integer >= 1"),
     "logging.every": (lambda v: v >= 1, "an integer >= 1"),
     "logging.sample_every": (lambda v: v >= 0, "an integer >= 0"),

@@ -3,6 +3,8 @@
 Full fine-tuning runs hold Hugging Face checkpoints already; LoRA runs hold PEFT adapter folders,
 which are copied as they are (PEFT loads them onto the transformers base model) or, with merge,
 folded into their base and written as a Hugging Face checkpoint that transformers and vLLM load.
+A distributed run's checkpoints hold sharded DCP files: they are read whole in this one process
+(whatever the number of ranks that wrote them) and written as a Hugging Face checkpoint.
 """
 
 from __future__ import annotations
@@ -10,8 +12,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from gspo_engine.checkpoint import CONFIG_FILE, load_pretrained, save_pretrained
+import torch
+
+from gspo_engine.checkpoint import CONFIG_FILE, load_pretrained, read_config, save_pretrained
+from gspo_engine.distributed.sharded_checkpoint import is_sharded_checkpoint, load_sharded
 from gspo_engine.lora import export_merged, is_adapter_folder
+from gspo_engine.model import Qwen3Model
 from gspo_engine.train_checkpoint import STATE_FILE, list_checkpoints
 
 
@@ -32,6 +38,18 @@ def export_model(source: str | Path, output: str | Path, merge: bool) -> Path:
         export_merged(folder, output)
     elif is_adapter_folder(folder):
         shutil.copytree(folder, output, ignore=shutil.ignore_patterns(STATE_FILE), dirs_exist_ok=True)
+    elif is_sharded_checkpoint(folder):
+        save_pretrained(load_sharded_model(folder), output)
     else:
         save_pretrained(load_pretrained(folder), output)
     return folder
+
+
+def load_sharded_model(folder: str | Path) -> Qwen3Model:
+    """The whole model of a distributed run's checkpoint, in fp32 on the CPU of this process."""
+    args = read_config(folder)
+    args.dtype = torch.float32
+    args.source_path = str(folder)  # its tokenizer files are copied along
+    model = Qwen3Model(args)  # initialised, then overwritten: every weight is in the checkpoint
+    load_sharded(folder, model, optimizer=None)
+    return model

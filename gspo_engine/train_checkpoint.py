@@ -1,14 +1,17 @@
-"""Training checkpoints: `checkpoint-STEP/` folders that transformers loads and the trainer resumes from.
+"""Training checkpoints: `checkpoint-STEP/` folders that the trainer resumes from.
 
-Each folder holds the model as Hugging Face safetensors (save_pretrained), or with LoRA the adapters
-as a PEFT adapter folder, plus trainer_state.pt:
-optimizer, LR scheduler, RNG states, data position, step and counters. A folder is complete or
-absent: it is written under a temporary name and renamed into place, so a crash mid-save
-leaves the previous checkpoint as the latest one.
+A single-process run's folder holds the model as Hugging Face safetensors (save_pretrained; with
+LoRA the adapters as a PEFT adapter folder), plus trainer_state.pt: optimizer, LR scheduler, RNG
+states, data position, step and counters. A distributed run's folder holds the model and
+optimizer as sharded DCP files under sharded/ (each rank writes its shards), config.json and the
+tokenizer files, and trainer_state.pt without the optimizer; `gspo-engine export` turns it into
+a Hugging Face folder. A folder is complete or absent: it is written under a temporary name and
+renamed into place, so a crash mid-save leaves the previous checkpoint as the latest one.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
@@ -71,6 +74,41 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
     for old in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def save_sharded_checkpoint(
+    output_dir: str | Path, step: int, save_shards: Callable[[Path], None], model_args, trainer_state: dict[str, Any],
+    keep_last: int, runtime,
+) -> Path:
+    """Collective form of save_checkpoint: every rank writes its shards into one staging folder
+    (named by the step, so all ranks agree on it), then rank 0 writes the rest and renames it into place."""
+    from gspo_engine.checkpoint import COPIED_FILES, CONFIG_FILE
+
+    output_dir = Path(output_dir)
+    target = output_dir / f"checkpoint-{step}"
+    staging = output_dir / f".checkpoint-{step}.partial"
+    if runtime.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+    runtime.barrier()
+    save_shards(staging)
+    runtime.barrier()
+    if runtime.is_main:
+        config = model_args.to_hf_config() | {"torch_dtype": "float32"}
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        source = Path(model_args.source_path) if model_args.source_path else None
+        for name in COPIED_FILES if source is not None else ():
+            if (source / name).is_file():
+                shutil.copy2(source / name, staging / name)
+        torch.save(trainer_state | {"rng": rng_state()}, staging / STATE_FILE)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+        for old in list_checkpoints(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    runtime.barrier()
     return target
 
 

@@ -26,10 +26,26 @@ import torch
 
 import gspo_kernels as gk
 from gspo_engine.advantages import group_advantages
-from gspo_engine.batching import Sample, TrainBatch, collate, split_micro_batches, split_minibatches
-from gspo_engine.checkpoint import load_pretrained, save_pretrained
+from gspo_engine.batching import (
+    Sample,
+    TrainBatch,
+    collate,
+    equalize_micro_batches,
+    split_micro_batches,
+    split_minibatches,
+)
+from gspo_engine.checkpoint import load_pretrained, read_config, save_pretrained
 from gspo_engine.config import Config, dump_config
 from gspo_engine.data import PromptDataset, PromptLoader, read_rows, reward_inputs
+from gspo_engine.distributed.parallel import data_parallel_mesh, gathered_weights, parallelize
+from gspo_engine.distributed.runtime import Runtime, init_runtime
+from gspo_engine.distributed.sharded_checkpoint import (
+    broadcast_full_state_dict,
+    full_model_state_dict,
+    is_sharded_checkpoint,
+    load_sharded,
+    save_sharded,
+)
 from gspo_engine.lora import adapter_parameters, adapters_disabled, add_lora, is_adapter_folder, load_adapters, save_adapters
 from gspo_engine.metrics import MetricsLog, console_line
 from gspo_engine.model import Qwen3Model
@@ -39,7 +55,13 @@ from gspo_engine.rollout import generate
 from gspo_engine.tasks import TaskConfig, generate_task_rows
 from gspo_engine.tiny import TINY_MODELS, build_tiny_checkpoint
 from gspo_engine.tokenizer import load_tokenizer
-from gspo_engine.train_checkpoint import load_trainer_state, resolve_resume, save_checkpoint, set_rng_state
+from gspo_engine.train_checkpoint import (
+    load_trainer_state,
+    resolve_resume,
+    save_checkpoint,
+    save_sharded_checkpoint,
+    set_rng_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -127,15 +149,21 @@ def peak_memory_mib(device: torch.device) -> float:
 class GSPOTrainer:
     def __init__(self, config: Config, echo=print):
         self.config = config
-        self.echo = echo
+        requested = resolve_device(config)
+        self.runtime: Runtime = init_runtime(requested.type, config.distributed.timeout_s)
+        self.echo = echo if self.runtime.is_main else (lambda *args, **kwargs: None)
         self.output_dir = Path(config.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self.device = resolve_device(config)
+        self.device = self.runtime.device(requested)
         self.precision = resolve_precision(config, self.device)
         if self.device.type == "cpu" and config.train.cpu_threads:
             torch.set_num_threads(config.train.cpu_threads)
         torch.manual_seed(config.train.seed)
+        self._check_data_parallel_split()
 
+        if self.runtime.is_main:  # one rank builds the embedded tiny model; the others wait for it
+            model_folder(config, self.output_dir)
+        self.runtime.barrier()
         self.source = model_folder(config, self.output_dir)
         self.tokenizer = load_tokenizer(self.source)
         self.eos_ids = eos_token_ids(self.source, self.tokenizer)
@@ -149,14 +177,27 @@ class GSPOTrainer:
         if resume_from is not None and is_adapter_folder(resume_from) != (self.lora is not None):
             held = "LoRA adapters" if self.lora is None else "full weights, not LoRA adapters"
             raise TrainingError(f"{resume_from} holds {held}; resume it with the lora settings it was trained with")
-        if self.lora is None:
-            self.model = self._load_model(resume_from or self.source)
+        resume_sharded = resume_from is not None and is_sharded_checkpoint(resume_from)
+        if self.runtime.distributed:
+            if resume_from is not None and not resume_sharded:
+                raise TrainingError(
+                    f"{resume_from} was written by a single-process run (Hugging Face weights, a whole optimizer "
+                    f"state); resume it without torchrun, or start a distributed run from its weights with "
+                    f"model.name_or_path={resume_from}"
+                )
+            self.model = self._load_sharded_model(self.source)
+        elif self.lora is None:
+            # A sharded checkpoint's weights are read by load_sharded below, over the starting model's.
+            self.model = self._load_model(self.source if resume_sharded else resume_from or self.source)
         else:
             self.model = self._load_adapted_model(resume_from)
         self.reference = None
         if config.gspo.beta > 0 and self.lora is None:
             # The reference policy is the starting model, frozen: the KL keeps the policy near it.
-            self.reference = self._load_model(self.source) if resume_from else copy.deepcopy(self.model)
+            if self.runtime.distributed:
+                self.reference = self._load_sharded_model(self.source)
+            else:
+                self.reference = self._load_model(self.source) if resume_from else copy.deepcopy(self.model)
             self.reference.requires_grad_(False).eval()
         self.optimizer = build_optimizer(self.model.parameters(), config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.train.steps, config.optim)
@@ -165,20 +206,74 @@ class GSPOTrainer:
         self.consecutive_skips = 0
         if resume_from is not None:
             self._restore(resume_from)
-        self.metrics = MetricsLog(self.output_dir, tensorboard=config.logging.tensorboard,
-                                  resume_step=self.step if resume_from is not None else None)
+        self.metrics = None
+        if self.runtime.is_main:
+            self.metrics = MetricsLog(self.output_dir, tensorboard=config.logging.tensorboard,
+                                      resume_step=self.step if resume_from is not None else None)
         # Sampling and the loss use the same temperature (gspo.md); greedy rollouts score at 1.
         self.temperature = config.rollout.temperature if config.rollout.temperature > 0 else 1.0
 
     # ----------------------------------------------------------------- set-up
-    def _load_model(self, folder: Path, dtype: torch.dtype = torch.float32) -> Qwen3Model:
-        model = load_pretrained(folder, dtype=dtype, device=self.device)
+    def _check_data_parallel_split(self) -> None:
+        """Each rank samples whole groups, and every rank must run the same number of optimizer steps."""
+        config, world = self.config, self.runtime.world_size
+        if world == 1:
+            return
+        if self.config.lora.rank:
+            raise TrainingError("LoRA runs on one process; launch it without torchrun (lora.rank > 0)")
+        prompts = config.rollout.prompts_per_step
+        if prompts % world:
+            raise TrainingError(
+                f"rollout.prompts_per_step ({prompts}) must be a multiple of the number of ranks ({world}): "
+                "each rank samples all completions of its own prompts"
+            )
+        per_rank = prompts // world * config.rollout.group_size
+        if per_rank < config.gspo.num_minibatches:
+            raise TrainingError(
+                f"each of the {world} ranks holds {per_rank} completions, fewer than gspo.num_minibatches "
+                f"({config.gspo.num_minibatches}); raise rollout.prompts_per_step"
+            )
+
+    def _load_sharded_model(self, folder: Path) -> Qwen3Model:
+        """The model sharded over every rank: rank 0 reads the checkpoint, each rank receives only its shards.
+
+        The other ranks build the model on the meta device (no memory), so no rank but the first
+        ever holds the whole model, and that one only on the CPU.
+        """
+        if self.runtime.is_main:
+            model = self._load_model(folder, device=torch.device("cpu"))
+            full_state = model.state_dict()
+        else:
+            args = read_config(folder)
+            args.dtype = torch.float32
+            with torch.device("meta"):
+                model = Qwen3Model(args)
+            self._configure(model)
+            full_state = {}
+        mesh = data_parallel_mesh(self.runtime, self.device)
+        parallelize(model, mesh, bf16_compute=self.precision == "bf16-mixed",
+                    reshard_after_forward=self.config.distributed.reshard_after_forward)
+        model.to_empty(device=self.device)
+        broadcast_full_state_dict(model, full_state)
+        # The loss is a sum over each rank's sequences divided by the global count: gradients add up.
+        # (Plain sums: gloo has no pre-scaled reduction.)
+        for unit in [model, *model.layers]:
+            unit.set_gradient_divide_factor(1.0)
+            unit.set_force_sum_reduction_for_comms(True)
+        return model
+
+    def _load_model(self, folder: Path, dtype: torch.dtype = torch.float32, device: torch.device | None = None
+                    ) -> Qwen3Model:
+        model = load_pretrained(folder, dtype=dtype, device=device or self.device)
+        self._configure(model)
+        return model
+
+    def _configure(self, model: Qwen3Model) -> None:
         model.args.source_path = str(self.source)  # tokenizer files travel with every save
         model.args.activation_checkpointing = self.config.model.activation_checkpointing
         model.args.router_aux_loss = self.config.model.router_aux_loss_coef > 0 and model.args.is_moe
         if model.args.router_aux_loss:
             model.args.router_aux_loss_coef = self.config.model.router_aux_loss_coef
-        return model
 
     def _load_adapted_model(self, resume_from: Path | None) -> Qwen3Model:
         """The frozen starting model with trainable adapters: fresh ones (B = 0), or a checkpoint's."""
@@ -195,7 +290,10 @@ class GSPOTrainer:
 
     def _restore(self, folder: Path) -> None:
         state = load_trainer_state(folder)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if is_sharded_checkpoint(folder):
+            load_sharded(folder, self.model, self.optimizer)
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["data"])
         self.step = state["step"]
@@ -210,26 +308,30 @@ class GSPOTrainer:
     def train(self) -> TrainSummary:
         config = self.config
         self.echo(dump_config(config).rstrip())
-        (self.output_dir / "config.yaml").write_text(dump_config(config))
+        if self.runtime.is_main:
+            (self.output_dir / "config.yaml").write_text(dump_config(config))
         total = sum(p.numel() for p in self.model.parameters())
         trained = "" if self.lora is None else (
             f", LoRA rank {self.lora.rank}: {sum(p.numel() for p in adapter_parameters(self.model)) / 1e6:.3f}M trained"
         )
         self.echo(
             f"model {self.source} ({total / 1e6:.2f}M parameters{trained}, "
-            f"{'MoE' if self.model.args.is_moe else 'dense'}) on {self.device}, precision {self.precision}; "
+            f"{'MoE' if self.model.args.is_moe else 'dense'}) on {self.device}{self._ranks_text()}, "
+            f"precision {self.precision}; "
             f"{len(self.dataset)} prompts ({self.dataset.num_skipped} skipped as too long)"
         )
         from tqdm import tqdm
 
-        progress = tqdm(total=config.train.steps, initial=self.step, desc="gspo", unit="step", dynamic_ncols=True)
+        progress = tqdm(total=config.train.steps, initial=self.step, desc="gspo", unit="step", dynamic_ncols=True,
+                        disable=not self.runtime.is_main)
         try:
             while self.step < config.train.steps:
                 record = self.train_step()
                 self.step += 1
                 progress.update(1)
-                self.metrics.log(self.step, record)
-                if self.step % config.logging.every == 0 or self.step == config.train.steps:
+                if self.metrics is not None:
+                    self.metrics.log(self.step, record)
+                if self.runtime.is_main and (self.step % config.logging.every == 0 or self.step == config.train.steps):
                     progress.write(console_line(self.step, record))
                 every = config.checkpoint.every
                 if every and self.step % every == 0 and self.step < config.train.steps:
@@ -238,24 +340,37 @@ class GSPOTrainer:
             progress.close()
         final_dir = self.output_dir / "final"
         self.save_weights(final_dir)
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         return self._summary(final_dir)
+
+    def _ranks_text(self) -> str:
+        world = self.runtime.world_size
+        return f" x {world} ranks (FSDP2)" if self.runtime.distributed else ""
 
     def train_step(self) -> dict:
         config = self.config
         step_start = time.perf_counter()
-        examples = next(self.loader)
+        # Every rank reads the same global batch and samples its share of the prompts: rank r
+        # takes prompts r, r + N, r + 2N, ... so that the minibatches, split on each rank, add up to
+        # those of one process with the whole batch.
+        runtime = self.runtime
+        global_examples = next(self.loader)
+        indices = list(range(runtime.rank, len(global_examples), runtime.world_size))
+        examples = [global_examples[index] for index in indices]
 
         # 1. rollout
         rollout_start = time.perf_counter()
         group = config.rollout.group_size
         prompts = [example.token_ids for example in examples for _ in range(group)]
+        # Draws keyed by each completion's place in the global batch: the same tokens on any number of ranks.
+        sample_ids = [index * group + j for index in indices for j in range(group)]
         self.model.eval()
-        with torch.no_grad(), self._autocast():
+        with torch.no_grad(), self._autocast(), gathered_weights(self.model, config.distributed.reshard_after_forward):
             out = generate(
                 self.model, prompts, max_new_tokens=config.rollout.max_new_tokens,
                 temperature=config.rollout.temperature, top_p=config.rollout.top_p, top_k=config.rollout.top_k,
-                eos_token_id=self.eos_ids, seed=config.train.seed * 1_000_003 + self.step,
+                eos_token_id=self.eos_ids, seed=config.train.seed * 1_000_003 + self.step, sample_ids=sample_ids,
             )
         rollout_s = time.perf_counter() - rollout_start
         completions = self.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)
@@ -289,23 +404,37 @@ class GSPOTrainer:
 
         rollout_tokens = sum(len(t) for t in out.tokens)
         update_tokens = sum(s.length for s in samples) * (2 if config.gspo.old_logps == "recompute" else 1)
+        # Every rank's share of the step, combined into the metrics of the whole batch.
+        ranks = runtime.gather(dict(
+            rewards=rewards.tolist(), per_reward=scored.per_reward, failures=sum(scored.failures.values()),
+            constant_groups=advantages.constant_groups, rollout_tokens=rollout_tokens, update_tokens=update_tokens,
+            finished=sum(out.finished), rollout_s=rollout_s, update_s=update_s,
+            step_s=time.perf_counter() - step_start, peak_memory_mib=peak_memory_mib(self.device),
+        ))
+        all_rewards = torch.tensor([r for rank in ranks for r in rank["rewards"]], dtype=torch.float64)
+        per_reward: dict[str, list[float]] = {}
+        for rank in ranks:
+            for name, values in rank["per_reward"].items():
+                per_reward.setdefault(name, []).extend(values)
+        total = lambda key: sum(rank[key] for rank in ranks)  # noqa: E731
+        slowest = lambda key: max(rank[key] for rank in ranks)  # noqa: E731
         record = {
-            "reward_mean": rewards.mean().item(),
-            "reward_std": rewards.std(unbiased=False).item(),
-            **{f"reward/{name}": sum(values) / len(values) for name, values in scored.per_reward.items()},
-            "reward_failures": sum(scored.failures.values()),
-            "constant_groups": advantages.constant_groups,
-            "response_len_mean": rollout_tokens / len(samples),
-            "finished_frac": sum(out.finished) / len(samples),
+            "reward_mean": all_rewards.mean().item(),
+            "reward_std": all_rewards.std(unbiased=False).item(),
+            **{f"reward/{name}": sum(values) / len(values) for name, values in per_reward.items()},
+            "reward_failures": total("failures"),
+            "constant_groups": total("constant_groups"),
+            "response_len_mean": total("rollout_tokens") / len(all_rewards),
+            "finished_frac": total("finished") / len(all_rewards),
             **update,
             "lr": self.scheduler.get_last_lr()[0],
             "skipped_updates": self.skipped_updates,
-            "rollout_s": rollout_s,
-            "update_s": update_s,
-            "rollout_tokens_per_s": rollout_tokens / rollout_s,
-            "update_tokens_per_s": update_tokens / update_s,
-            "tokens_per_s": (rollout_tokens + update_tokens) / (time.perf_counter() - step_start),
-            "peak_memory_mib": peak_memory_mib(self.device),
+            "rollout_s": slowest("rollout_s"),
+            "update_s": slowest("update_s"),
+            "rollout_tokens_per_s": total("rollout_tokens") / slowest("rollout_s"),
+            "update_tokens_per_s": total("update_tokens") / slowest("update_s"),
+            "tokens_per_s": (total("rollout_tokens") + total("update_tokens")) / slowest("step_s"),
+            "peak_memory_mib": slowest("peak_memory_mib"),
         }
         every = config.logging.sample_every
         if every and (self.step + 1) % every == 0:
@@ -322,7 +451,10 @@ class GSPOTrainer:
         """Per-token log-probs of each completion under `model` (no gradient), stored on the samples."""
         model.eval()
         with torch.no_grad(), self._autocast():
-            for micro in split_micro_batches(samples, self.config.gspo.micro_batch_tokens):
+            for micro in self.micro_batches(samples):
+                if not micro:  # another rank has more micro-batches: join its forwards' weight gathers
+                    model.run(collate(samples[:1], self.pad_id, self.device).input_ids)
+                    continue
                 batch = collate(micro, self.pad_id, self.device)
                 output = model.run(batch.input_ids)
                 hidden, weight = self.head_inputs(output.hidden_states, model)
@@ -344,17 +476,37 @@ class GSPOTrainer:
         with adapters_disabled(self.model):
             self.score_samples(self.model, samples, "ref_logps")
 
+    def micro_batches(self, samples: list[Sample]) -> list[list[Sample]]:
+        """Micro-batches under the token budget; on several ranks, as many on each (empty ones pad).
+
+        Every forward and backward of a sharded model gathers weights with all ranks, so each rank
+        must run the same number of them.
+        """
+        micro = split_micro_batches(samples, self.config.gspo.micro_batch_tokens)
+        if not self.runtime.distributed:
+            return micro
+        return equalize_micro_batches(micro, int(self.runtime.max([len(micro)])[0]))
+
     def update(self, samples: list[Sample]) -> dict:
-        """One optimizer step per minibatch; gradient accumulation over micro-batches is exact."""
+        """One optimizer step per minibatch; gradient accumulation over micro-batches is exact.
+
+        On several ranks, each rank's minibatch is its share of the global one; the loss is
+        normalised by the global number of valid sequences and the gradients are summed, so the
+        update equals one process's on the whole batch.
+        """
         config = self.config
         minibatches = split_minibatches(samples, config.gspo.num_minibatches)
-        params = [p for p in self.model.parameters() if p.requires_grad]
         totals: dict[str, float] = {}
         imbalance: list[float] = []
         for minibatch in minibatches:
             stats = self.accumulate_gradients(minibatch)
             imbalance.extend(stats.pop("expert_imbalance", []))
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.optim.max_grad_norm))
+            stats = dict(zip(stats, self.runtime.sum(list(stats.values()))))
+            # Listed after the backward: FSDP2 swaps its units' gathered parameters for the sharded
+            # ones (which hold the gradients) only once their gradients are reduced.
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.optim.max_grad_norm)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             if math.isfinite(stats["loss"]) and math.isfinite(grad_norm):
                 self.optimizer.step()
                 self.consecutive_skips = 0
@@ -372,26 +524,41 @@ class GSPOTrainer:
             stats["grad_norm"] = grad_norm
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value / len(minibatches)
+        if self.model.args.is_moe and self.model.args.moe_layers and self.runtime.distributed:
+            imbalance = [self.runtime.max([max(imbalance, default=0.0)])[0]]
         if imbalance:
             totals["expert_imbalance"] = max(imbalance)
         return totals
 
     def accumulate_gradients(self, minibatch: list[Sample]) -> dict:
-        """Backward of the minibatch's loss (a mean over its sequences), micro-batch by micro-batch.
+        """Backward of the minibatch's loss (a mean over its valid sequences), micro-batch by micro-batch.
 
-        A micro-batch's loss is the mean over its own sequences; weighted by its share of the
-        minibatch's sequences, the micro-batch gradients sum to the minibatch's exactly.
+        A micro-batch's loss is the mean over its own valid sequences (those with a completion
+        token); weighted by its share of the minibatch's valid sequences (over all ranks), the
+        micro-batch gradients sum to the minibatch's exactly. The statistics returned are this
+        rank's parts of the minibatch's: summed over ranks they are the minibatch's.
         """
         stats = {"loss": 0.0, "ratio_mean": 0.0, "clip_frac": 0.0, "clip_frac_low": 0.0, "clip_frac_high": 0.0,
                  "kl": 0.0}
         if self.model.args.router_aux_loss:
             stats["aux_loss"] = 0.0
         imbalance = []
-        minibatch_tokens = sum(len(s.completion_ids) for s in minibatch)
-        for micro in split_micro_batches(minibatch, self.config.gspo.micro_batch_tokens):
+        valid = lambda samples: sum(1 for s in samples if s.completion_ids)  # noqa: E731
+        minibatch_valid, minibatch_tokens = self.runtime.sum(
+            [valid(minibatch), sum(len(s.completion_ids) for s in minibatch)]
+        )
+        for micro in self.micro_batches(minibatch):
+            if not micro:
+                # Padding for the ranks with more micro-batches: a forward and backward that add nothing.
+                batch = collate(minibatch[:1], self.pad_id, self.device)
+                with self._autocast():
+                    loss, _, aux_loss, _ = self.micro_batch_loss(batch, minibatch[:1])
+                    total = loss if aux_loss is None else loss + aux_loss
+                (total * 0.0).backward()
+                continue
             batch = collate(micro, self.pad_id, self.device)
-            share = len(micro) / len(minibatch)
-            token_share = batch.mask.sum().item() / minibatch_tokens
+            share = valid(micro) / max(minibatch_valid, 1)
+            token_share = batch.mask.sum().item() / max(minibatch_tokens, 1)
             with self._autocast():
                 loss, metrics, aux_loss, routing = self.micro_batch_loss(batch, micro)
                 total = loss if aux_loss is None else loss + aux_loss
@@ -444,26 +611,44 @@ class GSPOTrainer:
 
     # ------------------------------------------------------------ outputs
     def save_weights(self, folder: Path) -> None:
-        """A Hugging Face checkpoint, or with LoRA a PEFT adapter folder (export --merge merges it)."""
-        if self.lora is None:
+        """A Hugging Face checkpoint, or with LoRA a PEFT adapter folder (export --merge merges it).
+
+        A sharded model is gathered whole on rank 0's CPU, which writes it.
+        """
+        if self.runtime.distributed:
+            full_state = full_model_state_dict(self.model)
+            if self.runtime.is_main:
+                with torch.device("meta"):
+                    whole = Qwen3Model(copy.copy(self.model.args))
+                whole.load_state_dict(full_state, assign=True)
+                save_pretrained(whole, folder)
+            self.runtime.barrier()
+        elif self.lora is None:
             save_pretrained(self.model, folder)
         else:
             save_adapters(self.model, self.lora, folder)
 
     def save_checkpoint(self) -> Path:
         state = {
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "data": self.loader.state_dict(),
             "step": self.step,
             "skipped_updates": self.skipped_updates,
         }
-        path = save_checkpoint(self.output_dir, self.step, self.save_weights, state, self.config.checkpoint.keep_last)
+        keep_last = self.config.checkpoint.keep_last
+        if self.runtime.distributed:
+            path = save_sharded_checkpoint(
+                self.output_dir, self.step, lambda folder: save_sharded(folder, self.model, self.optimizer),
+                self.model.args, state, keep_last, self.runtime,
+            )
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
+            path = save_checkpoint(self.output_dir, self.step, self.save_weights, state, keep_last)
         logger.info("saved %s", path)
         return path
 
     def _summary(self, final_dir: Path) -> TrainSummary:
-        rewards = [r["reward_mean"] for r in self.metrics.records()]
+        rewards = [r["reward_mean"] for r in self.metrics.records()] if self.metrics is not None else []
         window = min(10, max(1, len(rewards) // 2))
         first = sum(rewards[:window]) / window if rewards else float("nan")
         last = sum(rewards[-window:]) / window if rewards else float("nan")

@@ -1,0 +1,72 @@
+"""FSDP2 applied to a single-device Qwen3Model from outside, the way torchtitan does it.
+
+Each decoder block becomes one FSDP unit (its weights are all-gathered just before it runs and
+freed after), then the root takes what is left: the embedding, the final norm and the lm_head.
+The model code does not change: `run` is registered as a forward method, so the trainer's and
+the sampler's calls gather the root's weights like `forward` does.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+from gspo_engine.distributed.runtime import Runtime
+from gspo_engine.model import Qwen3Model
+
+
+def data_parallel_mesh(runtime: Runtime, device: torch.device) -> DeviceMesh:
+    """A one-dimensional mesh over every rank: FSDP2 shards each weight across all of them."""
+    return init_device_mesh(device.type, (runtime.world_size,), mesh_dim_names=("dp",))
+
+
+def parallelize(model: Qwen3Model, mesh: DeviceMesh, *, bf16_compute: bool, reshard_after_forward: bool = True
+                ) -> Qwen3Model:
+    """Shard `model` over `mesh` in place (FSDP2 per block, then the root) and return it.
+
+    bf16_compute: the weights are gathered in bf16 for compute and the gradients reduced in fp32,
+    while the sharded master weights and AdamW states stay fp32 (MixedPrecisionPolicy).
+    """
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute \
+        else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    # The root's weights are needed again right after the forward (the fused loss reads the
+    # lm_head weight, the backward starts at the final norm): FSDP2 keeps them gathered.
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    register_fsdp_forward_method(model, "run")
+    return model
+
+
+def fsdp_units(model: torch.nn.Module) -> list[FSDPModule]:
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+@contextmanager
+def gathered_weights(model: torch.nn.Module, reshard_after_forward: bool = True):
+    """Every weight gathered once, for the length of the block (generation).
+
+    A decode step runs the whole model for one token; gathering every block at every step would
+    move the whole model per token, and ranks whose rollouts end sooner would stop joining the
+    gathers the others wait in. Gathered up front, the forwards issue no collective at all, so
+    each rank decodes as many steps as its own prompts need.
+    """
+    units = fsdp_units(model)
+    if not units:
+        yield
+        return
+    for unit in units:
+        unit.unshard()
+    blocks = [unit for unit in units if unit is not model]
+    for block in blocks:
+        block.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.set_reshard_after_forward(reshard_after_forward, recurse=False)
+        for unit in units:
+            unit.reshard()
