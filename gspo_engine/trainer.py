@@ -146,6 +146,26 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 
+def check_data_parallel_split(config: Config, world: int) -> None:
+    """Each rank samples whole groups, and every rank must run the same number of optimizer steps."""
+    if world == 1:
+        return
+    if config.lora.rank:
+        raise TrainingError("LoRA runs on one process; launch it without torchrun (lora.rank > 0)")
+    prompts = config.rollout.prompts_per_step
+    if prompts % world:
+        raise TrainingError(
+            f"rollout.prompts_per_step ({prompts}) must be a multiple of the number of ranks ({world}): "
+            "each rank samples all completions of its own prompts"
+        )
+    per_rank = prompts // world * config.rollout.group_size
+    if per_rank < config.gspo.num_minibatches:
+        raise TrainingError(
+            f"each of the {world} ranks holds {per_rank} completions, fewer than gspo.num_minibatches "
+            f"({config.gspo.num_minibatches}); raise rollout.prompts_per_step"
+        )
+
+
 class GSPOTrainer:
     def __init__(self, config: Config, echo=print):
         self.config = config
@@ -159,7 +179,7 @@ class GSPOTrainer:
         if self.device.type == "cpu" and config.train.cpu_threads:
             torch.set_num_threads(config.train.cpu_threads)
         torch.manual_seed(config.train.seed)
-        self._check_data_parallel_split()
+        check_data_parallel_split(config, self.runtime.world_size)
 
         if self.runtime.is_main:  # one rank builds the embedded tiny model; the others wait for it
             model_folder(config, self.output_dir)
@@ -214,26 +234,6 @@ class GSPOTrainer:
         self.temperature = config.rollout.temperature if config.rollout.temperature > 0 else 1.0
 
     # ----------------------------------------------------------------- set-up
-    def _check_data_parallel_split(self) -> None:
-        """Each rank samples whole groups, and every rank must run the same number of optimizer steps."""
-        config, world = self.config, self.runtime.world_size
-        if world == 1:
-            return
-        if self.config.lora.rank:
-            raise TrainingError("LoRA runs on one process; launch it without torchrun (lora.rank > 0)")
-        prompts = config.rollout.prompts_per_step
-        if prompts % world:
-            raise TrainingError(
-                f"rollout.prompts_per_step ({prompts}) must be a multiple of the number of ranks ({world}): "
-                "each rank samples all completions of its own prompts"
-            )
-        per_rank = prompts // world * config.rollout.group_size
-        if per_rank < config.gspo.num_minibatches:
-            raise TrainingError(
-                f"each of the {world} ranks holds {per_rank} completions, fewer than gspo.num_minibatches "
-                f"({config.gspo.num_minibatches}); raise rollout.prompts_per_step"
-            )
-
     def _load_sharded_model(self, folder: Path) -> Qwen3Model:
         """The model sharded over every rank: rank 0 reads the checkpoint, each rank receives only its shards.
 
