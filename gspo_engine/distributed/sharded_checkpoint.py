@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -38,14 +39,15 @@ def save_sharded(folder: str | Path, model: torch.nn.Module, optimizer: torch.op
 def load_sharded(folder: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
     """Load the model (and optimizer) state of `folder` into this rank's shards, whatever the saving world size."""
     path = Path(folder) / SHARDED_DIR
+    no_dist = not (dist.is_available() and dist.is_initialized())  # one process reads every shard
     if optimizer is None:
         state = {"model": get_model_state_dict(model)}
-        dcp.load(state, checkpoint_id=path)
+        dcp.load(state, checkpoint_id=path, no_dist=no_dist)
         set_model_state_dict(model, state["model"])
         return
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, checkpoint_id=path, no_dist=no_dist)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
