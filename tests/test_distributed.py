@@ -224,3 +224,18 @@ def test_micro_batches_are_split_then_padded_to_the_count_of_the_busiest_rank():
     assert equalize_micro_batches([samples], 1) == [samples]
     with pytest.raises(ValueError):
         equalize_micro_batches([samples[:1], samples[1:]], 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_fsdp_trains_on_cuda_with_bf16_compute(tmp_path):
+    """One rank on the GPU: NCCL, FSDP2 with bf16 gathering and fp32 reduction, sharded checkpoint, final export."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(SETTINGS | {"train": {"steps": 2, "device": "cuda", "precision": "bf16-mixed"}}))
+    run = tmp_path / "run"
+    result = ok(train(config, run, 1))
+    assert "on cuda:0 x 1 ranks (FSDP2), precision bf16-mixed" in result.stdout
+    records = metrics(run)
+    assert len(records) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert is_sharded_checkpoint(run / "checkpoint-1")
+    start, end = weights(run / "tiny-moe"), weights(run / "final")
+    assert max((start[k] - end[k].float()).abs().max().item() for k in start) > 1e-4
