@@ -25,12 +25,13 @@ TIMEOUT_S = 240
 
 pytestmark = pytest.mark.slow
 
-# The embedded MoE with a smaller batch: 8 prompts x 4 completions, 2 minibatches, 2 steps.
+# The embedded MoE with a smaller batch: 8 prompts x 4 completions, 2 minibatches, 2 steps; with the
+# KL to a (sharded) reference model, routing replay and activation checkpointing on.
 SETTINGS = {
-    "model": {"name_or_path": "tiny-moe"},
+    "model": {"name_or_path": "tiny-moe", "routing_replay": True, "activation_checkpointing": True},
     "data": {"builtin": {"tasks": ["copy"], "min_length": 2, "max_length": 3}},
     "rollout": {"prompts_per_step": 8, "group_size": 4, "max_new_tokens": 5},
-    "gspo": {"eps_low": 0.2, "eps_high": 0.28, "num_minibatches": 2, "micro_batch_tokens": 64},
+    "gspo": {"eps_low": 0.2, "eps_high": 0.28, "num_minibatches": 2, "micro_batch_tokens": 64, "beta": 0.05},
     "optim": {"learning_rate": 1e-3, "warmup_steps": 0},
     "train": {"steps": 2, "cpu_threads": 1},
     "checkpoint": {"every": 1, "keep_last": 2},
@@ -103,7 +104,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(runs):
     assert len(single) == len(two) == 2
     for a, b in zip(single, two):
         assert a["reward_mean"] == b["reward_mean"]  # the same completions were sampled
-        for key in ("loss", "grad_norm", "ratio_mean", "clip_frac", "response_len_mean"):
+        for key in ("loss", "grad_norm", "ratio_mean", "clip_frac", "kl", "response_len_mean"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
     assert_same_weights(runs["single"] / "final", runs["two"] / "final")
     # The weights moved: the comparison is not between two untouched copies.
