@@ -44,6 +44,40 @@ def bench(families: tuple[str, ...], device: str | None, rounds: int, scale: str
         click.echo(json.dumps(row))
 
 
+def _plan_lines(config, gpus: int, gpu_memory_gb: float) -> list[str]:
+    from gspo_engine.plan import make_plan
+
+    try:
+        plan = make_plan(config, gpus=gpus, gpu_memory_gb=gpu_memory_gb)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    return ["", "plan:"] + [f"  {line}" for line in plan.lines()]
+
+
+@main.command()
+@click.argument("config_path", type=click.Path(dir_okay=False))
+@click.option("--gpus", default=1, show_default=True, type=click.IntRange(1),
+              help="GPUs the run shards over (torchrun ranks, FSDP2 data parallel).")
+@click.option("--gpu-memory-gb", default=80.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Memory of one GPU in GB (10^9 bytes): 80 for an 80 GB card.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="Override one config key (repeatable).")
+def plan(config_path, gpus, gpu_memory_gb, overrides) -> None:
+    """Memory per GPU of a config on N GPUs, phase by phase, and the largest micro-batch that fits.
+
+    gspo-engine plan configs/moe.yaml --gpus 8 --gpu-memory-gb 80. Reads config.json only (or the
+    shapes of a released Qwen3 model); see docs/planner.md for what is counted.
+    """
+    from gspo_engine.config import ConfigError, load_config
+
+    try:
+        config = load_config(config_path, list(overrides))
+    except ConfigError as error:
+        raise click.ClickException(str(error)) from error
+    lines = _plan_lines(config, gpus, gpu_memory_gb)
+    click.echo("\n".join([f"{config_path} on {gpus} x {gpu_memory_gb:g} GB GPUs"] + lines))
+
+
 # Familiar flags of other trainers, mapped onto config keys.
 _FLAG_KEYS = {
     "model_name_or_path": "model.name_or_path",
@@ -89,15 +123,18 @@ def train(config_path, config_option, overrides, stage, resume, dry_run, **flags
         raise click.ClickException(str(error)) from error
 
     if dry_run:
+        import os
+
         from gspo_engine.config import dump_config
-        from gspo_engine.plan import make_plan
 
         click.echo(dump_config(config).rstrip())
-        try:
-            plan = make_plan(config)
-        except ValueError as error:
-            raise click.ClickException(str(error)) from error
-        click.echo("\n".join(["", "plan:"] + [f"  {line}" for line in plan.lines()]))
+        # Under torchrun the dry run plans the ranks it was launched with; `gspo-engine plan` takes any.
+        world_size = os.environ.get("WORLD_SIZE", "1")
+        if not world_size.isdigit() or int(world_size) < 1:
+            raise click.ClickException(f"WORLD_SIZE={world_size!r} is not a number of processes")
+        click.echo("\n".join(_plan_lines(config, int(world_size), 80.0)))
+        click.echo(f"  (gspo-engine plan {config_path or config_option or 'CONFIG'} --gpus N --gpu-memory-gb G "
+                   "plans another cluster)")
         return
 
     import os
