@@ -208,8 +208,8 @@ def gradient_bytes(args: ModelArgs, compute: Compute, moe: bool) -> int:
 def no_grad_bytes(args: ModelArgs, compute: Compute, moe: bool) -> int:
     """Bytes per token a no-grad forward holds inside one block, where nothing is kept for a backward:
     the residual and the norm's output, then the larger of attention's intermediates and the MLP's
-    (silu(gate), up and their product; for MoE the gathered rows, gate / up, their product, the
-    per-copy output and its fp32 sum)."""
+    (silu(gate), up and their product; for MoE the PyTorch experts path's gathered rows, gate / up,
+    their product, the per-copy output and its fp32 sum: the Triton path holds less, k x (I + H))."""
     hidden, heads, kv_heads = args.hidden_size, args.num_attention_heads, args.num_key_value_heads
     head_dim, c = args.head_dim, compute.compute
     # the norm's output, q / k / v before and after their fp32 norms, the attention output
@@ -527,14 +527,15 @@ class MemoryPlan:
             _row(f"    fused lm_head loss working set (chunk budget {DEFAULT_CHUNK_BUDGET_MIB} MiB)",
                  training.fused_loss),
             _row("    backward of one block" + (", recomputed" if training.checkpointing else ""), training.backward),
-            _verdict("    peak (fused loss or backward, whichever is larger)", training.peak(states), self.usable),
+            _verdict("    training peak (the larger of loss and backward counts)", training.peak(states),
+                     self.usable),
             _row("  old log-prob scoring forward (no grad): peak", self.scoring.peak(states)),
             f"  rollout: {rollout.sequences} sequences per GPU, {rollout.columns:,} KV cache columns each",
             _row("    " + self._generation_weights_label(), rollout.generation_weights),
             _row("    KV cache", rollout.kv_cache),
             _row("    sampling: logits and their working set", rollout.sampling),
             _row("    prefill: one chunk's forward and attention masks", rollout.prefill),
-            _verdict("    peak (gradients freed)", self.rollout_peak, self.usable),
+            _verdict("    rollout peak (gradients freed)", self.rollout_peak, self.usable),
             self._micro_batch_line(),
         ]
         if not self.rollout_fits:
@@ -545,14 +546,14 @@ class MemoryPlan:
         if self.compute.sharded:
             return f"unsharded {'bf16' if self.compute.weights == 2 else 'fp32'} weights: 2 blocks + the root"
         if self.compute.autocast_copies:
-            return "bf16 copies of the weights (autocast's cache, the experts' casts)"
+            return "bf16 weight copies (autocast's cache, the experts' casts)"
         return "compute weights: the fp32 weights themselves"
 
     def _generation_weights_label(self) -> str:
         if self.compute.sharded:
             return f"every weight gathered in {'bf16' if self.compute.weights == 2 else 'fp32'} for generation"
         if self.compute.autocast_copies:
-            return "bf16 copies of the weights (autocast's cache)"
+            return "bf16 weight copies (autocast's cache)"
         return "weights for generation: the fp32 weights themselves"
 
     def _micro_batch_line(self) -> str:
