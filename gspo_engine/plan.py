@@ -288,6 +288,7 @@ class States:
     gradients: float  # of what is trained, fp32; freed after each optimizer step
     optimizer: float  # AdamW exp_avg and exp_avg_sq, fp32
     reference: float  # the KL reference model (gspo.beta > 0), fp32
+    lora_base: str = ""  # the frozen base's dtype under LoRA
 
 
 @dataclass(frozen=True)
@@ -345,7 +346,8 @@ def states_bytes(sizes: ModelSizes, config: Config, trainable: int, gpus: int) -
     if config.lora.rank:
         base = sizes.total - trainable
         weights = base * (2 if config.lora.base_bf16 else 4) + trainable * 4
-        return States(weights, trainable * 4, trainable * 8, 0.0)  # the reference is the base, adapters off
+        # The reference is the base with the adapters off: no copy.
+        return States(weights, trainable * 4, trainable * 8, 0.0, "bf16" if config.lora.base_bf16 else "fp32")
     reference = sizes.total * 4 / gpus if config.gspo.beta > 0 else 0.0
     return States(sizes.total * 4 / gpus, sizes.total * 4 / gpus, sizes.total * 8 / gpus, reference)
 
@@ -505,7 +507,8 @@ class MemoryPlan:
             f"each, {self.usable / GIB:.2f} GiB planned ({HEADROOM_FIXED_GIB:g} GiB + {HEADROOM_FRACTION:.0%} left "
             "for the CUDA context and allocator fragmentation)",
             f"  precision: {self.compute.label}",
-            _row(f"  weights (fp32{sharded})", states.weights),
+            _row(f"  frozen {states.lora_base} base weights + fp32 adapters" if states.lora_base
+                 else f"  weights (fp32{sharded})", states.weights),
             _row(f"  gradients (fp32{sharded}; freed after each update)", states.gradients),
             _row(f"  AdamW exp_avg + exp_avg_sq (fp32{sharded})", states.optimizer),
         ]
