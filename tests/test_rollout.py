@@ -351,3 +351,35 @@ def test_rows_with_sample_ids_draw_the_same_tokens_in_any_batch(pair):
         generate(model, prompts, max_new_tokens=MAX_NEW, seed=5, sample_ids=[0] * len(prompts))
     with pytest.raises(ValueError, match="needs a seed"):
         generate(model, prompts, max_new_tokens=MAX_NEW, sample_ids=ids)
+
+
+def test_the_kv_cache_is_freed_as_soon_as_generation_returns(pair):
+    """No reference cycle: the cache goes with its last reference, without waiting for the garbage collector."""
+    import gc
+    import weakref
+
+    from gspo_engine.model.kv_cache import KVCache
+
+    _, model = pair
+    gc.disable()
+    try:
+        cache = KVCache.allocate(model.args, 2, 8, torch.float32, torch.device("cpu"))
+        keys = weakref.ref(cache.layers[0].keys)
+        del cache
+        assert keys() is None
+        allocated = []
+        original = KVCache.allocate.__func__
+
+        def tracked(cls, *args, **kwargs):
+            made = original(cls, *args, **kwargs)
+            allocated.append(weakref.ref(made.layers[0].keys))
+            return made
+
+        KVCache.allocate = classmethod(tracked)
+        try:
+            generate(model, make_prompts(), max_new_tokens=MAX_NEW, temperature=0.7, seed=0)
+        finally:
+            KVCache.allocate = classmethod(original)
+        assert allocated and all(ref() is None for ref in allocated)
+    finally:
+        gc.enable()

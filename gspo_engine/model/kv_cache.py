@@ -8,6 +8,8 @@ the same storage, so later steps only compute the rows still generating.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from gspo_engine.model.args import ModelArgs
@@ -90,7 +92,9 @@ class LayerKVCache:
     """One layer's share of a KVCache."""
 
     def __init__(self, cache: KVCache, keys: torch.Tensor, values: torch.Tensor):
-        self.cache = cache
+        # A weak reference: with a strong one, cache and layers form a cycle that only the garbage
+        # collector frees, so a finished rollout's cache (gigabytes) could outlive it into the update.
+        self.cache = weakref.proxy(cache)
         self.keys = keys
         self.values = values
 
