@@ -5,7 +5,6 @@ tracker and prints measured against estimated bytes per phase (`pytest tests/tes
 measured -s` prints the table docs/planner.md quotes).
 """
 
-import gc
 from pathlib import Path
 
 import pytest
@@ -249,8 +248,6 @@ def measure_phases(config, monkeypatch) -> dict[str, int]:
             tracker.reset_peak()
             out = function(*args, **kwargs)
             peaks[name] = tracker.peak_bytes
-            # The KV cache and its layers refer to each other: only the cyclic collector frees it.
-            gc.collect()
             return out
         return run
 
