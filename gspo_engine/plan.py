@@ -319,7 +319,7 @@ class Training:
 class Scoring:
     """The no-grad forward that recomputes old (and reference) log-probs, per micro-batch."""
 
-    compute_weights: float
+    compute_weights: float  # FSDP2: the gathered blocks and their all-gather outputs (scoring_weights_bytes)
     working: float  # one block's tensors at a time, the residual stream, a streamed logits tile
 
     def peak(self, states: States) -> float:
@@ -336,10 +336,13 @@ class Rollout:
     kv_cache: float
     sampling: float  # logits [rows, V] and sample_next's working set, the tokens and log-probs drawn
     prefill: float  # one prefill chunk's forward and its attention masks
+    gather_output: float = 0.0  # FSDP2: the last block's all-gather output, before generation starts
 
     def peak(self, states: States) -> float:
-        return (states.weights + states.optimizer + states.reference + self.generation_weights + self.kv_cache
-                + max(self.sampling, self.prefill))
+        # The gather's last all-gather output is freed before the first forward (a short rollout
+        # of a large model peaks there, with every other weight already gathered).
+        return (states.weights + states.optimizer + states.reference + self.generation_weights
+                + max(self.kv_cache + max(self.sampling, self.prefill), self.gather_output))
 
 
 def states_bytes(sizes: ModelSizes, config: Config, trainable: int, gpus: int) -> States:
@@ -369,6 +372,24 @@ def forward_weights_bytes(sizes: ModelSizes, compute: Compute, config: Config, e
         return 0.0
     matmul = 0 if config.lora.base_bf16 else sizes.matmul  # a bf16 base needs no cast
     return 2.0 * (matmul + (sizes.all_experts if experts_saved else sizes.layer_experts))
+
+
+def scoring_weights_bytes(sizes: ModelSizes, compute: Compute, config: Config) -> float:
+    """Compute weights held by the no-grad scoring forward.
+
+    Under FSDP2, a forward frees a block's all-gather output (the flat buffer its weights are
+    copied out of) only after the next block's weights are copied out of theirs: the previous
+    output's AllGatherState is dropped when FSDPParamGroup.wait_for_unshard returns. So as each
+    block starts, its weights, its all-gather output and the previous block's are held: 3 blocks
+    and the root, or with reshard_after_forward off every weight gathered so far and 2 outputs
+    (measured on 2 ranks by tests/test_plan_distributed.py; the 2 blocks the backward holds, which
+    this phase used to count, left one out). The update's forward holds the same, with fewer
+    activations than its backward, whose 2 blocks and one block's gradients (training_bytes) weigh more.
+    """
+    if not compute.sharded:
+        return forward_weights_bytes(sizes, compute, config, experts_saved=False)
+    held = sizes.root + sizes.largest_block if config.distributed.reshard_after_forward else sizes.total
+    return (held + 2 * sizes.largest_block) * compute.weights
 
 
 def generation_weights_bytes(sizes: ModelSizes, compute: Compute, config: Config) -> float:
@@ -438,7 +459,7 @@ def scoring_bytes(args: ModelArgs, sizes: ModelSizes, compute: Compute, config: 
     matmul_out = compute.compute if compute.compute != 4 else 0
     tile = min(ROW_CHUNK, tokens) * min(VOCAB_CHUNK, args.vocab_size) * (4 + matmul_out)
     working = tokens * (per_token.no_grad + per_token.hidden_states + per_token.batch) + tile
-    return Scoring(forward_weights_bytes(sizes, compute, config, experts_saved=False), working)
+    return Scoring(scoring_weights_bytes(sizes, compute, config), working)
 
 
 def rollout_bytes(args: ModelArgs, sizes: ModelSizes, compute: Compute, config: Config, per_token: TokenBytes,
@@ -457,7 +478,10 @@ def rollout_bytes(args: ModelArgs, sizes: ModelSizes, compute: Compute, config: 
         + chunk_rows * width * width * (1 + groups * (1 + compute.compute))
     )
     weights = generation_weights_bytes(sizes, compute, config)
-    return Rollout(sequences, columns, weights, kv_cache, sampling, prefill)
+    # FSDP2 gathers the units one at a time, the blocks last: the last block's all-gather output
+    # is held while its weights are copied out, with every other weight already gathered.
+    gather_output = sizes.largest_block * compute.weights if compute.sharded else 0.0
+    return Rollout(sequences, columns, weights, kv_cache, sampling, prefill, gather_output)
 
 
 # ----------------------------------------------------------------------------------------- plans
@@ -538,6 +562,8 @@ class MemoryPlan:
             _row("    KV cache", rollout.kv_cache),
             _row("    sampling: logits and their working set", rollout.sampling),
             _row("    prefill: one chunk's forward and attention masks", rollout.prefill),
+            *([_row("    the gather's last all-gather output (before generation)", rollout.gather_output)]
+              if rollout.gather_output else []),
             _verdict("    rollout peak (gradients freed)", self.rollout_peak, self.usable),
             self._micro_batch_line(),
         ]
@@ -573,10 +599,15 @@ class MemoryPlan:
     def _rollout_advice(self) -> list[str]:
         held = self.states.weights + self.states.optimizer + self.states.reference
         rollout = self.rollout
+        generating = rollout.kv_cache + max(rollout.sampling, rollout.prefill)
+        if rollout.gather_output > generating:
+            working = f"{_gib(rollout.gather_output)} of the gather's last all-gather output"
+        else:
+            working = (f"{_gib(rollout.kv_cache)} of KV cache + {_gib(max(rollout.sampling, rollout.prefill))} of "
+                       "sampling / prefill")
         lines = [
             f"  the rollout phase does not fit: {_gib(held)} of weights and AdamW states + "
-            f"{_gib(rollout.generation_weights)} of weights for generation + {_gib(rollout.kv_cache)} of KV cache "
-            f"+ {_gib(max(rollout.sampling, rollout.prefill))} of sampling / prefill = {_gib(self.rollout_peak)}, "
+            f"{_gib(rollout.generation_weights)} of weights for generation + {working} = {_gib(self.rollout_peak)}, "
             f"{_gib(self.rollout_peak - self.usable)} more than {_gib(self.usable)}",
         ]
         if self.compute.sharded:
