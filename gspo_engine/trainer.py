@@ -467,6 +467,8 @@ class GSPOTrainer:
                             r.expert_indices.view(len(micro), batch.input_ids.shape[1], -1)[row, :width].cpu()
                             for r in output.routing
                         ]
+                # Freed before the next micro-batch's forward, not when the names are next assigned.
+                del batch, output, hidden, weight, logps
 
     def score_reference(self, samples: list[Sample]) -> None:
         """Reference log-probs: of the frozen starting model, or with LoRA of the model with its adapters off."""
