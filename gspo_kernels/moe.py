@@ -89,6 +89,13 @@ def validate_route_inputs(router_logits, top_k, forced_experts) -> None:
 
 def validate_experts_inputs(x, topk_idx, topk_weights, w_gate_up, w_down) -> None:
     """Raise ValueError naming the argument for every input moe_experts cannot take."""
+    num_experts = validate_experts_shapes(x, topk_idx, topk_weights, w_gate_up, w_down)
+    _check_expert_indices("topk_idx", topk_idx, num_experts)
+
+
+def validate_experts_shapes(x, topk_idx, topk_weights, w_gate_up, w_down) -> int:
+    """Every check of validate_experts_inputs but the range of topk_idx (an expert-parallel rank holds
+    global indices with a block of the experts); returns the number of experts in w_gate_up."""
     named = {"x": x, "topk_idx": topk_idx, "topk_weights": topk_weights, "w_gate_up": w_gate_up, "w_down": w_down}
     for name, value in named.items():
         _check_tensor(name, value)
@@ -115,7 +122,7 @@ def validate_experts_inputs(x, topk_idx, topk_weights, w_gate_up, w_down) -> Non
     for name, value in named.items():
         if value.device != x.device:
             raise ValueError(f"{name} must be on the device of x ({x.device}); got {value.device}")
-    _check_expert_indices("topk_idx", topk_idx, num_experts)
+    return num_experts
 
 
 # ---------------------------------------------------------------------------------------------

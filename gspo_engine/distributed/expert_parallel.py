@@ -34,7 +34,7 @@ import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 import gspo_kernels as gk
-from gspo_kernels.moe import sort_pairs
+from gspo_kernels.moe import sort_pairs, validate_experts_shapes
 
 
 class DispatchPlan(NamedTuple):
@@ -98,26 +98,6 @@ def received_local_experts(recv_counts: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(experts, recv_counts.reshape(-1))
 
 
-def _check_inputs(x, topk_idx, topk_weight, local_gate_up, local_down) -> None:
-    if x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"x must be a floating-point [n, H] tensor; got {tuple(x.shape)} {x.dtype}")
-    tokens, hidden = x.shape
-    if topk_idx.dim() != 2 or topk_idx.shape[0] != tokens or topk_idx.shape[1] < 1:
-        raise ValueError(f"topk_idx must be [n = {tokens}, k] with k >= 1; got {tuple(topk_idx.shape)}")
-    if topk_weight.shape != topk_idx.shape or not topk_weight.is_floating_point():
-        raise ValueError(
-            f"topk_weight must be floating point with the shape of topk_idx {tuple(topk_idx.shape)}; "
-            f"got {tuple(topk_weight.shape)} {topk_weight.dtype}"
-        )
-    if local_gate_up.dim() != 3 or local_gate_up.shape[2] != hidden or local_gate_up.shape[1] % 2:
-        raise ValueError(f"local_gate_up must be [E/ep, 2I, H = {hidden}]; got {tuple(local_gate_up.shape)}")
-    local, intermediate = local_gate_up.shape[0], local_gate_up.shape[1] // 2
-    if tuple(local_down.shape) != (local, hidden, intermediate):
-        raise ValueError(
-            f"local_down must be [E/ep, H, I] = [{local}, {hidden}, {intermediate}]; got {tuple(local_down.shape)}"
-        )
-
-
 def expert_parallel_moe(
     x: torch.Tensor,
     topk_idx: torch.Tensor,
@@ -136,7 +116,7 @@ def expert_parallel_moe(
     weights. Collective over `group` (default: the world); whether x requires grad must agree
     across its ranks, since backward runs the reverse all-to-alls.
     """
-    _check_inputs(x, topk_idx, topk_weight, local_gate_up, local_down)
+    validate_experts_shapes(x, topk_idx, topk_weight, local_gate_up, local_down)
     group = group if group is not None else dist.group.WORLD
     ep = dist.get_world_size(group)
     plan = plan_dispatch(topk_idx, local_gate_up.shape[0] * ep, ep)
