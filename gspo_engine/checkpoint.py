@@ -268,7 +268,7 @@ def save_pretrained(
     target.parent.mkdir(parents=True, exist_ok=True)
     tensors = hf_state_dict(model)
     # The dtype the weights are in now, which may differ from the one they were loaded in.
-    config = dataclasses.replace(model.args, dtype=next(iter(tensors.values())).dtype).to_hf_config()
+    dtype = next(iter(tensors.values())).dtype  # the weights' dtype now, which may differ from the loaded one
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         names = [SINGLE_FILE]
@@ -278,7 +278,7 @@ def save_pretrained(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     staging.chmod(0o755)  # mkdtemp makes it private to this user; a checkpoint is meant to be shared
     try:
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        write_model_files(model.args, dtype, staging)
         for name, keys in zip(names, shards):
             # Copies on the CPU, one shard at a time: safetensors refuses views that share storage.
             shard = {key: tensors[key].detach().to("cpu", copy=True).contiguous() for key in keys}
@@ -289,15 +289,20 @@ def save_pretrained(
                 "weight_map": {key: name for name, keys in zip(names, shards) for key in keys},
             }
             (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        source = Path(model.args.source_path) if model.args.source_path else None
-        if source is not None:
-            for name in COPIED_FILES:
-                if (source / name).is_file():
-                    shutil.copy2(source / name, staging / name)
         _replace_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_model_files(args: ModelArgs, dtype: torch.dtype, folder: Path) -> None:
+    """config.json for weights in `dtype`, and the tokenizer and generation files of the folder the model came from."""
+    config = dataclasses.replace(args, dtype=dtype).to_hf_config()
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    source = Path(args.source_path) if args.source_path else None
+    for name in COPIED_FILES if source is not None else ():
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
 
 
 def _replace_folder(staging: Path, target: Path) -> None:

@@ -11,7 +11,6 @@ renamed into place, so a crash mid-save leaves the previous checkpoint as the la
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import shutil
@@ -21,6 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from gspo_engine.checkpoint import write_model_files
 
 STATE_FILE = "trainer_state.pt"
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -67,14 +68,19 @@ def save_checkpoint(
         model_folder = staging / "checkpoint"
         save_weights(model_folder)
         torch.save(trainer_state | {"rng": rng_state()}, model_folder / STATE_FILE)
-        if target.exists():
-            shutil.rmtree(target)
-        model_folder.rename(target)
+        _publish(model_folder, target, keep_last)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    for old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _publish(complete: Path, target: Path, keep_last: int) -> None:
+    """Rename a complete checkpoint folder into place, then keep only the newest `keep_last`."""
+    if target.exists():
+        shutil.rmtree(target)
+    complete.rename(target)
+    for old in list_checkpoints(target.parent)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_sharded_checkpoint(
@@ -83,8 +89,6 @@ def save_sharded_checkpoint(
 ) -> Path:
     """Collective form of save_checkpoint: every rank writes its shards into one staging folder
     (named by the step, so all ranks agree on it), then rank 0 writes the rest and renames it into place."""
-    from gspo_engine.checkpoint import COPIED_FILES, CONFIG_FILE
-
     output_dir = Path(output_dir)
     target = output_dir / f"checkpoint-{step}"
     staging = output_dir / f".checkpoint-{step}.partial"
@@ -96,18 +100,9 @@ def save_sharded_checkpoint(
     save_shards(staging)
     runtime.barrier()
     if runtime.is_main:
-        config = model_args.to_hf_config() | {"torch_dtype": "float32"}
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        source = Path(model_args.source_path) if model_args.source_path else None
-        for name in COPIED_FILES if source is not None else ():
-            if (source / name).is_file():
-                shutil.copy2(source / name, staging / name)
+        write_model_files(model_args, torch.float32, staging)  # the shards hold the fp32 master weights
         torch.save(trainer_state | {"rng": rng_state()}, staging / STATE_FILE)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-        for old in list_checkpoints(output_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(staging, target, keep_last)
     runtime.barrier()
     return target
 

@@ -526,7 +526,7 @@ class GSPOTrainer:
             stats["grad_norm"] = grad_norm
             for key, value in stats.items():
                 totals[key] = totals.get(key, 0.0) + value / len(minibatches)
-        if self.model.args.is_moe and self.model.args.moe_layers and self.runtime.distributed:
+        if self.runtime.distributed and self.model.args.is_moe:
             imbalance = [self.runtime.max([max(imbalance, default=0.0)])[0]]
         if imbalance:
             totals["expert_imbalance"] = max(imbalance)
