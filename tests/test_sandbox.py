@@ -118,6 +118,16 @@ def test_a_hanging_test_keeps_the_tests_before_it():
     assert result.failures == {1: "no report", 2: "no report"}
 
 
+def test_a_test_out_of_cpu_time_counts_as_timed_out():
+    """A busy loop under a long wall-clock limit meets RLIMIT_CPU first: it timed out all the same."""
+    solution = "def add(a, b):\n    while True:\n        pass\n"
+    limits = SandboxLimits(timeout_s=20.0, cpu_s=1, memory_mib=256, file_size_mib=4, max_processes=8)
+    start = time.monotonic()
+    result = Sandbox(limits).run(solution, plan_tests("assert add(1, 1) == 2\n"))
+    assert time.monotonic() - start < 10  # ended by the CPU limit, not the wall clock
+    assert result.timed_out and result.passed == 0
+
+
 @pytest.fixture(scope="module")
 def hostile_results():
     before = sandbox_folders()

@@ -190,6 +190,9 @@ class Sandbox:
                 timed_out = not _wait_unreaped(process.pid, self.limits.timeout_s)
             finally:
                 self._kill_everything(process, uid)
+            # Out of CPU time is out of time too: a busy loop meets RLIMIT_CPU (SIGXCPU) or the wall
+            # clock first depending on how busy the machine is.
+            timed_out = timed_out or process.returncode == -signal.SIGXCPU
             report = self._read_available(read_end)
         finally:
             os.close(read_end)
