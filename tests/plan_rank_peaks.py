@@ -9,7 +9,7 @@ writes OUT/ID-rankR.json: the peak live bytes of the rollout (from the whole-mod
 release), the scoring forward and the update, and within each phase the peak of the weights
 FSDP2 holds gathered.
 
-gspo_engine.memory's tracker alone misses two things under FSDP2, and this one adds them:
+tests/memory_tracker.py's tracker alone misses two things under FSDP2, and this one adds them:
 - FSDP2 keeps each gathered (unsharded) weight in a buffer of its own and frees and reallocates
   it with UntypedStorage.resize_ (0 bytes when resharded, the full size when gathered again),
   which no dispatched op does. Counted only by their first torch.empty, those buffers would stay
@@ -28,12 +28,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from memory_tracker import TensorMemoryTracker
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
 import gspo_engine.trainer as trainer_module
 from gspo_engine.config import load_config
-from gspo_engine.memory import TensorMemoryTracker
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

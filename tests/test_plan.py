@@ -1,8 +1,8 @@
 """The memory planner: its arithmetic, `gspo-engine plan`, and its estimate against peaks measured on real steps.
 
-The measured check runs one GSPO step of each tiny model on the CPU under gspo_engine.memory's
-tracker and prints measured against estimated bytes per phase (`pytest tests/test_plan.py -k
-measured -s` prints the table docs/planner.md quotes).
+The measured check runs one GSPO step of each tiny model on the CPU under tests/memory_tracker.py's
+tracker and prints measured against estimated bytes per phase (`pytest tests/test_plan.py -k measured
+-s` prints the table docs/planner.md quotes).
 """
 
 from pathlib import Path
@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from memory_tracker import TensorMemoryTracker
 
 import gspo_engine.trainer as trainer_module
 from gspo_engine.cli import main
 from gspo_engine.config import config_from_dict, load_config
-from gspo_engine.memory import TensorMemoryTracker
 from gspo_engine.model.kv_cache import KVCache
 from gspo_engine.model.qwen3 import TransformerBlock
 from gspo_engine.model.rope import rotary_cos_sin
