@@ -29,10 +29,9 @@ WIDE_MOE = dict(
 
 
 def build_wide_moe(folder: Path) -> Path:
-    from gspo_engine.checkpoint import save_pretrained
+    from gspo_engine.hf_checkpoint import save_pretrained
     from gspo_engine.model import ModelArgs, Qwen3Model
-    from gspo_engine.tasks import save_tiny_tokenizer, tiny_vocabulary
-    from gspo_engine.tiny import init_weights
+    from gspo_engine.tiny import init_weights, save_tiny_tokenizer, tiny_vocabulary
 
     model = Qwen3Model(ModelArgs(vocab_size=len(tiny_vocabulary()), **WIDE_MOE))
     init_weights(model, seed=0)
@@ -46,7 +45,8 @@ def build_wide_moe(folder: Path) -> Path:
 def one_step(model: str, rank: int, output_dir: str) -> dict:
     """Run in the child process: one GSPO step, then the memory figures."""
     from gspo_engine.config import config_from_dict
-    from gspo_engine.trainer import GSPOTrainer, peak_memory_mib
+    from gspo_engine.device import peak_memory_mib
+    from gspo_engine.trainer import GSPOTrainer
 
     config = config_from_dict({
         "model": {"name_or_path": model},

@@ -16,9 +16,6 @@ from typing import Any, Literal
 
 import yaml
 
-from gspo_engine.rewards.combine import RewardSpec
-from gspo_engine.tasks import SOLVERS
-
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and what it accepts."""
@@ -31,17 +28,21 @@ class ModelConfig:
     name_or_path: str = "tiny-moe"
     seed: int = 0  # initialisation of the tiny random models
     activation_checkpointing: bool = False
-    # Routing replay (gspo.md): record the rollout's experts and reuse them in the update.
+    # Routing replay: record the experts the rollout chose and reuse them in the update.
     # GSPO does not need it; it is here for comparison with token-level GRPO.
     routing_replay: bool = False
     router_aux_loss_coef: float = 0.0  # Switch load-balancing loss; 0 leaves it off
 
 
+# The generated digit tasks (gspo_engine/builtin_tasks.py solves each; the tiny tokenizer has a token per name).
+BUILTIN_TASKS = ("copy", "reverse", "sort")
+
+
 @dataclass
 class BuiltinTasksConfig:
-    """The generated digit tasks of the tiny default (gspo_engine.tasks)."""
+    """The generated digit tasks of the tiny default (gspo_engine/builtin_tasks.py)."""
 
-    tasks: list[str] = field(default_factory=lambda: ["copy", "reverse", "sort"])
+    tasks: list[str] = field(default_factory=lambda: list(BUILTIN_TASKS))
     min_length: int = 2
     max_length: int = 4
     num_digits: int = 10  # how many distinct digits appear (2..10)
@@ -69,6 +70,20 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """One reward of the config: `function` is a registry name or `module.path:function`."""
+
+    function: str
+    weight: float = 1.0
+    name: str | None = None  # what it is logged as; the function's spec by default
+    options: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return self.name or self.function
 
 
 @dataclass
@@ -355,9 +370,11 @@ def _check_consistency(config: Config) -> None:
     builtin = config.data.builtin
     if builtin.max_length < builtin.min_length:
         raise ConfigError(f"data.builtin.max_length: {builtin.max_length} is below data.builtin.min_length {builtin.min_length}")
-    unknown_tasks = sorted(set(builtin.tasks) - set(SOLVERS))
+    unknown_tasks = sorted(set(builtin.tasks) - set(BUILTIN_TASKS))
     if not builtin.tasks or unknown_tasks:
-        raise ConfigError(f"data.builtin.tasks: {builtin.tasks} is not valid; choose some of {', '.join(SOLVERS)}")
+        raise ConfigError(
+            f"data.builtin.tasks: {builtin.tasks} is not valid; choose some of {', '.join(BUILTIN_TASKS)}"
+        )
     if not config.rewards and config.data.dataset != "builtin":
         raise ConfigError("rewards: a dataset other than a built-in task needs at least one reward")
     if config.gspo.old_logps == "rollout" and (config.rollout.top_k or config.rollout.top_p < 1):

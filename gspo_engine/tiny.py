@@ -3,18 +3,27 @@
 They are written as ordinary Hugging Face folders (config.json, model.safetensors, tokenizer
 files) and then loaded like any released checkpoint, so the tiny default trains through exactly
 the code a real model uses.
+
+The tokenizer has one token per digit, one per built-in task, `=`, `<eos>` (which also pads) and
+`<unk>`; it is saved as tokenizer.json + tokenizer_config.json so that it loads through
+AutoTokenizer like a released model's.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
 import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from gspo_engine.checkpoint import save_pretrained
+from gspo_engine.builtin_tasks import SEPARATOR
+from gspo_engine.config import BUILTIN_TASKS
+from gspo_engine.hf_checkpoint import save_pretrained
 from gspo_engine.model import ModelArgs, Qwen3Model
-from gspo_engine.tasks import save_tiny_tokenizer, tiny_vocabulary
+
+EOS, UNK = "<eos>", "<unk>"
 
 _COMMON = dict(
     hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -26,6 +35,36 @@ TINY_MODELS: dict[str, dict] = {
     "tiny-dense": dict(_COMMON, tie_word_embeddings=True),
 }
 INIT_STD = 0.02  # Qwen3's initializer_range
+
+
+def tiny_vocabulary() -> list[str]:
+    return [EOS, UNK, *"0123456789", SEPARATOR, *(f"<{task}>" for task in BUILTIN_TASKS)]
+
+
+def save_tiny_tokenizer(folder: str | Path, model_max_length: int = 256) -> Path:
+    """Write tokenizer.json and tokenizer_config.json of the task tokenizer into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocabulary = {token: index for index, token in enumerate(tiny_vocabulary())}
+    tokenizer = Tokenizer(models.WordLevel(vocabulary, unk_token=UNK))
+    # One piece per task tag, one per other character; Fuse joins them back without spaces.
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"<[a-z]+>|[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    # Only <eos> is special, and it also pads (as in Qwen3's base models): a completion ends at its
+    # first <eos>, so no token can vanish from the decoded text in the middle of one (with a separate
+    # pad token, RL learns to shorten answers by emitting it). <unk> stays an ordinary token, not
+    # named in the config where transformers would make it special, for the same reason.
+    tokenizer.add_special_tokens([AddedToken(EOS, special=True, normalized=False)])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": EOS,
+        "pad_token": EOS,
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return folder
 
 
 def tiny_model_args(name: str) -> ModelArgs:

@@ -7,7 +7,7 @@ digit_match, then dies (or hangs) while scoring step 2, after checkpoint-1 has b
 import os
 import time
 
-from gspo_engine.tasks import digit_match
+from gspo_engine.rewards.digit_match import digit_match
 
 _calls = {"count": 0}
 

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from gspo_engine.checkpoint import save_pretrained
+from gspo_engine.hf_checkpoint import save_pretrained
 from gspo_engine.config import load_config
 from gspo_engine.model import Qwen3Model
 from gspo_engine.plan import make_plan
-from gspo_engine.tasks import save_tiny_tokenizer
-from gspo_engine.tiny import init_weights, tiny_model_args
+from gspo_engine.tiny import init_weights, save_tiny_tokenizer, tiny_model_args
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

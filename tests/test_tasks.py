@@ -7,16 +7,10 @@ import random
 
 import pytest
 
-from gspo_engine.tasks import (
-    EOS,
-    SOLVERS,
-    TaskConfig,
-    digit_match,
-    generate_task_rows,
-    save_tiny_tokenizer,
-    task_prompt,
-    tiny_vocabulary,
-)
+from gspo_engine.builtin_tasks import SOLVERS, TaskConfig, generate_task_rows, task_prompt
+from gspo_engine.config import BUILTIN_TASKS
+from gspo_engine.rewards.digit_match import digit_match
+from gspo_engine.tiny import EOS, save_tiny_tokenizer, tiny_vocabulary
 from gspo_engine.tokenizer import load_tokenizer
 
 
@@ -42,6 +36,9 @@ def test_solvers():
     assert SOLVERS["copy"]("3141") == "3141"
     assert SOLVERS["reverse"]("3141") == "1413"
     assert SOLVERS["sort"]("3141") == "1134"
+    # The config accepts exactly the tasks there is a solver for, and the tiny tokenizer has a tag for each.
+    assert tuple(SOLVERS) == BUILTIN_TASKS
+    assert [f"<{task}>" for task in BUILTIN_TASKS] == tiny_vocabulary()[-len(BUILTIN_TASKS):]
 
 
 @pytest.mark.parametrize("options", [

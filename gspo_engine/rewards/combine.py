@@ -10,25 +10,12 @@ from __future__ import annotations
 import logging
 import math
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from gspo_engine.config import RewardSpec
 from gspo_engine.rewards.registry import RewardFn, build_reward
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RewardSpec:
-    """One reward of the config: `function` is a registry name or `module.path:function`."""
-
-    function: str
-    weight: float = 1.0
-    name: str | None = None  # what it is logged as; the function's spec by default
-    options: dict = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return self.name or self.function
 
 
 @dataclass(frozen=True)
@@ -111,3 +98,8 @@ def _as_finite_float(value) -> float | None:
     except (TypeError, ValueError, RuntimeError):
         return None
     return number if math.isfinite(number) else None
+
+
+def build_rewards(specs: list[RewardSpec]) -> CombinedReward:
+    """The run's weighted rewards; without any configured, the built-in tasks' digit_match."""
+    return CombinedReward(list(specs) or [RewardSpec(function="digit_match")])
