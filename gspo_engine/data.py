@@ -17,6 +17,8 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from gspo_engine.builtin_tasks import TaskConfig, generate_task_rows
+from gspo_engine.config import DataConfig
 from gspo_engine.tokenizer import encode_texts, render_prompt
 
 logger = logging.getLogger(__name__)
@@ -28,19 +30,6 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 
 class DataError(ValueError):
     """A dataset file or row that cannot be used, with where it is."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    path: str
-    prompt_column: str = "prompt"
-    max_prompt_tokens: int = 1024
-    chat_template: bool = False  # render plain-string prompts through the chat template too
-    enable_thinking: bool | None = None  # passed to Qwen3's chat template; None keeps its default
-
-    def __post_init__(self) -> None:
-        if self.max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be positive, got {self.max_prompt_tokens}")
 
 
 @dataclass(frozen=True)
@@ -130,14 +119,6 @@ class PromptDataset:
     def __init__(self, examples: list[PromptExample], num_skipped: int = 0):
         self.examples = examples
         self.num_skipped = num_skipped
-
-    @classmethod
-    def load(cls, config: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PromptDataset:
-        return cls.from_rows(
-            read_rows(config.path), tokenizer, prompt_column=config.prompt_column,
-            max_prompt_tokens=config.max_prompt_tokens, chat_template=config.chat_template,
-            enable_thinking=config.enable_thinking, source=config.path,
-        )
 
     @classmethod
     def from_rows(
@@ -267,3 +248,15 @@ class PromptLoader:
         self.epoch = state["epoch"]
         self.position = state["position"]
         self._order = self._epoch_order(self.epoch)
+
+
+def build_dataset(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PromptDataset:
+    """The run's prompts: the built-in digit tasks (`data.dataset: builtin`) or a local file."""
+    common = dict(prompt_column=data.prompt_column, max_prompt_tokens=data.max_prompt_tokens,
+                  chat_template=data.chat_template, enable_thinking=data.enable_thinking)
+    if data.dataset == "builtin":
+        tasks = TaskConfig(tasks=tuple(data.builtin.tasks), min_length=data.builtin.min_length,
+                           max_length=data.builtin.max_length, num_digits=data.builtin.num_digits)
+        rows = generate_task_rows(tasks, data.builtin.num_rows, seed=data.seed)
+        return PromptDataset.from_rows(rows, tokenizer, source="builtin tasks", **common)
+    return PromptDataset.from_rows(read_rows(data.dataset), tokenizer, source=data.dataset, **common)

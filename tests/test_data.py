@@ -11,8 +11,9 @@ import pyarrow.parquet
 import pytest
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
-from gspo_engine.data import DataConfig, DataError, PromptDataset, PromptLoader, read_rows, reward_inputs
-from gspo_engine.tasks import TaskConfig, generate_task_rows, save_tiny_tokenizer
+from gspo_engine.builtin_tasks import TaskConfig, generate_task_rows
+from gspo_engine.data import DataError, PromptDataset, PromptLoader, read_rows, reward_inputs
+from gspo_engine.tiny import save_tiny_tokenizer
 from gspo_engine.tokenizer import TokenizerError, load_tokenizer, render_prompt
 
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -51,6 +52,11 @@ def write_jsonl(path, rows):
     return path
 
 
+def load_file(path, tokenizer, **options):
+    """A dataset file, read and tokenized as the trainer reads data.dataset."""
+    return PromptDataset.from_rows(read_rows(path), tokenizer, source=str(path), **options)
+
+
 def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(TokenizerError, match="does not exist"):
         load_tokenizer(tmp_path / "missing")
@@ -85,7 +91,7 @@ def test_jsonl_rows_keep_their_columns(tmp_path, tokenizer):
         {"prompt": "What is 2+2?", "answer": "4"},
         {"prompt": [{"role": "user", "content": "Say hi"}], "answer": "hi", "tests": ["assert True"]},
     ])
-    dataset = PromptDataset.load(DataConfig(str(path)), tokenizer)
+    dataset = load_file(path, tokenizer)
     assert len(dataset) == 2 and dataset.num_skipped == 0
     first, second = dataset[0], dataset[1]
     assert first.text == "What is 2+2?" and first.columns == {"answer": "4"}
@@ -97,8 +103,7 @@ def test_jsonl_rows_keep_their_columns(tmp_path, tokenizer):
 
 def test_chat_template_flag_and_enable_thinking_reach_string_prompts(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "train.jsonl", [{"question": "Why?", "answer": "because"}])
-    config = DataConfig(str(path), prompt_column="question", chat_template=True, enable_thinking=False)
-    example = PromptDataset.load(config, tokenizer)[0]
+    example = load_file(path, tokenizer, prompt_column="question", chat_template=True, enable_thinking=False)[0]
     assert example.text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert example.columns == {"answer": "because"}
 
@@ -116,7 +121,7 @@ def test_json_list_json_lines_and_parquet_read_alike(tmp_path):
 def test_parquet_chat_messages(tmp_path, tokenizer):
     rows = [{"prompt": [{"role": "user", "content": "hi"}], "answer": "x"}]
     pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "chat.parquet")
-    example = PromptDataset.load(DataConfig(str(tmp_path / "chat.parquet")), tokenizer)[0]
+    example = load_file(tmp_path / "chat.parquet", tokenizer)[0]
     assert example.text.startswith("<|im_start|>user\nhi<|im_end|>")
 
 
@@ -132,7 +137,7 @@ def test_bad_rows_name_their_file_and_line(tmp_path, tokenizer, content, message
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
     with pytest.raises(DataError, match=message):
-        PromptDataset.load(DataConfig(str(path)), tokenizer)
+        load_file(path, tokenizer)
 
 
 def test_bad_files_are_clear_errors(tmp_path, tokenizer):
@@ -153,13 +158,13 @@ def test_long_prompts_are_skipped_and_counted(tmp_path, tokenizer, caplog):
     lengths = (3, 9, 5, 12, 6)
     path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "x" * length, "id": length} for length in lengths])
     with caplog.at_level(logging.WARNING, logger="gspo_engine.data"):
-        dataset = PromptDataset.load(DataConfig(str(path), max_prompt_tokens=6), tokenizer)
+        dataset = load_file(path, tokenizer, max_prompt_tokens=6)
     assert [example.columns["id"] for example in dataset] == [3, 5, 6]
     assert [example.index for example in dataset] == [0, 1, 2]
     assert dataset.num_skipped == 2
     assert "skipped 2 of 5 prompts longer than 6 tokens" in caplog.text
     with pytest.raises(DataError, match="no prompt left"):
-        PromptDataset.load(DataConfig(str(path), max_prompt_tokens=2), tokenizer)
+        load_file(path, tokenizer, max_prompt_tokens=2)
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +213,7 @@ def test_loader_refuses_a_state_of_other_data(task_dataset):
 
 def test_reward_inputs_repeat_each_prompt_for_its_group(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "answer": "1"}, {"prompt": "b", "tests": "assert 1"}])
-    dataset = PromptDataset.load(DataConfig(str(path)), tokenizer)
+    dataset = load_file(path, tokenizer)
     prompts, columns = reward_inputs([dataset[0], dataset[1]], group_size=2)
     assert prompts == ["a", "a", "b", "b"]
     assert columns == {"answer": ["1", "1", None, None], "tests": [None, None, "assert 1", "assert 1"]}
