@@ -13,12 +13,12 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from gspo_engine.config import LoraConfig
+from gspo_engine.config import LORA_TARGETS, LoraConfig
 from gspo_engine.lora.experts import ExpertLoRA
 from gspo_engine.model import Qwen3Model
 
-# Our target names that are nn.Linear modules of that name (PEFT matches them by suffix).
-LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "router")
+# The targets that are nn.Linear modules of that name (PEFT matches them by suffix): all but the grouped experts.
+LINEAR_TARGETS = tuple(name for name in LORA_TARGETS if name != "experts")
 
 
 def require_peft():
