@@ -18,11 +18,11 @@ class Sample:
     old_logps: torch.Tensor | None = None  # [len(completion_ids)], set before the update
     ref_logps: torch.Tensor | None = None  # [len(completion_ids)] under the reference policy (beta > 0)
     reward: float = 0.0
-    # Routing replay: per MoE layer, the old policy's experts [length, k] for every input position.
-    old_routing: list[torch.Tensor] | None = None
+    # Routing replay: the old policy's experts, int16 [num_positions, num_moe_layers, k] (routing_replay.py).
+    old_routing: torch.Tensor | None = None
 
     @property
-    def length(self) -> int:
+    def num_positions(self) -> int:
         """Positions the training forward runs: prompt + completion minus the last token."""
         return len(self.prompt_ids) + len(self.completion_ids) - 1
 
@@ -51,14 +51,14 @@ class TrainBatch:
 
 
 def collate(samples: list[Sample], pad_id: int, device: torch.device | str = "cpu") -> TrainBatch:
-    length = max(sample.length for sample in samples)
+    length = max(sample.num_positions for sample in samples)
     input_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
     targets = torch.full((len(samples), length), pad_id, dtype=torch.long)
     mask = torch.zeros(len(samples), length, dtype=torch.bool)
     real = torch.zeros(len(samples), length, dtype=torch.bool)
     for row, sample in enumerate(samples):
         tokens = torch.tensor(sample.prompt_ids + sample.completion_ids, dtype=torch.long)
-        n = sample.length
+        n = sample.num_positions
         input_ids[row, :n] = tokens[:-1]
         targets[row, :n] = tokens[1:]
         mask[row, len(sample.prompt_ids) - 1 : n] = True
@@ -87,10 +87,10 @@ def split_micro_batches(samples: list[Sample], token_budget: int) -> list[list[S
     current: list[Sample] = []
     longest = 0
     for sample in samples:
-        candidate = max(longest, sample.length)
+        candidate = max(longest, sample.num_positions)
         if current and candidate * (len(current) + 1) > token_budget:
             batches.append(current)
-            current, candidate = [], sample.length
+            current, candidate = [], sample.num_positions
         current.append(sample)
         longest = candidate
     if current:

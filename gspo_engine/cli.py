@@ -30,9 +30,7 @@ def bench(families: tuple[str, ...], device: str | None, rounds: int, scale: str
     from gspo_engine.benchmarks import FAMILIES, default_scale, markdown_table, run_benchmarks
     from gspo_engine.benchmarks.timing import ceilings
 
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("cuda was asked for but no GPU is visible", param_hint="--device")
+    target = _device(device)
     if target.type == "cpu":
         torch.set_num_threads(1)  # threads of a shared CPU wait on each other and make the ratios swing
     rows = run_benchmarks(list(families) or list(FAMILIES), target, rounds, scale or default_scale(target),
@@ -44,8 +42,33 @@ def bench(families: tuple[str, ...], device: str | None, rounds: int, scale: str
         click.echo(json.dumps(row))
 
 
+# Config files that were renamed to say which model they hold: the old path still works, with a notice.
+RENAMED_CONFIGS = {"gspo_qwen3_moe.yaml": "gspo_qwen3_235b_a22b.yaml"}
+
+
+def _config_path(path: str | None) -> str | None:
+    from pathlib import Path
+
+    if path is None or Path(path).exists() or Path(path).name not in RENAMED_CONFIGS:
+        return path
+    renamed = Path(path).with_name(RENAMED_CONFIGS[Path(path).name])
+    if not renamed.exists():
+        return path
+    click.echo(f"note: {path} is now {renamed}; the old name will stop working in a later release", err=True)
+    return str(renamed)
+
+
+def _device(name: str | None):
+    from gspo_engine.device import DeviceError, resolve_device
+
+    try:
+        return resolve_device(name)
+    except DeviceError as error:
+        raise click.BadParameter(str(error), param_hint="--device") from error
+
+
 def _plan_lines(config, gpus: int, gpu_memory_gb: float) -> list[str]:
-    from gspo_engine.plan import make_plan
+    from gspo_engine.planner import make_plan
 
     try:
         plan = make_plan(config, gpus=gpus, gpu_memory_gb=gpu_memory_gb)
@@ -71,7 +94,7 @@ def plan(config_path, gpus, gpu_memory_gb, overrides) -> None:
     from gspo_engine.config import ConfigError, load_config
 
     try:
-        config = load_config(config_path, list(overrides))
+        config = load_config(_config_path(config_path), list(overrides))
     except ConfigError as error:
         raise click.ClickException(str(error)) from error
     lines = _plan_lines(config, gpus, gpu_memory_gb)
@@ -118,7 +141,7 @@ def train(config_path, config_option, overrides, stage, resume, dry_run, **flags
     if resume:
         assignments.append("checkpoint.resume=auto")
     try:
-        config = load_config(config_path or config_option, assignments + list(overrides))
+        config = load_config(_config_path(config_path or config_option), assignments + list(overrides))
     except ConfigError as error:
         raise click.ClickException(str(error)) from error
 
@@ -187,13 +210,12 @@ def generate(model_dir, prompts, chat, max_new_tokens, temperature, top_p, top_k
 
     import torch
 
-    from gspo_engine.checkpoint import load_pretrained
+    from gspo_engine.hf_checkpoint import load_pretrained
     from gspo_engine.lora import is_adapter_folder, load_adapted, merge_lora
     from gspo_engine.rollout import generate as sample
-    from gspo_engine.tokenizer import load_tokenizer, render_prompt
-    from gspo_engine.trainer import eos_token_ids
+    from gspo_engine.tokenizer import eos_token_ids, load_tokenizer, render_prompt
 
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = _device(device)
     tokenizer = load_tokenizer(model_dir)
     dtype = torch.bfloat16 if target.type == "cuda" else torch.float32
     if is_adapter_folder(model_dir):  # a LoRA run's output: its base model with the adapters merged

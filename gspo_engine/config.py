@@ -382,8 +382,6 @@ def _check_consistency(config: Config) -> None:
             "gspo.old_logps: rollout takes the sampler's log-probs, which top_k / top_p filtering changes; "
             "use gspo.old_logps: recompute, or rollout.top_k: 0 and rollout.top_p: 1"
         )
-    if config.model.routing_replay and config.gspo.old_logps == "rollout":
-        raise ConfigError("model.routing_replay needs gspo.old_logps: recompute (the replayed routing is the rollout's)")
     _check_lora(config)
 
 

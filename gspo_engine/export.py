@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
-from gspo_engine.checkpoint import CONFIG_FILE, load_pretrained, read_config, save_pretrained
+from gspo_engine.hf_checkpoint import CONFIG_FILE, load_pretrained, read_config, save_pretrained
 from gspo_engine.distributed.sharded_checkpoint import is_sharded_checkpoint, load_sharded
 from gspo_engine.lora import export_merged, is_adapter_folder
 from gspo_engine.model import Qwen3Model
-from gspo_engine.train_checkpoint import STATE_FILE, list_checkpoints
+from gspo_engine.run_checkpoint import STATE_FILE, list_checkpoints
 
 
 def model_folder_of(path: str | Path) -> Path:

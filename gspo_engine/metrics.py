@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +105,23 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> Path | None:
     figure.savefig(path, dpi=100)
     plt.close(figure)
     return path
+
+
+@dataclass
+class TrainSummary:
+    steps: int
+    window: int  # steps averaged at each end: 10, or half the run when it is shorter
+    first_reward_mean: float
+    last_reward_mean: float
+    skipped_updates: int
+    output_dir: Path
+    final_dir: Path
+
+
+def summarize(records: list[dict[str, Any]], skipped_updates: int, output_dir: Path, final_dir: Path) -> TrainSummary:
+    """The run's mean reward over its first and last steps, from metrics.jsonl's records."""
+    rewards = [r["reward_mean"] for r in records]
+    window = min(10, max(1, len(rewards) // 2))
+    first = sum(rewards[:window]) / window if rewards else float("nan")
+    last = sum(rewards[-window:]) / window if rewards else float("nan")
+    return TrainSummary(len(rewards), window, first, last, skipped_updates, output_dir, final_dir)

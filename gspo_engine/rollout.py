@@ -19,8 +19,10 @@ from numbers import Integral
 import torch
 import torch.nn.functional as F
 
+from gspo_engine.device import synchronize
 from gspo_engine.model import Qwen3Model
 from gspo_engine.model.kv_cache import KVCache
+from gspo_engine.routing_replay import stack_routing
 
 # Steps between two looks at which rows have finished on an accelerator; each look waits for the device.
 FINISHED_CHECK_STEPS = 8
@@ -45,8 +47,8 @@ class Generation:
     routing: with return_routing on a MoE model, int16 [len(prompt) + len(tokens) - 1,
         num_moe_layers, k] on the CPU: the experts that routed each token the model was fed, that
         is the prompt and every completion token but the last (the inputs of the training forward
-        that scores the completion); None otherwise. `replay_experts` lays them out for
-        Qwen3Model.run(forced_experts=...).
+        that scores the completion); None otherwise. `routing_replay.replay_experts` lays them
+        out for Qwen3Model.forward_hidden(forced_experts=...).
     prefill_s: the prompts' forward and the draw of every first token; decode_s: the later steps.
     prefill_tokens: real prompt tokens; decode_tokens: completion tokens drawn after the first.
     """
@@ -182,11 +184,6 @@ def _eos_ids(eos_token_id: int | Iterable[int] | None, device: torch.device) -> 
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def generate(
     model: Qwen3Model,
@@ -260,24 +257,21 @@ def generate(
 
     # The last token drawn is never fed back, hence max_new_tokens - 1 decode columns.
     cache = KVCache.allocate(model.args, batch, width + max_new_tokens - 1, dtype, device)
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     chunk_rows = max(1, PREFILL_TOKENS // width)
     last_hidden, chunk_experts = [], []
     for first in range(0, batch, chunk_rows):
         chunk = slice(first, first + chunk_rows)
-        output = model.run(
+        output = model.forward_hidden(
             input_ids[chunk], attention_mask[chunk], position_ids[chunk],
             cache=cache.row_slice(chunk.start, chunk.stop),
         )
         # A copy, so that the chunk's hidden states [rows, width, H] can be freed.
         last_hidden.append(output.hidden_states[:, -1].clone())
         if record_routing:
-            rows_in_chunk = output.hidden_states.shape[0]
-            # [rows, width, num_moe_layers, k]; int16 keeps long rollouts' routing small.
-            experts = torch.stack([r.expert_indices.view(rows_in_chunk, width, -1) for r in output.routing], dim=2)
-            chunk_experts.append(experts.to(torch.int16))
+            chunk_experts.append(stack_routing(output.routing, output.hidden_states.shape[0], width))
     cache.advance(width)
     if record_routing:
         prompt_experts = torch.cat(chunk_experts)
@@ -286,7 +280,7 @@ def generate(
         )
     next_tokens, next_logps = next_from(torch.cat(last_hidden), 0)
     record(0, next_tokens, next_logps)
-    _synchronize(device)
+    synchronize(device)
     prefill_s = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -299,7 +293,7 @@ def generate(
             if active.numel() < rows.numel():
                 cache.keep_rows(active)
                 rows, next_tokens, positions = rows[active], next_tokens[active], positions[active]
-        output = model.run(next_tokens[:, None], position_ids=positions[:, None], cache=cache)
+        output = model.forward_hidden(next_tokens[:, None], position_ids=positions[:, None], cache=cache)
         if record_routing:
             # The experts of the token drawn at the previous step, the one just fed.
             experts = torch.stack([r.expert_indices for r in output.routing], dim=1)
@@ -307,7 +301,7 @@ def generate(
         positions = positions + 1
         next_tokens, next_logps = next_from(output.hidden_states[:, -1], step)
         record(step, next_tokens, next_logps)
-    _synchronize(device)
+    synchronize(device)
     decode_s = time.perf_counter() - start
 
     lengths_list = lengths.tolist()
@@ -329,17 +323,3 @@ def generate(
         prefill_tokens=sum(prompt_lengths),
         decode_tokens=sum(lengths_list) - batch,
     )
-
-
-def replay_experts(routing: list[torch.Tensor], length: int, device: torch.device | str = "cpu") -> list[torch.Tensor]:
-    """Per MoE layer, int64 [B, length, k] for Qwen3Model.run(forced_experts=...) on a right-padded batch.
-
-    routing: Generation.routing of the batch's samples ([n_b, num_moe_layers, k] each, n_b <=
-    length), placed at positions 0..n_b-1 of their row, as batching.collate lays out the tokens.
-    Padding positions get experts 0..k-1: no loss reads their outputs.
-    """
-    _, num_layers, k = routing[0].shape
-    forced = torch.arange(k, dtype=torch.int64).expand(len(routing), length, num_layers, k).clone()
-    for row, experts in enumerate(routing):
-        forced[row, : experts.shape[0]] = experts
-    return list(forced.to(device).unbind(dim=2))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
@@ -68,3 +69,13 @@ def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: list[str], templated
             for index, token_ids in zip(chosen, encoded["input_ids"]):
                 ids[index] = list(token_ids)
     return ids
+
+
+def eos_token_ids(folder: str | Path, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Every token that ends a completion: generation_config.json's eos ids (Qwen3 lists two) and the tokenizer's."""
+    ids = {tokenizer.eos_token_id}
+    generation_config = Path(folder) / "generation_config.json"
+    if generation_config.is_file():
+        value = json.loads(generation_config.read_text()).get("eos_token_id")
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    return sorted(i for i in ids if i is not None)

@@ -16,7 +16,7 @@ from tiny_checkpoints import build_hf_model, left_padded_batch, save_hf_model, w
 from transformers import AutoModelForCausalLM
 
 from gspo_engine import load_pretrained, save_pretrained
-from gspo_engine.checkpoint import CheckpointError
+from gspo_engine.hf_checkpoint import CheckpointError
 
 TOL = 1e-4
 REPO = Path(__file__).resolve().parents[1]
@@ -339,7 +339,7 @@ WRITE_BIG_CHECKPOINT = textwrap.dedent(
     import json, sys
     import torch
     from safetensors.torch import save_file
-    from gspo_engine.checkpoint import hf_state_dict
+    from gspo_engine.hf_checkpoint import hf_state_dict
     from gspo_engine.model import ModelArgs, Qwen3Model
 
     folder = sys.argv[1]

@@ -23,7 +23,15 @@ def test_version():
 def test_there_are_configs():
     names = {path.name for path in CONFIGS}
     assert {"tiny-moe.yaml", "tiny-dense.yaml", "moe.yaml", "gspo_qwen3_4b_nano.yaml", "gspo_qwen3_coder.yaml",
-            "gspo_qwen3_moe.yaml"} <= names
+            "gspo_qwen3_235b_a22b.yaml"} <= names
+
+
+def test_a_renamed_config_still_works_under_its_old_name():
+    old = CONFIGS[0].parent / "gspo_qwen3_moe.yaml"
+    result = CliRunner().invoke(main, ["train", str(old), "--dry-run"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "is now" in result.output and "gspo_qwen3_235b_a22b.yaml" in result.output
+    assert "Qwen3-235B-A22B" in result.output
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda path: path.name)

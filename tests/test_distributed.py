@@ -18,7 +18,8 @@ from safetensors.torch import load_file
 from gspo_engine.batching import Sample, equalize_micro_batches
 from gspo_engine.config import load_config
 from gspo_engine.distributed.sharded_checkpoint import is_sharded_checkpoint
-from gspo_engine.trainer import TrainingError, check_data_parallel_split
+from gspo_engine.config import ConfigError
+from gspo_engine.distributed.rules import check_data_parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240
@@ -156,7 +157,7 @@ def test_export_of_a_sharded_checkpoint_loads_in_transformers(runs, tmp_path):
     assert_same_weights(runs["single"] / "checkpoint-1", out)
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = torch.tensor([[1, 2, 3, 4]])
-    from gspo_engine.checkpoint import load_pretrained
+    from gspo_engine.hf_checkpoint import load_pretrained
 
     ours = load_pretrained(out, dtype=torch.float32)
     with torch.no_grad():
@@ -200,15 +201,15 @@ def test_a_rank_that_dies_or_hangs_fails_the_run_and_keeps_the_last_checkpoint(r
 
 def test_the_split_across_ranks_is_checked():
     config = load_config(None, ["rollout.prompts_per_step=6", "rollout.group_size=2", "gspo.num_minibatches=4"])
-    check_data_parallel_split(config, 1)
-    check_data_parallel_split(config, 3)  # 2 prompts x 2 completions per rank = 4 minibatches
-    with pytest.raises(TrainingError, match="multiple of the number of ranks"):
-        check_data_parallel_split(config, 4)
-    with pytest.raises(TrainingError, match="fewer than gspo.num_minibatches"):
-        check_data_parallel_split(config, 6)
+    check_data_parallel(config, 1)
+    check_data_parallel(config, 3)  # 2 prompts x 2 completions per rank = 4 minibatches
+    with pytest.raises(ConfigError, match="multiple of the number of ranks"):
+        check_data_parallel(config, 4)
+    with pytest.raises(ConfigError, match="fewer than gspo.num_minibatches"):
+        check_data_parallel(config, 6)
     lora = load_config(None, ["lora.rank=8"])
-    with pytest.raises(TrainingError, match="LoRA runs on one process"):
-        check_data_parallel_split(lora, 2)
+    with pytest.raises(ConfigError, match="LoRA runs on one process"):
+        check_data_parallel(lora, 2)
 
 
 def _samples(n: int) -> list[Sample]:

@@ -12,7 +12,7 @@ from tiny_checkpoints import build_hf_model, save_hf_model
 
 import gspo_kernels as gk
 from gspo_engine.batching import Sample
-from gspo_engine.checkpoint import load_pretrained
+from gspo_engine.hf_checkpoint import load_pretrained
 from gspo_engine.cli import main
 from gspo_engine.config import ConfigError, LoraConfig, config_from_dict, load_config
 from gspo_engine.lora import (
@@ -27,8 +27,9 @@ from gspo_engine.lora import (
     merge_lora,
     save_adapters,
 )
-from gspo_engine.plan import make_plan
+from gspo_engine.planner import make_plan
 from gspo_engine.tiny import build_tiny_checkpoint
+from gspo_engine.scoring import score_reference, score_samples
 from gspo_engine.trainer import GSPOTrainer, TrainingError
 
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "router", "experts"]
@@ -219,9 +220,9 @@ def test_training_changes_only_the_adapters_and_the_reference_is_the_base(tmp_pa
     assert (summary.final_dir / "adapter_model.safetensors").is_file()
 
     samples = [Sample([3, 4, 5, 12], [4, 5, 2]), Sample([6, 7, 12], [7, 2])]
-    trainer.score_reference(samples)
+    score_reference(trainer.context, trainer.model, trainer.reference, samples)
     base = GSPOTrainer(tiny_config(tmp_path), echo=quiet)
-    base.score_samples(base.model, samples, "old_logps")
+    score_samples(base.context, base.model, samples, "old_logps")
     for sample in samples:
         torch.testing.assert_close(sample.ref_logps, sample.old_logps, atol=1e-6, rtol=1e-6)
 

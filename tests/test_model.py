@@ -97,7 +97,7 @@ def test_run_reports_routing_per_moe_layer(tmp_path):
     _, model = load_pair(tmp_path, moe=True, decoder_sparse_step=2, num_hidden_layers=4)
     input_ids, _, _ = left_padded_batch()
     with torch.no_grad():
-        output = model.run(input_ids)
+        output = model.forward_hidden(input_ids)
     assert isinstance(output, ModelOutput)
     assert model.args.moe_layers == [1, 3]
     assert len(output.routing) == 2
@@ -114,7 +114,7 @@ def test_router_logits_match_transformers(moe_pair):
     input_ids, _, _ = left_padded_batch()
     with torch.no_grad():
         expected = hf(input_ids, output_router_logits=True).router_logits
-        got = model.run(input_ids).routing
+        got = model.forward_hidden(input_ids).routing
     assert len(got) == len(expected)
     for ours, theirs in zip(got, expected):
         assert (ours.router_logits - theirs).abs().max() < TOL
@@ -124,8 +124,8 @@ def test_replaying_the_recorded_routing_reproduces_the_logits(moe_pair):
     _, model = moe_pair
     input_ids, attention_mask, position_ids = left_padded_batch()
     with torch.no_grad():
-        recorded = model.run(input_ids, attention_mask, position_ids)
-        replayed = model.run(input_ids, attention_mask, position_ids, forced_experts=recorded.expert_indices)
+        recorded = model.forward_hidden(input_ids, attention_mask, position_ids)
+        replayed = model.forward_hidden(input_ids, attention_mask, position_ids, forced_experts=[r.expert_indices for r in recorded.routing])
     torch.testing.assert_close(replayed.hidden_states, recorded.hidden_states, rtol=0, atol=0)
 
 
@@ -133,11 +133,11 @@ def test_forced_experts_are_used_and_the_router_keeps_its_gradient(moe_pair):
     _, model = moe_pair
     input_ids, _, _ = left_padded_batch()
     with torch.no_grad():
-        free = model.run(input_ids)
+        free = model.forward_hidden(input_ids)
     # Replay the experts each token ranked lowest: a routing the router would never choose itself.
     forced = [r.router_logits.topk(model.args.num_experts_per_tok, largest=False).indices for r in free.routing]
     forced_batched = [f.view(*input_ids.shape, -1) for f in forced]  # [B, T, k] is accepted too
-    output = model.run(input_ids, forced_experts=forced_batched)
+    output = model.forward_hidden(input_ids, forced_experts=forced_batched)
     for routing, expected in zip(output.routing, forced):
         assert torch.equal(routing.expert_indices, expected)
     assert not torch.allclose(output.hidden_states, free.hidden_states)
@@ -153,7 +153,7 @@ def test_forced_experts_needs_one_entry_per_moe_layer(moe_pair):
     _, model = moe_pair
     input_ids, _, _ = left_padded_batch()
     with pytest.raises(ValueError, match="forced_experts has 1 entries for 3 MoE layers"):
-        model.run(input_ids, forced_experts=[None])
+        model.forward_hidden(input_ids, forced_experts=[None])
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["no_mask", "left_padded"])
@@ -166,7 +166,7 @@ def test_aux_loss_matches_transformers_on_one_moe_layer(tmp_path, padded):
     with torch.no_grad():
         out = hf(input_ids, attention_mask=attention_mask, position_ids=position_ids, output_router_logits=True)
         expected = load_balancing_loss_func(out.router_logits, 6, 2, attention_mask)
-        got = model.run(input_ids, attention_mask, position_ids).aux_loss
+        got = model.forward_hidden(input_ids, attention_mask, position_ids).aux_loss
     torch.testing.assert_close(got, 0.01 * expected)
 
 
@@ -175,7 +175,7 @@ def test_aux_loss_is_the_mean_over_moe_layers(moe_pair):
     input_ids, _, _ = left_padded_batch()
     model.args.router_aux_loss = True
     try:
-        output = model.run(input_ids)
+        output = model.forward_hidden(input_ids)
     finally:
         model.args.router_aux_loss = False
     per_layer = [
@@ -237,10 +237,10 @@ def test_moe_experts_compute_in_the_autocast_dtype(moe_pair, monkeypatch):
 
     real_experts = gspo_kernels.moe_experts
     with torch.no_grad():
-        full = model.run(input_ids, attention_mask, position_ids).hidden_states
+        full = model.forward_hidden(input_ids, attention_mask, position_ids).hidden_states
         monkeypatch.setattr(gspo_kernels, "moe_experts", recording)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            mixed = model.run(input_ids, attention_mask, position_ids).hidden_states
+            mixed = model.forward_hidden(input_ids, attention_mask, position_ids).hidden_states
     assert seen and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in seen)
     error = (mixed.float() - full)[real].norm() / full[real].norm()
     assert error < 3e-2

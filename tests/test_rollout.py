@@ -237,7 +237,7 @@ def test_routing_matches_a_full_forward_and_replays(pair, greedy):
         # The model was fed every token but the last one.
         assert experts.shape == (len(sequence) - 1, num_moe_layers, k)
         with torch.no_grad():
-            routing = model.run(torch.tensor([sequence[:-1]])).expert_indices
+            routing = [r.expert_indices for r in model.forward_hidden(torch.tensor([sequence[:-1]])).routing]
         expected = torch.stack(routing, dim=1)
         assert torch.equal(experts.long().sort(dim=-1).values, expected.sort(dim=-1).values)
 
@@ -249,8 +249,8 @@ def test_routing_matches_a_full_forward_and_replays(pair, greedy):
     forced = replay_experts(out.routing, length)
     assert [f.shape for f in forced] == [(len(sequences), length, k)] * num_moe_layers
     with torch.no_grad():
-        free = model.run(input_ids).hidden_states
-        replayed = model.run(input_ids, forced_experts=forced).hidden_states
+        free = model.forward_hidden(input_ids).hidden_states
+        replayed = model.forward_hidden(input_ids, forced_experts=forced).hidden_states
     for row, sequence in enumerate(sequences):
         real = len(sequence) - 1
         torch.testing.assert_close(replayed[row, :real], free[row, :real], rtol=0, atol=1e-6)

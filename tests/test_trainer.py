@@ -7,6 +7,7 @@ import torch
 
 from gspo_engine.batching import Sample
 from gspo_engine.config import config_from_dict
+from gspo_engine.scoring import score_samples
 from gspo_engine.trainer import GSPOTrainer, TrainingError
 
 
@@ -62,16 +63,16 @@ def test_gradient_accumulation_is_exact(tmp_path, model):
         prompt = torch.randint(2, 16, (2 + i % 3,), generator=gen).tolist()
         completion = torch.randint(0, 16, (1 + (5 * i) % 4,), generator=gen).tolist()
         samples.append(Sample(prompt, completion, advantage=float(torch.randn(1, generator=gen))))
-    trainer.score_samples(trainer.model, samples, "old_logps")
-    trainer.score_samples(trainer.reference, samples, "ref_logps")
+    score_samples(trainer.context, trainer.model, samples, "old_logps")
+    score_samples(trainer.context, trainer.reference, samples, "ref_logps")
     for sample in samples:  # move the ratio off 1 so clipping and the ratio both matter
         sample.old_logps = sample.old_logps + 0.05 * torch.randn(sample.old_logps.shape, generator=gen)
 
     grads = []
     for budget in (10_000, 12, 1):
-        trainer.config.gspo.micro_batch_tokens = budget
+        trainer.context.micro_batch_tokens = budget
         trainer.model.train()
-        trainer.accumulate_gradients(samples)
+        trainer.updater.accumulate_gradients(samples)
         grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
         trainer.optimizer.zero_grad(set_to_none=True)
     assert grads[0]
@@ -135,17 +136,40 @@ def test_routing_replay_forces_the_recorded_experts(tmp_path):
     config.model.routing_replay = True
     trainer = GSPOTrainer(config, echo=quiet)
     samples = [Sample([14, 3, 4, 12], [3, 4, 0], advantage=1.0), Sample([14, 5, 12], [5, 0], advantage=-1.0)]
-    trainer.score_samples(trainer.model, samples, "old_logps", record_routing=True)
+    score_samples(trainer.context, trainer.model, samples, "old_logps", record_routing=True)
     # Recorded experts that the free router would not pick: replay must use them anyway.
     for sample in samples:
-        sample.old_routing = [(r + 1) % trainer.model.args.num_experts for r in sample.old_routing]
+        sample.old_routing = (sample.old_routing + 1) % trainer.model.args.num_experts
     batch = collate(samples, trainer.pad_id)
-    _, _, _, routing = trainer.micro_batch_loss(batch, samples)
+    _, _, _, routing = trainer.updater.micro_batch_loss(batch, samples)
     length = batch.input_ids.shape[1]
     for layer, layer_routing in enumerate(routing):
         used = layer_routing.expert_indices.view(len(samples), length, -1)
         for row, sample in enumerate(samples):
-            assert torch.equal(used[row, : sample.length], sample.old_routing[layer])
+            assert torch.equal(used[row, : sample.num_positions], sample.old_routing[:, layer].long())
+
+
+def test_routing_replay_with_the_samplers_log_probs_replays_the_rollouts_experts(tmp_path):
+    config = tiny_config(tmp_path, train={"steps": 1}, gspo={"old_logps": "rollout"})
+    config.model.routing_replay = True
+    trainer = GSPOTrainer(config, echo=quiet)
+    seen, free = [], []
+    run = trainer.updater.run
+
+    def update(samples):
+        seen.extend(samples)
+        # The experts a full forward of the policy picks before the update changes it.
+        with torch.no_grad():
+            tokens = torch.tensor([samples[0].prompt_ids + samples[0].completion_ids[:-1]])
+            routing = trainer.model.eval().forward_hidden(tokens).routing
+        free.append(torch.stack([r.expert_indices for r in routing], dim=1))
+        return run(samples)
+
+    trainer.updater.run = update
+    trainer.train_step()
+    layers, k = len(trainer.model.args.moe_layers), trainer.model.args.num_experts_per_tok
+    assert seen and all(s.old_routing.shape == (s.num_positions, layers, k) for s in seen)
+    assert torch.equal(seen[0].old_routing.long().sort(-1).values, free[0].sort(-1).values)
 
 
 def test_bf16_mixed_precision_trains_with_fp32_master_weights(tmp_path):

@@ -56,7 +56,7 @@ def test_micro_batches_respect_the_token_budget(budget):
     parts = split_micro_batches(samples, budget)
     assert [s for p in parts for s in p] == samples
     for part in parts:
-        assert len(part) == 1 or len(part) * max(s.length for s in part) <= budget
+        assert len(part) == 1 or len(part) * max(s.num_positions for s in part) <= budget
 
 
 def test_learning_rate_schedule():

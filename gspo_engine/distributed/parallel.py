@@ -2,8 +2,8 @@
 
 Each decoder block becomes one FSDP unit (its weights are all-gathered just before it runs and
 freed after), then the root takes what is left: the embedding, the final norm and the lm_head.
-The model code does not change: `run` is registered as a forward method, so the trainer's and
-the sampler's calls gather the root's weights like `forward` does.
+The model code does not change: `forward_hidden` is registered as a forward method, so the
+trainer's and the sampler's calls gather the root's weights like `forward` does.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ def parallelize(model: Qwen3Model, mesh: DeviceMesh, *, bf16_compute: bool, resh
 
     bf16_compute: the weights are gathered in bf16 for compute and the gradients reduced in fp32,
     while the sharded master weights and AdamW states stay fp32 (MixedPrecisionPolicy).
+    Gradients are summed over ranks, not averaged: each rank's loss is already divided by the
+    number of sequences on all ranks, so the sum is the gradient of the whole batch's loss.
     """
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute \
         else MixedPrecisionPolicy()
@@ -37,7 +39,10 @@ def parallelize(model: Qwen3Model, mesh: DeviceMesh, *, bf16_compute: bool, resh
     # The root's weights are needed again right after the forward (the fused loss reads the
     # lm_head weight, the backward starts at the final norm): FSDP2 keeps them gathered.
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    register_fsdp_forward_method(model, "run")
+    for unit in [model, *model.layers]:
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # plain sums: gloo has no pre-scaled reduction
+    register_fsdp_forward_method(model, "forward_hidden")
     return model
 
 

@@ -92,7 +92,3 @@ def init_runtime(device_type: str, timeout_s: float) -> Runtime:
             ) from error
     return Runtime(rank, world_size, local_rank, distributed=True)
 
-
-def shutdown(runtime: Runtime) -> None:
-    if runtime.distributed and dist.is_initialized():
-        dist.destroy_process_group()

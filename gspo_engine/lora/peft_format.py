@@ -30,7 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gspo_engine.checkpoint import COPIED_FILES, load_pretrained, save_pretrained
+from gspo_engine.hf_checkpoint import COPIED_FILES, load_pretrained, save_pretrained
 from gspo_engine.config import LoraConfig
 from gspo_engine.lora.adapters import add_lora, linear_targets, merge_lora, named_adapter_parameters, require_peft
 from gspo_engine.model import Qwen3Model

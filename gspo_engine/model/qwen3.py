@@ -29,11 +29,6 @@ class ModelOutput:
     routing: list[Routing] = field(default_factory=list)
     aux_loss: torch.Tensor | None = None
 
-    @property
-    def expert_indices(self) -> list[torch.Tensor]:
-        """[N, k] per MoE layer: what a rollout records to replay in the update."""
-        return [r.expert_indices for r in self.routing]
-
 
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
@@ -63,7 +58,7 @@ class TransformerBlock(nn.Module):
 class Qwen3Model(nn.Module):
     """Token ids [B, T] -> hidden states [B, T, H] -> logits [B, T, V].
 
-    Training code takes `hidden_states` (or `run` for MoE routing) and `lm_head_weight` and
+    Training code takes `forward_hidden` (hidden states, MoE routing, aux loss) and `lm_head_weight` and
     computes the loss with a fused kernel, so [B, T, V] is never built; `forward` gives logits.
     """
 
@@ -80,7 +75,7 @@ class Qwen3Model(nn.Module):
         """[V, H]: the output projection, which is the embedding when the checkpoint ties them."""
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def run(
+    def forward_hidden(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
@@ -145,7 +140,7 @@ class Qwen3Model(nn.Module):
         forced_experts: Sequence[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """[B, T, H] after the final norm: what the fused lm_head loss consumes."""
-        return self.run(input_ids, attention_mask, position_ids, forced_experts).hidden_states
+        return self.forward_hidden(input_ids, attention_mask, position_ids, forced_experts).hidden_states
 
     def forward(
         self,

@@ -28,10 +28,12 @@ from safetensors.torch import save_file
 
 from gspo_engine.model import ModelArgs, Qwen3Model
 from gspo_engine.model.args import DTYPES
+from gspo_engine.tokenizer import VOCABULARY_FILES, TokenizerError, eos_token_ids, load_tokenizer
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_FILE = "generation_config.json"
 # Files next to the weights that a saved folder needs to be used like the released one.
 COPIED_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -122,7 +124,7 @@ def _headers(weight_files: dict[str, Path]) -> dict[str, _Header]:
     return headers
 
 
-def _plan(model: Qwen3Model, headers: dict[str, _Header]) -> dict[str, list[Piece]]:
+def _pieces_by_parameter(model: Qwen3Model, headers: dict[str, _Header]) -> dict[str, list[Piece]]:
     """Our tensor name -> its pieces, with every key, shape and dtype checked against the headers."""
     args = model.args
     plan: dict[str, list[Piece]] = {}
@@ -154,7 +156,7 @@ def _plan(model: Qwen3Model, headers: dict[str, _Header]) -> dict[str, list[Piec
 
 
 def _read_windows(
-    plan: dict[str, list[Piece]], weight_files: dict[str, Path], headers: dict[str, _Header]
+    pieces_by_parameter: dict[str, list[Piece]], weight_files: dict[str, Path], headers: dict[str, _Header]
 ) -> list[tuple[Path, list[tuple[str, Piece]]]]:
     """The pieces to copy, grouped by file and cut into windows of about MAPPED_WINDOW_BYTES.
 
@@ -163,7 +165,7 @@ def _read_windows(
     whole shard, so loading peaks at about the model's size plus one window.
     """
     by_file: dict[Path, list[tuple[str, Piece]]] = {}
-    for name, pieces in plan.items():
+    for name, pieces in pieces_by_parameter.items():
         for piece in pieces:
             by_file.setdefault(weight_files[piece.hf_key], []).append((name, piece))
     windows: list[tuple[Path, list[tuple[str, Piece]]]] = []
@@ -212,14 +214,14 @@ def load_pretrained(
         model = Qwen3Model(args)
     weight_files = _weight_files(folder)
     headers = _headers(weight_files)
-    plan = _plan(model, headers)
+    pieces = _pieces_by_parameter(model, headers)
 
     # Every tensor is allocated in its final place first (its pages are only touched as it is
     # filled), then filled piece by piece from the memory-mapped files.
     targets = {
         name: torch.empty(tensor.shape, dtype=dtype, device=device) for name, tensor in model.state_dict().items()
     }
-    for file, window in _read_windows(plan, weight_files, headers):
+    for file, window in _read_windows(pieces, weight_files, headers):
         with safe_open(file, framework="pt") as f:
             for name, piece in window:
                 targets[name][piece.index].copy_(f.get_tensor(piece.hf_key))
@@ -296,13 +298,37 @@ def save_pretrained(
 
 
 def write_model_files(args: ModelArgs, dtype: torch.dtype, folder: Path) -> None:
-    """config.json for weights in `dtype`, and the tokenizer and generation files of the folder the model came from."""
+    """config.json for weights in `dtype`, and the tokenizer and generation files of the folder the model came from.
+
+    A source without generation_config.json gets one from its tokenizer's special tokens, and
+    config.json its eos id: transformers' generate stops at eos only when one of them names it.
+    """
     config = dataclasses.replace(args, dtype=dtype).to_hf_config()
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     source = Path(args.source_path) if args.source_path else None
     for name in COPIED_FILES if source is not None else ():
         if (source / name).is_file():
             shutil.copy2(source / name, folder / name)
+    if not (folder / GENERATION_FILE).is_file() and any((folder / name).is_file() for name in VOCABULARY_FILES):
+        try:
+            generation = special_token_ids(folder)
+        except TokenizerError:  # no usable eos: nothing to tell generate
+            generation = None
+        if generation is not None:
+            (folder / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n")
+            config.setdefault("eos_token_id", generation["eos_token_id"])
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def special_token_ids(folder: Path) -> dict:
+    """generation_config.json's token ids from the tokenizer in `folder`: every eos id, bos, pad."""
+    tokenizer = load_tokenizer(folder)
+    eos = eos_token_ids(folder, tokenizer)
+    generation = {"eos_token_id": eos[0] if len(eos) == 1 else eos}
+    if tokenizer.bos_token_id is not None:
+        generation["bos_token_id"] = tokenizer.bos_token_id
+    if tokenizer.pad_token_id is not None:
+        generation["pad_token_id"] = tokenizer.pad_token_id
+    return generation
 
 
 def _replace_folder(staging: Path, target: Path) -> None:

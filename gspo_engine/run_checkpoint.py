@@ -11,6 +11,7 @@ renamed into place, so a crash mid-save leaves the previous checkpoint as the la
 
 from __future__ import annotations
 
+import copy
 import random
 import re
 import shutil
@@ -21,7 +22,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from gspo_engine.checkpoint import write_model_files
+from gspo_engine.config import LoraConfig
+from gspo_engine.distributed.runtime import Runtime
+from gspo_engine.distributed.sharded_checkpoint import full_model_state_dict, is_sharded_checkpoint, load_sharded, save_sharded
+from gspo_engine.hf_checkpoint import save_pretrained, write_model_files
+from gspo_engine.lora import save_adapters
+from gspo_engine.model import Qwen3Model
 
 STATE_FILE = "trainer_state.pt"
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -125,3 +131,46 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"checkpoint.resume: {resume} is not a training checkpoint ({STATE_FILE} missing)")
     return path
+
+
+def save_model(model: Qwen3Model, folder: Path, runtime: Runtime, lora: LoraConfig | None) -> None:
+    """A Hugging Face checkpoint, or with LoRA a PEFT adapter folder (export --merge merges it).
+
+    A sharded model is gathered whole on rank 0's CPU, which writes it (collective).
+    """
+    if runtime.distributed:
+        full_state = full_model_state_dict(model)
+        if runtime.is_main:
+            with torch.device("meta"):
+                whole = Qwen3Model(copy.copy(model.args))
+            whole.load_state_dict(full_state, assign=True)
+            save_pretrained(whole, folder)
+        runtime.barrier()
+    elif lora is None:
+        save_pretrained(model, folder)
+    else:
+        save_adapters(model, lora, folder)
+
+
+def save_run_checkpoint(output_dir: Path, step: int, model: Qwen3Model, optimizer: torch.optim.Optimizer,
+                        trainer_state: dict[str, Any], keep_last: int, runtime: Runtime,
+                        lora: LoraConfig | None) -> Path:
+    """checkpoint-STEP of a run: sharded (DCP) on several ranks, Hugging Face or PEFT files in one process."""
+    if runtime.distributed:
+        return save_sharded_checkpoint(
+            output_dir, step, lambda folder: save_sharded(folder, model, optimizer), model.args, trainer_state,
+            keep_last, runtime,
+        )
+    state = trainer_state | {"optimizer": optimizer.state_dict()}
+    return save_checkpoint(output_dir, step, lambda folder: save_model(model, folder, runtime, lora), state, keep_last)
+
+
+def restore_run_checkpoint(folder: Path, model: Qwen3Model, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Load a checkpoint's optimizer (and a sharded one's weights) and RNG states; the rest of its trainer state."""
+    state = load_trainer_state(folder)
+    if is_sharded_checkpoint(folder):
+        load_sharded(folder, model, optimizer)
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return state

@@ -1,0 +1,49 @@
+"""Log-probs of sampled completions under a policy, without gradients: the old and reference policies."""
+
+from __future__ import annotations
+
+import torch
+
+import gspo_kernels as gk
+from gspo_engine.batching import Sample
+from gspo_engine.lora import adapters_disabled
+from gspo_engine.model import Qwen3Model
+from gspo_engine.routing_replay import stack_routing
+from gspo_engine.step_context import StepContext
+
+
+def score_samples(context: StepContext, model: Qwen3Model, samples: list[Sample], attribute: str,
+                  record_routing: bool = False) -> None:
+    """Per-token log-probs of each completion under `model`, stored on the samples as `attribute`.
+
+    record_routing: also keep each sample's experts (Sample.old_routing) for routing replay.
+    """
+    model.eval()
+    with torch.no_grad(), context.autocast():
+        for micro in context.micro_batches(samples):
+            if not micro:  # another rank has more micro-batches: join its forwards' weight gathers
+                model.forward_hidden(context.collate(samples[:1]).input_ids)
+                continue
+            batch = context.collate(micro)
+            output = model.forward_hidden(batch.input_ids)
+            hidden, weight = context.head_inputs(output.hidden_states, model)
+            logps = gk.token_logprobs(hidden, weight, batch.targets, temperature=context.temperature)
+            experts = None
+            if record_routing and output.routing:
+                experts = stack_routing(output.routing, *batch.input_ids.shape).cpu()
+            for row, sample in enumerate(micro):
+                setattr(sample, attribute, logps[row][batch.mask[row]].float().cpu())
+                if experts is not None:
+                    sample.old_routing = experts[row, : sample.num_positions]
+            # Freed before the next micro-batch's forward, not when the names are next assigned.
+            del batch, output, hidden, weight, logps
+
+
+def score_reference(context: StepContext, model: Qwen3Model, reference: Qwen3Model | None,
+                    samples: list[Sample]) -> None:
+    """Reference log-probs: of the frozen starting model, or with LoRA of the model with its adapters off."""
+    if reference is not None:
+        score_samples(context, reference, samples, "ref_logps")
+        return
+    with adapters_disabled(model):
+        score_samples(context, model, samples, "ref_logps")
