@@ -11,8 +11,8 @@ Per sequence i with response tokens t (mask = 1), n_i of them, advantage A_i:
 and average it over the sequence's tokens. The algorithm runs in two steps, identical in the
 Triton kernels (gspo_kernels/loss_triton.py) and in the PyTorch path below:
 
-1. forward: one pass per sequence writes a row of per-sequence statistics (`Stat`);
-   the loss and the metrics are sums over those rows;
+1. forward: one pass per sequence writes a row of per-sequence statistics
+   (`gspo_kernels.loss_stats.Stat`); the loss and the metrics are sums over those rows;
 2. backward: every token's gradient follows from its own inputs and its sequence's row.
 
 Overflow guard: every log-ratio is clamped from above before exp (at 10 for importance
@@ -22,36 +22,14 @@ at every level, as autograd through `clamp` would.
 
 from __future__ import annotations
 
-import enum
 import math
 
 import torch
 
 from gspo_kernels import reference
 from gspo_kernels.backend import resolve_backend
-
-LEVELS = ("sequence", "sequence_token", "token")
-POLICY_LOG_RATIO_MAX = reference.POLICY_LOG_RATIO_MAX
-KL_LOG_RATIO_MAX = reference.KL_LOG_RATIO_MAX
-
-
-class Stat(enum.IntEnum):
-    """Columns of the per-sequence statistics written by the forward pass."""
-
-    LOSS = 0  # policy term + beta * KL term; 0 for a sequence without response tokens
-    LENGTH = 1  # number of response tokens n_i
-    SEQ_LOG_RATIO = 2  # (1/n_i) sum_t (logp - old_logp), before the clamp
-    RATIO_SUM = 3  # s_i for the sequence levels, sum of token ratios for "token"
-    CLIP_LOW = 4  # response tokens clipped at 1 - eps_low
-    CLIP_HIGH = 5  # response tokens clipped at 1 + eps_high
-    KL_SUM = 6  # sum over response tokens of the k3 KL
-
-
-NUM_STATS = len(Stat)
-
-
-def _describe(name: str, tensor: torch.Tensor) -> str:
-    return f"{name} {tuple(tensor.shape)} {str(tensor.dtype).replace('torch.', '')}"
+from gspo_kernels.loss_stats import KL_LOG_RATIO_MAX, LEVELS, NUM_STATS, POLICY_LOG_RATIO_MAX, Stat
+from gspo_kernels.validation import describe, require_tensor
 
 
 def validate_loss_inputs(logps, old_logps, advantages, mask, level, eps_low, eps_high, ref_logps, beta) -> None:
@@ -60,22 +38,21 @@ def validate_loss_inputs(logps, old_logps, advantages, mask, level, eps_low, eps
     if ref_logps is not None:
         named["ref_logps"] = ref_logps
     for name, value in named.items():
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        require_tensor(name, value)
     if level not in LEVELS:
         raise ValueError(f"level must be one of {', '.join(LEVELS)}; got {level!r}")
     if logps.dim() != 2:
-        raise ValueError(f"logps must be [B, T]; got {_describe('logps', logps)}")
+        raise ValueError(f"logps must be [B, T]; got {describe('logps', logps)}")
     for name in ("logps", "old_logps", "advantages") + (("ref_logps",) if ref_logps is not None else ()):
         if not named[name].is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor; got {_describe(name, named[name])}")
+            raise ValueError(f"{name} must be a floating-point tensor; got {describe(name, named[name])}")
     for name in ("old_logps", "mask") + (("ref_logps",) if ref_logps is not None else ()):
         if named[name].shape != logps.shape:
             raise ValueError(
-                f"{name} must have the shape of logps; got {_describe(name, named[name])} and {_describe('logps', logps)}"
+                f"{name} must have the shape of logps; got {describe(name, named[name])} and {describe('logps', logps)}"
             )
     if mask.is_complex():
-        raise ValueError(f"mask must be bool or 0/1; got {_describe('mask', mask)}")
+        raise ValueError(f"mask must be bool or 0/1; got {describe('mask', mask)}")
     batch = logps.shape[0]
     if advantages.shape == (batch,):
         pass
@@ -83,11 +60,11 @@ def validate_loss_inputs(logps, old_logps, advantages, mask, level, eps_low, eps
         if level == "sequence":
             raise ValueError(
                 f"level 'sequence' takes one advantage per sequence [B] = [{batch}]; got "
-                f"{_describe('advantages', advantages)} (use level 'sequence_token' for per-token advantages)"
+                f"{describe('advantages', advantages)} (use level 'sequence_token' for per-token advantages)"
             )
     else:
         raise ValueError(
-            f"advantages must be [B] or [B, T]; got {_describe('advantages', advantages)} with {_describe('logps', logps)}"
+            f"advantages must be [B] or [B, T]; got {describe('advantages', advantages)} with {describe('logps', logps)}"
         )
     for name, eps in (("eps_low", eps_low), ("eps_high", eps_high), ("beta", beta)):
         if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:

@@ -2,7 +2,7 @@
 
 forward: one program per sequence streams its T tokens in tiles, reduces the masked log-ratio
 (and, per level, the per-token clipped terms and the KL), then writes one row of per-sequence
-statistics (see `gspo_kernels.loss.Stat`). Per-token advantages at the sequence levels need
+statistics (the columns of `gspo_kernels.loss_stats.Stat`). Per-token advantages at the sequence levels need
 s_i before the per-token terms, so those rows read their tokens twice; every other case reads
 them once.
 
@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gspo_kernels.loss import KL_LOG_RATIO_MAX, NUM_STATS, POLICY_LOG_RATIO_MAX, Stat
+from gspo_kernels.loss_stats import KL_LOG_RATIO_MAX, NUM_STATS, POLICY_LOG_RATIO_MAX
 
 LEVEL_CODES = {"sequence": 0, "sequence_token": 1, "token": 2}
 FORWARD_BLOCK_T = 1024

@@ -2,7 +2,8 @@
 
 These are the baselines that tests (in float64) and benchmarks compare against. They follow
 the math of GSPO (Zheng et al., arXiv 2507.18071) term by term and lean on autograd for
-gradients. They share the input conventions of the public functions but do no validation.
+gradients. Each mirrors the signature of the public function it is named after, on purpose, so
+a test or a benchmark calls either the same way; unlike them, these do no validation.
 """
 
 from __future__ import annotations
@@ -10,13 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# exp() guards: every log-ratio is clamped from above before it is exponentiated, so no
-# ratio can overflow whatever the inputs. A clamped term keeps its (huge but finite) value
-# and gets no gradient through the clamp.
-POLICY_LOG_RATIO_MAX = 10.0  # sequence and token importance ratios: at most e^10 ~ 2.2e4
-KL_LOG_RATIO_MAX = 20.0  # log(pi_ref / pi_theta) inside the k3 KL estimator
+from gspo_kernels.loss_stats import KL_LOG_RATIO_MAX, POLICY_LOG_RATIO_MAX
 
 
+# Mirrors the signature of gspo_kernels.gspo_loss.
 def gspo_loss_reference(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
@@ -106,6 +104,7 @@ def gspo_loss_reference(
     return loss, metrics
 
 
+# Mirrors the signature of gspo_kernels.token_logprobs.
 def token_logprobs_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -125,6 +124,7 @@ def token_logprobs_reference(
     return logps, entropy
 
 
+# Mirrors the signature of gspo_kernels.fused_linear_gspo_loss (its loss options are gspo_loss_reference's).
 def fused_linear_gspo_loss_reference(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -149,6 +149,7 @@ def fused_linear_gspo_loss_reference(
     )
 
 
+# Mirrors the signature of gspo_kernels.moe_route, without routing replay.
 def moe_route_reference(
     router_logits: torch.Tensor, top_k: int, *, norm_topk_prob: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,6 +161,7 @@ def moe_route_reference(
     return topk_weights, topk_idx
 
 
+# Mirrors the signature of gspo_kernels.moe_experts.
 def moe_experts_reference(
     x: torch.Tensor,
     topk_idx: torch.Tensor,
