@@ -2,7 +2,7 @@
 
     pytest bench/test_bench_moe.py --benchmark-group-by=group --benchmark-columns=median,min,rounds
 
-CPU: the PyTorch path at the issue's CPU shape (N = 4096, E = 128, k = 8, H = 256, I = 128).
+CPU: the PyTorch path at the CPU target shape (N = 4096, E = 128, k = 8, H = 256, I = 128).
 GPU (bf16): the Triton kernels at a Qwen3-30B-A3B layer (E = 128, k = 8, H = 2048, I = 768) for
 N = 256, 4096, 16384 and a Qwen3-235B-A22B layer (H = 4096, I = 1536) at N = 8192, next to
 transformers' grouped_mm and eager experts, and the per-expert reference loop. Cases, FLOPs and
@@ -19,7 +19,6 @@ import torch
 import gspo_kernels as gk
 from bench.conftest import DEVICE, SCALE, benchmark_case, case_params
 from gspo_engine.benchmarks import moe
-from gspo_kernels.moe import ExpertPlan
 
 CUDA = DEVICE.type == "cuda"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
@@ -46,11 +45,11 @@ def test_routing_share_of_the_layer(benchmark, shape):
     layer = moe.make_layer(tokens, experts, top_k, hidden, intermediate, DEVICE, DTYPE)
     logits = torch.randn(tokens, experts, device=DEVICE, dtype=DTYPE)
 
-    def route_and_permute() -> ExpertPlan:
+    def route_and_permute() -> gk.ExpertOrder:
         _, idx = gk.moe_route(logits, top_k)
-        plan = moe_triton.sort_pairs(idx, experts)
-        moe_triton.tile_table(plan, moe_triton.block_rows(tokens * top_k, experts))
-        return plan
+        order = moe_triton.sort_by_expert(idx, experts)
+        moe_triton.tile_table(order, moe_triton.block_rows(tokens * top_k, experts))
+        return order
 
     layer_ms = triton.testing.do_bench(moe.forward_backward_step(layer, "gspo_kernels"))
     routing_ms = benchmark.pedantic(lambda: triton.testing.do_bench(route_and_permute), rounds=1)

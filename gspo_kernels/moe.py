@@ -7,9 +7,10 @@
 The experts run the same algorithm in the Triton kernels (gspo_kernels/moe_triton.py) and in
 the PyTorch path below, on the N*k (token, slot) pairs, pair p = token * k + slot:
 
-1. permutation: a stable counting sort of the pairs by expert. `sorted_pair[s]` is the pair at
-   sorted row s; the rows of one expert are contiguous and in token order. Nothing is copied:
-   the GPU kernels read each pair's row of x (or of dy) through these indices.
+1. permutation: a stable sort of the pairs by expert, an `ExpertOrder`
+   (gspo_kernels/expert_order.py). `sorted_pair[s]` is the pair at sorted row s; the rows of one
+   expert are contiguous and in token order. Nothing is copied: the GPU kernels read each pair's
+   row of x (or of dy) through these indices.
 2. gate/up: gate_up[s] = x[token(s)] @ w_gate_up[e]^T, h[s] = silu(gate) * up.
 3. down: each pair's row w[p] * (h[s] @ w_down[e]^T) is added to its token's row of y. The
    Triton kernels write it to its own row p of an [N*k, H] buffer, summed over the k slots
@@ -36,89 +37,77 @@ from torch.autograd.function import once_differentiable
 
 from gspo_kernels import reference
 from gspo_kernels.backend import resolve_backend
+from gspo_kernels.expert_order import ExpertOrder
+from gspo_kernels.validation import describe, holds_integers, require_tensor, value_range
 
 
-class ExpertPlan(NamedTuple):
-    """The permutation of the (token, slot) pairs by expert; see the module docstring."""
-
-    sorted_pair: torch.Tensor  # [N*k] pair index at each sorted row
-    counts: torch.Tensor  # [E] rows per expert
-    starts: torch.Tensor  # [E] first sorted row of each expert
-    top_k: int
-
-
-def _describe(name: str, tensor: torch.Tensor) -> str:
-    return f"{name} {tuple(tensor.shape)} {str(tensor.dtype).replace('torch.', '')}"
-
-
-def _check_tensor(name: str, value) -> None:
-    if not isinstance(value, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
-
-
-def _check_expert_indices(name: str, indices: torch.Tensor, num_experts: int) -> None:
-    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integer expert indices; got {_describe(name, indices)}")
+def validate_expert_indices(name: str, indices: torch.Tensor, num_experts: int) -> None:
+    """Raise ValueError unless `indices` holds integers in [0, num_experts) (one host sync)."""
+    if not holds_integers(indices):
+        raise ValueError(f"{name} must hold integer expert indices; got {describe(name, indices)}")
     if indices.numel() == 0:
         return
-    low, high = torch.stack(torch.aminmax(indices)).tolist()  # one host sync for both bounds
+    low, high = value_range(indices)
     if low < 0 or high >= num_experts:
-        raise ValueError(f"{name} must lie in [0, {num_experts}); got values from {low} to {high}")
+        raise ValueError(f"{name} must lie in [0, E = {num_experts}); got values from {low} to {high}")
 
 
 def validate_route_inputs(router_logits, top_k, forced_experts) -> None:
     """Raise ValueError naming the argument for every input moe_route cannot take."""
-    _check_tensor("router_logits", router_logits)
+    require_tensor("router_logits", router_logits)
     if router_logits.dim() != 2 or not router_logits.is_floating_point():
-        got = _describe("router_logits", router_logits)
+        got = describe("router_logits", router_logits)
         raise ValueError(f"router_logits must be a floating-point [N, E] tensor; got {got}")
     num_experts = router_logits.shape[1]
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be an int in [1, E = {num_experts}]; got {top_k!r}")
     if forced_experts is not None:
-        _check_tensor("forced_experts", forced_experts)
+        require_tensor("forced_experts", forced_experts)
         if tuple(forced_experts.shape) != (router_logits.shape[0], top_k):
             raise ValueError(
                 f"forced_experts must be [N, top_k] = [{router_logits.shape[0]}, {top_k}]; "
-                f"got {_describe('forced_experts', forced_experts)}"
+                f"got {describe('forced_experts', forced_experts)}"
             )
         if forced_experts.device != router_logits.device:
             raise ValueError("forced_experts must be on the device of router_logits")
-        _check_expert_indices("forced_experts", forced_experts, num_experts)
+        validate_expert_indices("forced_experts", forced_experts, num_experts)
 
 
 def validate_experts_inputs(x, topk_idx, topk_weights, w_gate_up, w_down) -> None:
     """Raise ValueError naming the argument for every input moe_experts cannot take."""
     num_experts = validate_experts_shapes(x, topk_idx, topk_weights, w_gate_up, w_down)
-    _check_expert_indices("topk_idx", topk_idx, num_experts)
+    validate_expert_indices("topk_idx", topk_idx, num_experts)
 
 
 def validate_experts_shapes(x, topk_idx, topk_weights, w_gate_up, w_down) -> int:
-    """Every check of validate_experts_inputs but the range of topk_idx (an expert-parallel rank holds
-    global indices with a block of the experts); returns the number of experts in w_gate_up."""
+    """moe_experts' argument checks except the range of topk_idx; returns E, the experts in w_gate_up.
+
+    An expert-parallel rank holds global expert indices next to its own block of the experts, so
+    the range is its caller's to check.
+    """
     named = {"x": x, "topk_idx": topk_idx, "topk_weights": topk_weights, "w_gate_up": w_gate_up, "w_down": w_down}
     for name, value in named.items():
-        _check_tensor(name, value)
+        require_tensor(name, value)
     if x.dim() != 2 or not x.is_floating_point():
-        raise ValueError(f"x must be a floating-point [N, H] tensor; got {_describe('x', x)}")
+        raise ValueError(f"x must be a floating-point [N, H] tensor; got {describe('x', x)}")
     tokens, hidden = x.shape
     if topk_idx.dim() != 2 or topk_idx.shape[0] != tokens or topk_idx.shape[1] < 1:
-        raise ValueError(f"topk_idx must be [N = {tokens}, k] with k >= 1; got {_describe('topk_idx', topk_idx)}")
+        raise ValueError(f"topk_idx must be [N = {tokens}, k] with k >= 1; got {describe('topk_idx', topk_idx)}")
     if topk_weights.shape != topk_idx.shape or not topk_weights.is_floating_point():
         raise ValueError(
             f"topk_weights must be floating point with the shape of topk_idx {tuple(topk_idx.shape)}; "
-            f"got {_describe('topk_weights', topk_weights)}"
+            f"got {describe('topk_weights', topk_weights)}"
         )
     if w_gate_up.dim() != 3 or w_gate_up.shape[2] != hidden or w_gate_up.shape[1] % 2 or w_gate_up.shape[1] == 0:
-        raise ValueError(f"w_gate_up must be [E, 2I, H = {hidden}]; got {_describe('w_gate_up', w_gate_up)}")
+        raise ValueError(f"w_gate_up must be [E, 2I, H = {hidden}]; got {describe('w_gate_up', w_gate_up)}")
     num_experts, intermediate = w_gate_up.shape[0], w_gate_up.shape[1] // 2
     if tuple(w_down.shape) != (num_experts, hidden, intermediate):
         raise ValueError(
-            f"w_down must be [E, H, I] = [{num_experts}, {hidden}, {intermediate}]; got {_describe('w_down', w_down)}"
+            f"w_down must be [E, H, I] = [{num_experts}, {hidden}, {intermediate}]; got {describe('w_down', w_down)}"
         )
     for name in ("w_gate_up", "w_down"):
         if named[name].dtype != x.dtype:
-            raise ValueError(f"{name} must have the dtype of x ({x.dtype}); got {_describe(name, named[name])}")
+            raise ValueError(f"{name} must have the dtype of x ({x.dtype}); got {describe(name, named[name])}")
     for name, value in named.items():
         if value.device != x.device:
             raise ValueError(f"{name} must be on the device of x ({x.device}); got {value.device}")
@@ -221,12 +210,12 @@ def moe_route(
 # Experts: PyTorch path
 
 
-def sort_pairs(topk_idx: torch.Tensor, num_experts: int) -> ExpertPlan:
-    """PyTorch path of the permutation: a stable sort of the pairs by expert (same order as the kernels)."""
+def sort_by_expert(topk_idx: torch.Tensor, num_experts: int) -> ExpertOrder:
+    """The (token, slot) pairs of topk_idx [N, k] sorted stably by expert (PyTorch path, the kernels' order)."""
     flat = topk_idx.reshape(-1)
     sorted_pair = torch.sort(flat, stable=True).indices
     counts = torch.bincount(flat, minlength=num_experts)
-    return ExpertPlan(sorted_pair, counts, torch.cumsum(counts, 0) - counts, topk_idx.shape[1])
+    return ExpertOrder(sorted_pair, counts, torch.cumsum(counts, 0) - counts, topk_idx.shape[1])
 
 
 def _aligned_16(tensor: torch.Tensor) -> bool:
@@ -248,71 +237,71 @@ def _grouped_mm_fits(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def _expert_rows(plan: ExpertPlan):
+def _expert_rows(order: ExpertOrder):
     """(expert, first row, end row) of every expert that receives at least one pair."""
-    ends = torch.cumsum(plan.counts, 0).tolist()
-    for expert, count in enumerate(plan.counts.tolist()):
+    ends = torch.cumsum(order.counts, 0).tolist()
+    for expert, count in enumerate(order.counts.tolist()):
         if count:
             yield expert, ends[expert] - count, ends[expert]
 
 
-def grouped_matmul(a: torch.Tensor, b: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
+def grouped_matmul(a: torch.Tensor, b: torch.Tensor, order: ExpertOrder) -> torch.Tensor:
     """a [S, K] in sorted rows, b [E, K, M] -> [S, M]: the rows of expert e times b[e]."""
     if _grouped_mm_fits(a, b):
-        return torch._grouped_mm(a, b, offs=torch.cumsum(plan.counts, 0).to(torch.int32))
+        return torch._grouped_mm(a, b, offs=torch.cumsum(order.counts, 0).to(torch.int32))
     out = a.new_empty(a.shape[0], b.shape[2])
-    for expert, start, end in _expert_rows(plan):
+    for expert, start, end in _expert_rows(order):
         torch.mm(a[start:end], b[expert], out=out[start:end])
     return out
 
 
-def grouped_weight_grad(a: torch.Tensor, b: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
+def grouped_weight_grad(a: torch.Tensor, b: torch.Tensor, order: ExpertOrder) -> torch.Tensor:
     """a [S, M], b [S, K] in sorted rows -> [E, M, K]: sum over the rows of expert e of a^T b."""
     a_t = a.t()
     if _grouped_mm_fits(a_t, b):
-        return torch._grouped_mm(a_t, b, offs=torch.cumsum(plan.counts, 0).to(torch.int32))
-    out = a.new_zeros(plan.counts.shape[0], a.shape[1], b.shape[1])
-    for expert, start, end in _expert_rows(plan):
+        return torch._grouped_mm(a_t, b, offs=torch.cumsum(order.counts, 0).to(torch.int32))
+    out = a.new_zeros(order.counts.shape[0], a.shape[1], b.shape[1])
+    for expert, start, end in _expert_rows(order):
         torch.mm(a_t[:, start:end], b[start:end], out=out[expert])
     return out
 
 
-def _sorted_row_of_pair(plan: ExpertPlan) -> torch.Tensor:
+def _sorted_row_of_pair(order: ExpertOrder) -> torch.Tensor:
     """[S]: the sorted row of every pair, the inverse of sorted_pair."""
-    rows = torch.empty_like(plan.sorted_pair)
-    rows[plan.sorted_pair] = torch.arange(rows.numel(), device=rows.device)
+    rows = torch.empty_like(order.sorted_pair)
+    rows[order.sorted_pair] = torch.arange(rows.numel(), device=rows.device)
     return rows
 
 
-def _sum_over_slots(per_sorted_row: torch.Tensor, plan: ExpertPlan, dtype: torch.dtype) -> torch.Tensor:
-    """[S, H] in sorted rows -> [N, H]: every row added to its token's row, in at least fp32.
+def sum_over_slots(rows: torch.Tensor, sorted_pair: torch.Tensor, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows [N*k, H] in sorted order -> [N, H] in `dtype`: each added to its token's row in at least fp32.
 
     index_add_ runs sequentially over the rows on CPU, so the sum is deterministic there (and
     several times faster than gathering the rows back into pair order first).
     """
-    accumulate = torch.promote_types(per_sorted_row.dtype, torch.float32)
-    tokens = plan.sorted_pair.numel() // plan.top_k
-    out = torch.zeros(tokens, per_sorted_row.shape[1], dtype=accumulate, device=per_sorted_row.device)
-    return out.index_add_(0, plan.sorted_pair // plan.top_k, per_sorted_row.to(accumulate)).to(dtype)
+    accumulate = torch.promote_types(rows.dtype, torch.float32)
+    tokens = sorted_pair.numel() // top_k
+    out = torch.zeros(tokens, rows.shape[1], dtype=accumulate, device=rows.device)
+    return out.index_add_(0, sorted_pair // top_k, rows.to(accumulate)).to(dtype)
 
 
-def experts_forward(x, topk_weights, w_gate_up, w_down, plan: ExpertPlan, keep_gate_up: bool):
+def experts_forward(x, topk_weights, w_gate_up, w_down, order: ExpertOrder, keep_gate_up: bool):
     """PyTorch path: y [N, H] and, when keep_gate_up, the pre-activations [S, 2I] backward needs."""
-    token = plan.sorted_pair // plan.top_k
-    gate_up = grouped_matmul(x[token], w_gate_up.transpose(1, 2), plan)
+    token = order.sorted_pair // order.top_k
+    gate_up = grouped_matmul(x[token], w_gate_up.transpose(1, 2), order)
     gate, up = gate_up.chunk(2, dim=-1)
     hidden = F.silu(gate).mul_(up)
-    out = grouped_matmul(hidden, w_down.transpose(1, 2), plan)
-    out.mul_(topk_weights.reshape(-1)[plan.sorted_pair, None])
-    return _sum_over_slots(out, plan, x.dtype), (gate_up if keep_gate_up else None)
+    out = grouped_matmul(hidden, w_down.transpose(1, 2), order)
+    out.mul_(topk_weights.reshape(-1)[order.sorted_pair, None])
+    return sum_over_slots(out, order.sorted_pair, order.top_k, x.dtype), (gate_up if keep_gate_up else None)
 
 
-def experts_backward(grad_y, x, topk_weights, w_gate_up, w_down, plan: ExpertPlan, gate_up, needs_grad):
+def experts_backward(grad_y, x, topk_weights, w_gate_up, w_down, order: ExpertOrder, gate_up, needs_grad):
     """PyTorch path: (dx, d topk_weights, d w_gate_up, d w_down), None where needs_grad is False."""
-    token = plan.sorted_pair // plan.top_k
-    weight = topk_weights.reshape(-1)[plan.sorted_pair, None]
+    token = order.sorted_pair // order.top_k
+    weight = topk_weights.reshape(-1)[order.sorted_pair, None]
     grad_y_rows = grad_y.to(x.dtype)[token]
-    grad_hidden = grouped_matmul(grad_y_rows, w_down, plan)
+    grad_hidden = grouped_matmul(grad_y_rows, w_down, order)
     gate, up = gate_up.chunk(2, dim=-1)
     silu = F.silu(gate)
     hidden = silu * up
@@ -320,43 +309,47 @@ def experts_backward(grad_y, x, topk_weights, w_gate_up, w_down, plan: ExpertPla
     if needs_grad[1]:
         compute = torch.promote_types(x.dtype, torch.float32)  # bf16 dot products summed in fp32
         per_row = torch.linalg.vecdot(grad_hidden.to(compute), hidden.to(compute))
-        grad_weights = per_row[_sorted_row_of_pair(plan)].view(topk_weights.shape).to(topk_weights.dtype)
+        grad_weights = per_row[_sorted_row_of_pair(order)].view(topk_weights.shape).to(topk_weights.dtype)
     grad_hidden.mul_(weight)
     intermediate = gate.shape[1]
     grad_gate_up = torch.empty_like(gate_up)
     torch.mul(grad_hidden, silu, out=grad_gate_up[:, intermediate:])
     grad_gate_up[:, :intermediate] = torch.ops.aten.silu_backward(grad_hidden.mul_(up), gate)
-    grad_x = _sum_over_slots(grouped_matmul(grad_gate_up, w_gate_up, plan), plan, x.dtype) if needs_grad[0] else None
-    grad_w_gate_up = grouped_weight_grad(grad_gate_up, x[token], plan) if needs_grad[2] else None
+    grad_x = None
+    if needs_grad[0]:
+        grad_x = sum_over_slots(grouped_matmul(grad_gate_up, w_gate_up, order), order.sorted_pair, order.top_k, x.dtype)
+    grad_w_gate_up = grouped_weight_grad(grad_gate_up, x[token], order) if needs_grad[2] else None
     # (w dy)^T h = dy^T (w h): scaling h [S, I] is cheaper than scaling dy [S, H].
-    grad_w_down = grouped_weight_grad(grad_y_rows, hidden.mul_(weight), plan) if needs_grad[3] else None
+    grad_w_down = grouped_weight_grad(grad_y_rows, hidden.mul_(weight), order) if needs_grad[3] else None
     return grad_x, grad_weights, grad_w_gate_up, grad_w_down
 
 
 class ExpertOps(NamedTuple):
     """One backend's implementation of the three steps; both share the signatures above."""
 
-    sort_pairs: Callable
+    sort_by_expert: Callable
     forward: Callable
     backward: Callable
 
 
-TORCH_OPS = ExpertOps(sort_pairs, experts_forward, experts_backward)
+TORCH_OPS = ExpertOps(sort_by_expert, experts_forward, experts_backward)
 
 
 def _triton_ops() -> ExpertOps:
     from gspo_kernels import moe_triton
 
-    return ExpertOps(moe_triton.sort_pairs, moe_triton.experts_forward, moe_triton.experts_backward)
+    return ExpertOps(moe_triton.sort_by_expert, moe_triton.experts_forward, moe_triton.experts_backward)
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_idx, topk_weights, w_gate_up, w_down, ops):
-        plan = ops.sort_pairs(topk_idx, w_gate_up.shape[0])
-        y, gate_up = ops.forward(x, topk_weights, w_gate_up, w_down, plan, True)
-        ctx.save_for_backward(x, topk_weights, w_gate_up, w_down, gate_up, plan.sorted_pair, plan.counts, plan.starts)
-        ctx.top_k = plan.top_k
+        order = ops.sort_by_expert(topk_idx, w_gate_up.shape[0])
+        y, gate_up = ops.forward(x, topk_weights, w_gate_up, w_down, order, True)
+        ctx.save_for_backward(
+            x, topk_weights, w_gate_up, w_down, gate_up, order.sorted_pair, order.counts, order.starts
+        )
+        ctx.top_k = order.top_k
         ctx.ops = ops
         return y
 
@@ -364,10 +357,10 @@ class _GroupedSwiGLU(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_y):
         x, topk_weights, w_gate_up, w_down, gate_up, sorted_pair, counts, starts = ctx.saved_tensors
-        plan = ExpertPlan(sorted_pair, counts, starts, ctx.top_k)
+        order = ExpertOrder(sorted_pair, counts, starts, ctx.top_k)
         needs = (ctx.needs_input_grad[0],) + tuple(ctx.needs_input_grad[2:5])
         grad_x, grad_weights, grad_w_gate_up, grad_w_down = ctx.ops.backward(
-            grad_y, x, topk_weights, w_gate_up, w_down, plan, gate_up, needs
+            grad_y, x, topk_weights, w_gate_up, w_down, order, gate_up, needs
         )
         return grad_x, None, grad_weights, grad_w_gate_up, grad_w_down, None
 
@@ -395,5 +388,5 @@ def moe_experts(
     differentiable = (x, topk_weights, w_gate_up, w_down)
     if torch.is_grad_enabled() and any(t.requires_grad for t in differentiable):
         return _GroupedSwiGLU.apply(x, topk_idx, topk_weights, w_gate_up, w_down, ops)
-    plan = ops.sort_pairs(topk_idx, w_gate_up.shape[0])
-    return ops.forward(x, topk_weights, w_gate_up, w_down, plan, False)[0]
+    order = ops.sort_by_expert(topk_idx, w_gate_up.shape[0])
+    return ops.forward(x, topk_weights, w_gate_up, w_down, order, False)[0]

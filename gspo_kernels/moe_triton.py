@@ -1,4 +1,4 @@
-"""Triton kernels of MoE routing and the grouped SwiGLU experts; the algorithm is in gspo_kernels.moe.
+"""Triton kernels of MoE routing and the grouped SwiGLU experts; the algorithm is in gspo_kernels/moe.py.
 
 Routing: `_route_topk_kernel`, one program per block of tokens: fp32 softmax, top-k by repeated
 argmax (ties to the lower expert index), renormalisation.
@@ -43,7 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gspo_kernels.moe import ExpertPlan
+from gspo_kernels.expert_order import ExpertOrder
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 PAIR_BLOCK = 128  # pairs per program of the counting sort
@@ -193,8 +193,8 @@ def _place_pairs_kernel(idx_ptr, block_base_ptr, sorted_pair_ptr, S, E, BLOCK_P:
     tl.store(sorted_pair_ptr + base + rank, pairs, mask=ok)
 
 
-def sort_pairs(topk_idx: torch.Tensor, num_experts: int) -> ExpertPlan:
-    """The stable permutation of the pairs by expert: two kernel launches and a small cumsum."""
+def sort_by_expert(topk_idx: torch.Tensor, num_experts: int) -> ExpertOrder:
+    """The (token, slot) pairs sorted stably by expert: two kernel launches and a small cumsum."""
     flat = topk_idx.reshape(-1).contiguous()
     pairs = flat.numel()
     blocks = triton.cdiv(pairs, PAIR_BLOCK)
@@ -208,7 +208,7 @@ def sort_pairs(topk_idx: torch.Tensor, num_experts: int) -> ExpertPlan:
     block_base = starts[None, :] + torch.cumsum(block_counts, 0, dtype=torch.int32) - block_counts
     sorted_pair = allocate_output(pairs, dtype=torch.int32, device=device)
     _place_pairs_kernel[(blocks,)](flat, block_base, sorted_pair, pairs, num_experts, BLOCK_P=PAIR_BLOCK)
-    return ExpertPlan(sorted_pair, counts, starts, topk_idx.shape[1])
+    return ExpertOrder(sorted_pair, counts, starts, topk_idx.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,19 +244,19 @@ def _tile_table_kernel(
     tl.store(tiles_ptr + 2 * T + tile, end, mask=ok)
 
 
-def tile_table(plan: ExpertPlan, block_m: int) -> torch.Tensor:
+def tile_table(order: ExpertOrder, block_m: int) -> torch.Tensor:
     """[3, T] int32: expert, first sorted row and end row of every BLOCK_M tile of every expert.
 
     T = pairs // block_m + min(E, pairs) bounds the number of tiles whatever the counts, so the
     grid is known without waiting for them; tiles past the last one get an empty row range.
     """
-    num_experts, pairs = plan.counts.numel(), plan.sorted_pair.numel()
+    num_experts, pairs = order.counts.numel(), order.sorted_pair.numel()
     num_tiles = pairs // block_m + min(num_experts, pairs)
-    tiles = allocate_output(3, num_tiles, dtype=torch.int32, device=plan.counts.device)
+    tiles = allocate_output(3, num_tiles, dtype=torch.int32, device=order.counts.device)
     experts_pad = triton.next_power_of_2(num_experts)
     block_t = max(1, 4096 // experts_pad)
     _tile_table_kernel[(triton.cdiv(num_tiles, block_t),)](
-        plan.counts, plan.starts, tiles, num_tiles, num_experts, BLOCK_M=block_m, E_PAD=experts_pad, BLOCK_T=block_t
+        order.counts, order.starts, tiles, num_tiles, num_experts, BLOCK_M=block_m, E_PAD=experts_pad, BLOCK_T=block_t
     )
     return tiles
 
@@ -446,7 +446,7 @@ def _expert_weight_grad_kernel(
 # Launchers
 
 
-def _sum_over_slots(per_pair: torch.Tensor, top_k: int) -> torch.Tensor:
+def _sum_slots_in_pair_order(per_pair: torch.Tensor, top_k: int) -> torch.Tensor:
     """[N*k, H] in pair order -> [N, H]: a fixed-order sum over the k slots of each token."""
     return per_pair.view(-1, top_k, per_pair.shape[1]).sum(dim=1)
 
@@ -454,12 +454,12 @@ def _sum_over_slots(per_pair: torch.Tensor, top_k: int) -> torch.Tensor:
 class _Launch:
     """What every row-tile GEMM launch of one call shares: the tile table, its BLOCK_M, the tuning key."""
 
-    def __init__(self, x: torch.Tensor, w_gate_up: torch.Tensor, plan: ExpertPlan):
+    def __init__(self, x: torch.Tensor, w_gate_up: torch.Tensor, order: ExpertOrder):
         self.tokens, self.hidden = x.shape
         self.num_experts, self.intermediate = w_gate_up.shape[0], w_gate_up.shape[1] // 2
-        self.pairs = plan.sorted_pair.numel()
+        self.pairs = order.sorted_pair.numel()
         self.block_m = block_rows(self.pairs, self.num_experts)
-        self.tiles = tile_table(plan, self.block_m)
+        self.tiles = tile_table(order, self.block_m)
         self.bucket = triton.next_power_of_2(self.tokens)
         self.precision = _dot_precision(x.dtype)
 
@@ -468,29 +468,29 @@ class _Launch:
         return lambda meta: (num_tiles, triton.cdiv(columns, meta["BLOCK_N"]))
 
 
-def experts_forward(x, topk_weights, w_gate_up, w_down, plan: ExpertPlan, keep_gate_up: bool):
+def experts_forward(x, topk_weights, w_gate_up, w_down, order: ExpertOrder, keep_gate_up: bool):
     """y [N, H] and, when keep_gate_up, the pre-activations [S, 2I] backward needs."""
-    run = _Launch(x, w_gate_up, plan)
+    run = _Launch(x, w_gate_up, order)
     h = allocate_output(run.pairs, run.intermediate, dtype=x.dtype, device=x.device)
     gate_up = allocate_output(run.pairs, 2 * run.intermediate, dtype=x.dtype, device=x.device) if keep_gate_up else h
     _gate_up_kernel[run.grid(run.intermediate)](
-        x, w_gate_up, plan.sorted_pair, run.tiles, h, gate_up,
-        run.hidden, run.intermediate, run.num_experts, run.tiles.shape[1], plan.top_k, run.bucket,
+        x, w_gate_up, order.sorted_pair, run.tiles, h, gate_up,
+        run.hidden, run.intermediate, run.num_experts, run.tiles.shape[1], order.top_k, run.bucket,
         x.stride(0), x.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2),
         STORE_GATE_UP=keep_gate_up, DOT_PRECISION=run.precision, BLOCK_M=run.block_m, **_GEMM_BLOCKS,
     )
     per_pair = allocate_output(run.pairs, run.hidden, dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).contiguous()
     _scatter_matmul_kernel[run.grid(run.hidden)](
-        h, w_down, plan.sorted_pair, run.tiles, weights, per_pair,
+        h, w_down, order.sorted_pair, run.tiles, weights, per_pair,
         run.hidden, run.intermediate, run.num_experts, run.tiles.shape[1], run.intermediate, run.bucket,
         h.stride(0), h.stride(1), w_down.stride(0), w_down.stride(2), w_down.stride(1),
         HAS_SCALE=True, DOT_PRECISION=run.precision, BLOCK_M=run.block_m, **_GEMM_BLOCKS,
     )
-    return _sum_over_slots(per_pair, plan.top_k), (gate_up if keep_gate_up else None)
+    return _sum_slots_in_pair_order(per_pair, order.top_k), (gate_up if keep_gate_up else None)
 
 
-def _weight_grad(run: _Launch, plan: ExpertPlan, a, a_by_token, b, b_by_token, scale, out):
+def _weight_grad(run: _Launch, order: ExpertOrder, a, a_by_token, b, b_by_token, scale, out):
     """out [E, M, N] = per expert sum over its rows of (scale * a)^T b, one launch."""
     num_experts, rows_m, cols_n = out.shape
 
@@ -498,8 +498,8 @@ def _weight_grad(run: _Launch, plan: ExpertPlan, a, a_by_token, b, b_by_token, s
         return num_experts, triton.cdiv(rows_m, meta["BLOCK_M"]), triton.cdiv(cols_n, meta["BLOCK_N"])
 
     _expert_weight_grad_kernel[grid](
-        a, b, plan.sorted_pair, plan.counts, plan.starts, scale if scale is not None else a, out,
-        rows_m, cols_n, num_experts, plan.top_k, run.bucket,
+        a, b, order.sorted_pair, order.counts, order.starts, scale if scale is not None else a, out,
+        rows_m, cols_n, num_experts, order.top_k, run.bucket,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
         A_BY_TOKEN=a_by_token, B_BY_TOKEN=b_by_token, HAS_SCALE=scale is not None, DOT_PRECISION=run.precision,
         **_WEIGHT_GRAD_BLOCKS,
@@ -507,9 +507,9 @@ def _weight_grad(run: _Launch, plan: ExpertPlan, a, a_by_token, b, b_by_token, s
     return out
 
 
-def experts_backward(grad_y, x, topk_weights, w_gate_up, w_down, plan: ExpertPlan, gate_up, needs_grad):
+def experts_backward(grad_y, x, topk_weights, w_gate_up, w_down, order: ExpertOrder, gate_up, needs_grad):
     """(dx, d topk_weights, d w_gate_up, d w_down), None where needs_grad is False."""
-    run = _Launch(x, w_gate_up, plan)
+    run = _Launch(x, w_gate_up, order)
     grad_y = grad_y.to(x.dtype)
     weights = topk_weights.reshape(-1).contiguous()
     n_groups = triton.cdiv(run.intermediate, GROUP)
@@ -518,9 +518,9 @@ def experts_backward(grad_y, x, topk_weights, w_gate_up, w_down, plan: ExpertPla
     h = allocate_output(run.pairs, run.intermediate, dtype=x.dtype, device=x.device)
     d_weight_parts = allocate_output(run.pairs, n_groups, dtype=torch.float32, device=x.device)
     _swiglu_grad_kernel[run.grid(run.intermediate)](
-        grad_y, w_down, plan.sorted_pair, run.tiles, weights, gate_up,
+        grad_y, w_down, order.sorted_pair, run.tiles, weights, gate_up,
         d_gate_up, h, d_weight_parts,
-        run.hidden, run.intermediate, run.num_experts, run.tiles.shape[1], plan.top_k, run.bucket, n_groups,
+        run.hidden, run.intermediate, run.num_experts, run.tiles.shape[1], order.top_k, run.bucket, n_groups,
         grad_y.stride(0), grad_y.stride(1), w_down.stride(0), w_down.stride(1), w_down.stride(2),
         DOT_PRECISION=run.precision, GROUP=GROUP, BLOCK_M=run.block_m, **_GEMM_BLOCKS,
     )
@@ -532,18 +532,18 @@ def experts_backward(grad_y, x, topk_weights, w_gate_up, w_down, plan: ExpertPla
     if needs_grad[0]:
         per_pair = allocate_output(run.pairs, run.hidden, dtype=x.dtype, device=x.device)
         _scatter_matmul_kernel[run.grid(run.hidden)](
-            d_gate_up, w_gate_up, plan.sorted_pair, run.tiles, weights, per_pair,
+            d_gate_up, w_gate_up, order.sorted_pair, run.tiles, weights, per_pair,
             run.hidden, run.intermediate, run.num_experts, run.tiles.shape[1], 2 * run.intermediate, run.bucket,
             d_gate_up.stride(0), d_gate_up.stride(1), w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2),
             HAS_SCALE=False, DOT_PRECISION=run.precision, BLOCK_M=run.block_m, **_GEMM_BLOCKS,
         )
-        grad_x = _sum_over_slots(per_pair, plan.top_k)
+        grad_x = _sum_slots_in_pair_order(per_pair, order.top_k)
     grad_w_gate_up = None
     if needs_grad[2]:
         out = allocate_output(w_gate_up.shape, dtype=w_gate_up.dtype, device=x.device)
-        grad_w_gate_up = _weight_grad(run, plan, d_gate_up, False, x, True, None, out)
+        grad_w_gate_up = _weight_grad(run, order, d_gate_up, False, x, True, None, out)
     grad_w_down = None
     if needs_grad[3]:
         out = allocate_output(w_down.shape, dtype=w_down.dtype, device=x.device)
-        grad_w_down = _weight_grad(run, plan, grad_y, True, h, False, weights, out)
+        grad_w_down = _weight_grad(run, order, grad_y, True, h, False, weights, out)
     return grad_x, grad_weights, grad_w_gate_up, grad_w_down

@@ -240,11 +240,11 @@ def test_triton_permutation_is_the_stable_sort_by_expert():
     gen = torch.Generator().manual_seed(6)
     topk_idx = torch.randint(0, 37, (125, 8), generator=gen)  # 1000 pairs: several counting blocks
     topk_idx[topk_idx == 5] = 6  # an expert without pairs
-    expected = moe.sort_pairs(topk_idx, 37)
-    plan = moe_triton.sort_pairs(topk_idx.to(TRITON_DEVICE), 37)
-    assert torch.equal(plan.sorted_pair.cpu().long(), expected.sorted_pair)
-    assert torch.equal(plan.counts.cpu().long(), expected.counts)
-    assert torch.equal(plan.starts.cpu().long(), expected.starts)
+    expected = moe.sort_by_expert(topk_idx, 37)
+    order = moe_triton.sort_by_expert(topk_idx.to(TRITON_DEVICE), 37)
+    assert torch.equal(order.sorted_pair.cpu().long(), expected.sorted_pair)
+    assert torch.equal(order.counts.cpu().long(), expected.counts)
+    assert torch.equal(order.starts.cpu().long(), expected.starts)
 
 
 @pytest.mark.parametrize("block_m", [16, 32, 64, 128])
@@ -256,12 +256,12 @@ def test_tile_table_covers_every_expert_row_once(block_m):
     counts[[0, 7, 18]] = 0
     counts[3] = block_m  # exactly one full tile
     topk_idx = torch.repeat_interleave(torch.arange(19), counts)[torch.randperm(int(counts.sum()), generator=gen)]
-    plan = moe.sort_pairs(topk_idx[:, None], 19)
-    expert, first, end = moe_triton.tile_table(plan, block_m).long()
+    order = moe.sort_by_expert(topk_idx[:, None], 19)
+    expert, first, end = moe_triton.tile_table(order, block_m).long()
     covered = torch.zeros(int(counts.sum()), dtype=torch.long)
     for e, start, stop in zip(expert.tolist(), first.tolist(), end.tolist(), strict=True):
         rows = torch.arange(start, max(start, min(start + block_m, stop)))  # tiles past the last one: empty
-        assert (topk_idx[plan.sorted_pair[rows]] == e).all()  # a tile never straddles two experts
+        assert (topk_idx[order.sorted_pair[rows]] == e).all()  # a tile never straddles two experts
         covered[rows] += 1
     assert (covered == 1).all()
     assert moe_triton.block_rows(16 * 128, 128) == 16 and moe_triton.block_rows(4096 * 8, 128) == 128

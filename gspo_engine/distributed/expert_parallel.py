@@ -4,7 +4,7 @@ Rank r of an EP group of `ep` ranks owns experts [r E / ep, (r + 1) E / ep). Eac
 own n tokens; their n * k (token, slot) pairs, pair p = token * k + slot, travel to the ranks that
 own their experts and their output rows travel back:
 
-1. plan: the stable sort of the pairs by expert (`gk.moe`'s permutation). Experts are owned in
+1. plan: the stable sort of the pairs by expert (`gk.sort_by_expert`). Experts are owned in
    contiguous blocks, so the sorted pairs are also grouped by destination rank, and the
    per-expert counts viewed as [ep, E / ep] are the send counts per (rank, local expert).
 2. counts: an all-to-all of that count matrix; row s of what arrives is what source rank s sends
@@ -34,7 +34,6 @@ import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 import gspo_kernels as gk
-from gspo_kernels.moe import sort_pairs, validate_experts_shapes
 
 
 class DispatchPlan(NamedTuple):
@@ -60,25 +59,17 @@ def _check_ep(num_experts: int, ep: int) -> None:
         )
 
 
-def _check_topk_idx(topk_idx: torch.Tensor, num_experts: int) -> None:
-    dtype = topk_idx.dtype
-    if topk_idx.dim() != 2 or dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
-        raise ValueError(f"topk_idx must be an integer [n, k] tensor; got {tuple(topk_idx.shape)} {topk_idx.dtype}")
-    if topk_idx.numel():
-        low, high = torch.stack(torch.aminmax(topk_idx)).tolist()
-        if low < 0 or high >= num_experts:
-            raise ValueError(f"topk_idx must lie in [0, E = {num_experts}); got values from {low} to {high}")
-
-
 def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, ep: int) -> DispatchPlan:
     """The send side of the exchange from topk_idx [n, k] (n may be 0).
 
     Raises ValueError when num_experts is not divisible by ep or topk_idx is not [n, k] in [0, E).
     """
     _check_ep(num_experts, ep)
-    _check_topk_idx(topk_idx, num_experts)
-    expert_plan = sort_pairs(topk_idx.to(torch.int64), num_experts)
-    return DispatchPlan(expert_plan.sorted_pair, expert_plan.counts.view(ep, num_experts // ep), topk_idx.shape[1])
+    if topk_idx.dim() != 2:
+        raise ValueError(f"topk_idx must be an integer [n, k] tensor; got {tuple(topk_idx.shape)} {topk_idx.dtype}")
+    gk.validate_expert_indices("topk_idx", topk_idx, num_experts)
+    order = gk.sort_by_expert(topk_idx.to(torch.int64), num_experts)
+    return DispatchPlan(order.sorted_pair, order.counts.view(ep, num_experts // ep), topk_idx.shape[1])
 
 
 def exchange_counts(send_counts: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -116,7 +107,7 @@ def expert_parallel_moe(
     weights. Collective over `group` (default: the world); whether x requires grad must agree
     across its ranks, since backward runs the reverse all-to-alls.
     """
-    validate_experts_shapes(x, topk_idx, topk_weight, local_gate_up, local_down)
+    gk.validate_experts_shapes(x, topk_idx, topk_weight, local_gate_up, local_down)
     group = group if group is not None else dist.group.WORLD
     ep = dist.get_world_size(group)
     plan = plan_dispatch(topk_idx, local_gate_up.shape[0] * ep, ep)
@@ -131,8 +122,6 @@ def expert_parallel_moe(
     expert_rows = gk.moe_experts(received, local_expert[:, None], unit, local_gate_up, local_down)
     returned = all_to_all_single_autograd(expert_rows, send_splits, recv_splits, group)
 
-    # Sorted order, weights rounded to x's dtype and an fp32 sum, as gk.moe_experts' PyTorch path does.
+    # Weighted rows rounded to x's dtype, then summed, as gk.moe_experts' PyTorch path does.
     weighted = (returned * topk_weight.reshape(-1)[plan.sorted_pair, None]).to(x.dtype)
-    accumulate = torch.promote_types(x.dtype, torch.float32)
-    out = torch.zeros(x.shape, dtype=accumulate, device=x.device)
-    return out.index_add(0, token, weighted.to(accumulate)).to(x.dtype)
+    return gk.sum_over_slots(weighted, plan.sorted_pair, plan.top_k, x.dtype)

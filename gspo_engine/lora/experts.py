@@ -5,7 +5,7 @@ Every expert e has its own low-rank factors on both grouped weights, s = alpha /
     gate_up_e(x) = W_gate_up[e] x + s * B_gate_up[e] (A_gate_up[e] x)    A_gate_up [E, r, H], B_gate_up [E, 2I, r]
     down_e(h)    = W_down[e] h    + s * B_down[e] (A_down[e] h)          A_down    [E, r, I], B_down    [E, H, r]
 
-The (token, slot) pairs are sorted by expert once (gspo_kernels' sort_pairs), and every product, base
+The (token, slot) pairs are sorted by expert once (gk.sort_by_expert), and every product, base
 and low-rank, is one grouped matmul over the sorted rows (torch._grouped_mm on a CPU, a per-expert
 matmul loop elsewhere). No per-expert dense weight W + s B A is ever formed: the adapters add
 O(S r (H + I)) work and [S, r] activations. The adapter on gate_up changes the pre-activation that
@@ -23,31 +23,30 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 import gspo_kernels as gk
-from gspo_kernels.moe import ExpertPlan, grouped_matmul, grouped_weight_grad, sort_pairs
 
 
 class _GroupedLinear(torch.autograd.Function):
     """rows [S, K] sorted by expert, weight [E, M, K] -> [S, M]: the rows of expert e times weight[e]^T."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
+    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, order: gk.ExpertOrder) -> torch.Tensor:
         ctx.save_for_backward(rows, weight)
-        ctx.plan = plan
-        return grouped_matmul(rows, weight.transpose(1, 2), plan)
+        ctx.order = order
+        return gk.grouped_matmul(rows, weight.transpose(1, 2), order)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         rows, weight = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        grad_rows = grouped_matmul(grad_out, weight, ctx.plan) if ctx.needs_input_grad[0] else None
+        grad_rows = gk.grouped_matmul(grad_out, weight, ctx.order) if ctx.needs_input_grad[0] else None
         # The frozen base weights ask for no gradient: only the adapters' factors pay for this one.
-        grad_weight = grouped_weight_grad(grad_out, rows, ctx.plan) if ctx.needs_input_grad[1] else None
+        grad_weight = gk.grouped_weight_grad(grad_out, rows, ctx.order) if ctx.needs_input_grad[1] else None
         return grad_rows, grad_weight, None
 
 
-def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, plan: ExpertPlan) -> torch.Tensor:
-    return _GroupedLinear.apply(rows, weight, plan)
+def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, order: gk.ExpertOrder) -> torch.Tensor:
+    return _GroupedLinear.apply(rows, weight, order)
 
 
 class ExpertLoRA(nn.Module):
@@ -74,18 +73,16 @@ class ExpertLoRA(nn.Module):
         """x [N, H], topk_idx / topk_weights [N, k], w_gate_up [E, 2I, H], w_down [E, H, I] -> [N, H]."""
         if not self.enabled:
             return gk.moe_experts(x, topk_idx, topk_weights, w_gate_up, w_down)
-        plan = sort_pairs(topk_idx, w_gate_up.shape[0])
-        token = plan.sorted_pair // plan.top_k
-        gate, up = self._project(x[token], w_gate_up, self.gate_up_A, self.gate_up_B, plan).chunk(2, dim=-1)
-        rows = self._project(F.silu(gate) * up, w_down, self.down_A, self.down_B, plan)
-        rows = rows * topk_weights.reshape(-1)[plan.sorted_pair, None].to(rows.dtype)
-        # Summed over the k slots in fp32, as the fused kernel does.
-        out = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-        return out.index_add(0, token, rows.to(out.dtype)).to(x.dtype)
+        order = gk.sort_by_expert(topk_idx, w_gate_up.shape[0])
+        token = order.sorted_pair // order.top_k
+        gate, up = self._project(x[token], w_gate_up, self.gate_up_A, self.gate_up_B, order).chunk(2, dim=-1)
+        rows = self._project(F.silu(gate) * up, w_down, self.down_A, self.down_B, order)
+        rows = rows * topk_weights.reshape(-1)[order.sorted_pair, None].to(rows.dtype)
+        return gk.sum_over_slots(rows, order.sorted_pair, order.top_k, x.dtype)
 
-    def _project(self, rows, weight, lora_A, lora_B, plan):
-        low_rank = grouped_linear(grouped_linear(rows, lora_A.to(rows.dtype), plan), lora_B.to(rows.dtype), plan)
-        return grouped_linear(rows, weight, plan) + self.scaling * low_rank
+    def _project(self, rows, weight, lora_A, lora_B, order):
+        low_rank = grouped_linear(grouped_linear(rows, lora_A.to(rows.dtype), order), lora_B.to(rows.dtype), order)
+        return grouped_linear(rows, weight, order) + self.scaling * low_rank
 
     @torch.no_grad()
     def merge_into(self, w_gate_up: torch.Tensor, w_down: torch.Tensor) -> None:
