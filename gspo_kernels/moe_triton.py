@@ -268,6 +268,32 @@ def _tile(tiles_ptr, T):
     return tl.load(tiles_ptr + tile), tl.load(tiles_ptr + T + tile), tl.load(tiles_ptr + 2 * T + tile)
 
 
+@triton.jit
+def _tile_rows(sorted_pair_ptr, first_row, end_row, BLOCK_M: tl.constexpr):
+    """This tile's BLOCK_M sorted rows, which of them are real, and the pair at each.
+
+    Kernels call it once they have returned on an empty tile, so an empty tile reads nothing.
+    """
+    rows = first_row + tl.arange(0, BLOCK_M)
+    row_ok = rows < end_row
+    return rows, row_ok, tl.load(sorted_pair_ptr + rows, mask=row_ok, other=0)
+
+
+@triton.jit
+def _rows_times_expert(a_rows, stride_ak, w_cols, stride_wk, K, row_ok, col_ok, DOT_PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 [BLOCK_M, BLOCK_N] = A[:, :K] @ W[:K, :]; a_rows / w_cols point at each row of A / column of W."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + ks
+        k_ok = k < K
+        a = tl.load(a_rows + k[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_cols + k[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
 @_autotuned(_GEMM_CONFIGS, "N_BUCKET", "E", "H", "I", "BLOCK_M")
 @triton.jit
 def _gate_up_kernel(
@@ -280,9 +306,8 @@ def _gate_up_kernel(
     expert, first_row, end_row = _tile(tiles_ptr, T)
     if first_row >= end_row:
         return
-    rows = first_row + tl.arange(0, BLOCK_M)
-    row_ok = rows < end_row
-    token = tl.load(sorted_pair_ptr + rows, mask=row_ok, other=0) // TOP_K
+    rows, row_ok, pair = _tile_rows(sorted_pair_ptr, first_row, end_row, BLOCK_M)
+    token = pair // TOP_K
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < I
     ks = tl.arange(0, BLOCK_K)
@@ -324,21 +349,13 @@ def _scatter_matmul_kernel(
     expert, first_row, end_row = _tile(tiles_ptr, T)
     if first_row >= end_row:
         return
-    rows = first_row + tl.arange(0, BLOCK_M)
-    row_ok = rows < end_row
-    pair = tl.load(sorted_pair_ptr + rows, mask=row_ok, other=0)
+    rows, row_ok, pair = _tile_rows(sorted_pair_ptr, first_row, end_row, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < H
-    ks = tl.arange(0, BLOCK_K)
     a_rows = a_ptr + rows[:, None].to(tl.int64) * stride_as
     w_cols = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wh
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < K
-        a = tl.load(a_rows + k[None, :] * stride_ak, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_cols + k[:, None] * stride_wk, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    acc = _rows_times_expert(a_rows, stride_ak, w_cols, stride_wk, K, row_ok, col_ok, DOT_PRECISION,
+                             BLOCK_M, BLOCK_N, BLOCK_K)
     if HAS_SCALE:
         acc = acc * tl.load(scale_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
     out = out_ptr + pair[:, None].to(tl.int64) * H + cols[None, :]
@@ -358,23 +375,15 @@ def _swiglu_grad_kernel(
     expert, first_row, end_row = _tile(tiles_ptr, T)
     if first_row >= end_row:
         return
-    rows = first_row + tl.arange(0, BLOCK_M)
-    row_ok = rows < end_row
-    pair = tl.load(sorted_pair_ptr + rows, mask=row_ok, other=0)
+    rows, row_ok, pair = _tile_rows(sorted_pair_ptr, first_row, end_row, BLOCK_M)
     token = pair // TOP_K
-    pid_n = tl.program_id(1)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < I
-    ks = tl.arange(0, BLOCK_K)
     dy_rows = dy_ptr + token[:, None].to(tl.int64) * stride_dyn
     w_cols = w_ptr + expert.to(tl.int64) * stride_we + cols[None, :] * stride_wi
-    grad_h = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        k = k0 + ks
-        k_ok = k < H
-        a = tl.load(dy_rows + k[None, :] * stride_dyh, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_cols + k[:, None].to(tl.int64) * stride_wh, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        grad_h = tl.dot(a, w, grad_h, input_precision=DOT_PRECISION)
+    # k * stride_wh in 64 bits, so offsets into w_down's rows cannot overflow int32.
+    grad_h = _rows_times_expert(dy_rows, stride_dyh, w_cols, tl.cast(stride_wh, tl.int64), H, row_ok, col_ok,
+                                DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
     tile_ok = row_ok[:, None] & col_ok[None, :]
     gate_up_rows = rows[:, None].to(tl.int64) * (2 * I) + cols[None, :]
@@ -384,7 +393,7 @@ def _swiglu_grad_kernel(
     silu = gate * sig
     h = silu * up
 
-    groups = pid_n * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)
+    groups = tl.program_id(1) * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)
     partial = tl.sum(tl.reshape(grad_h * h, [BLOCK_M, BLOCK_N // GROUP, GROUP]), axis=2)
     tl.store(
         d_weight_ptr + pair[:, None].to(tl.int64) * N_GROUPS + groups[None, :], partial,
