@@ -3,37 +3,31 @@
 Public: `token_logprobs`, `fused_linear_gspo_loss`, and `LinearGSPOLoss`, a module with the call
 signature of Liger-Kernel's `LigerFusedLinearGRPOLoss`.
 
-The arithmetic (N tokens, hidden size H, vocabulary V). The lm_head forward + backward costs
-6*N*H*V FLOPs if the logits of a token survive from the forward until its loss gradient is
-known, 8*N*H*V if they are recomputed. A token's GSPO gradient depends on its whole sequence
-(through s_i), so surviving logits means the logits of whole sequences. Both strategies are here,
-chosen per chunk of sequences under a memory budget that does not depend on the batch size:
+With N tokens, hidden size H and vocabulary V, the lm_head forward + backward costs 6*N*H*V FLOPs
+if the logits of a token survive from the forward until its loss gradient is known, 8*N*H*V if
+they are recomputed. A token's GSPO gradient depends on its whole sequence (through s_i), so
+surviving logits means the logits of whole sequences. Both strategies are here, chosen per chunk
+of sequences under a memory budget, `chunk_budget_mib`, that does not depend on the batch size:
 
-- keep (6NHV): `fused_linear_gspo_loss` walks the batch in groups of whole sequences whose
-  response tokens' logits fit in `chunk_budget_mib` (accumulation dtype, fp32 for bf16 inputs).
-  For a group it computes the logits once, the log-probs, the group's GSPO gradient (the loss is
-  a mean over non-empty sequences, so it is the gradient of the group's own gspo_loss times the
-  group's share of them), turns the logits into d logits in place and forms d hidden, d weight
-  and d bias right away, during the forward. The backward only scales them by d loss.
-- recompute (8NHV): the sequences whose logits alone exceed the budget form one last group that
-  streams tiles of [ROW_CHUNK, VOCAB_CHUNK] twice: once with an online log-sum-exp for the
-  log-probs, once, after the gradient is known, recomputing each tile to form d logits.
-  `token_logprobs` always works this way (its downstream use is unknown, so it saves only the
-  per-token log-sum-exp).
-
-The GPU choice. At the issue's GPU shape (T = 4096, V = 151,936) one sequence's fp32 logits take
-2.3 GiB, more than the default budget, so the default recomputes there (8NHV) and keeps its
-extra memory near one tile; a caller with memory to spare raises `chunk_budget_mib` to keep them
-(6NHV). On CPU the default keeps each 512-token sequence (297 MiB): both are measured in
-bench/RESULTS.md.
+- keep (6NHV): `fused_linear_gspo_loss` walks the batch in chunks of whole sequences whose
+  response tokens' logits fit the budget (accumulation dtype, fp32 for bf16 inputs; see
+  `chunk_sequences`). For a chunk it computes the logits once, the log-probs, the chunk's GSPO
+  gradient (the loss is a mean over non-empty sequences, so it is the gradient of the chunk's own
+  gspo_loss times the chunk's share of them), turns the logits into d logits in place and forms
+  d hidden, d weight and d bias right away, during the forward. The backward only scales them by
+  d loss.
+- recompute (8NHV): the sequences whose logits alone exceed the budget form one last chunk that
+  streams tiles of [ROW_CHUNK, VOCAB_CHUNK] twice (gspo_kernels/fused_linear_stream.py): once
+  with an online log-sum-exp for the log-probs, once, after the gradient is known, recomputing
+  each tile to form d logits. `token_logprobs` always works this way (its downstream use is
+  unknown, so it saves only the per-token log-sum-exp).
 
 Only response tokens (mask != 0) are computed at all in `fused_linear_gspo_loss`; in
-`token_logprobs`' backward, rows whose gradient is zero are skipped. Extra memory: one group's
-logits (at most the budget) or one tile, an fp32 d hidden [N, H], and, only for a non-fp32
-weight that several groups add to, an fp32 d weight [V, H]. On CUDA the tile statistics and the
-tile d logits are Triton kernels (gspo_kernels/fused_linear_triton.py); the matmuls of a kept
-group and the two matmuls that turn d logits into d hidden and d weight run on the tensor cores
-through cuBLAS.
+`token_logprobs`' backward, rows whose gradient is zero are skipped. On CUDA the tile statistics
+and the tile d logits are Triton kernels (gspo_kernels/fused_linear_triton.py); the matmuls of a
+kept chunk and the two matmuls that turn d logits into d hidden and d weight run on the tensor
+cores through cuBLAS. Which strategy the default budget picks at which shape, and the extra
+memory of each: docs/fused_linear.md.
 """
 
 from __future__ import annotations
@@ -54,6 +48,7 @@ from gspo_kernels.fused_linear_stream import (
 )
 from gspo_kernels.fused_linear_stream import stream_grads as stream_grads_tiled
 from gspo_kernels.loss import gspo_loss
+from gspo_kernels.validation import holds_integers, value_range
 
 # Big enough to keep the logits of one 512-token sequence of Qwen3's vocabulary in fp32
 # (297 MiB), small enough to stay a fraction of what materialized logits cost.
@@ -78,7 +73,7 @@ def validate_linear_inputs(hidden, weight, targets, bias, temperature) -> None:
         raise ValueError(
             f"targets must be [B, T] = {_shape(hidden)[:2]} like hidden {_shape(hidden)}, got shape {_shape(targets)}"
         )
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+    if not holds_integers(targets):
         raise ValueError(f"targets must hold integer token ids, got {targets.dtype}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(
@@ -90,7 +85,7 @@ def validate_linear_inputs(hidden, weight, targets, bias, temperature) -> None:
         if tensor is not None and tensor.device != hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but hidden is on {hidden.device}")
     if targets.numel() > 0:
-        low, high = int(targets.min()), int(targets.max())
+        low, high = value_range(targets)
         if low < 0 or high >= weight.shape[0]:
             raise ValueError(
                 f"targets must lie in [0, {weight.shape[0]}) (weight {_shape(weight)} has V = {weight.shape[0]}), "
@@ -134,8 +129,9 @@ def _new_grads(num_rows, hidden, weight, bias, needs, weight_contributions: int)
     """Zeroed accumulators for the inputs in `needs` (hidden, weight, bias).
 
     d hidden and d bias accumulate in fp32 (fp64 for fp64 inputs). d weight does too when
-    several groups add to it; a single contribution is summed in fp32 chunk by chunk
-    (see fused_linear_stream.stream_grads) and lands in the weight's own dtype.
+    several chunks of sequences add to it; a single contribution is summed in fp32 one
+    vocabulary chunk at a time (see fused_linear_stream.stream_grads) and lands in the weight's
+    own dtype.
     """
     weight_dtype = weight.dtype if weight_contributions == 1 else accumulation_dtype(weight.dtype)
     hidden_shape = (num_rows, hidden.shape[-1])
@@ -223,15 +219,15 @@ def token_logprobs(
     return out.view(batch, steps)
 
 
-def plan_groups(lengths: list[int], vocab_size: int, element_bytes: int, budget_mib: float):
-    """Groups of non-empty sequences as (indices, keep).
+def chunk_sequences(lengths: list[int], vocab_size: int, element_bytes: int, budget_mib: float):
+    """The non-empty sequences, given their response lengths, split into chunks (indices, keep).
 
-    Kept groups pack consecutive sequences while their response tokens' logits fit the budget;
-    every sequence too long for it goes to one last group that is recomputed, so the streamed
+    Kept chunks pack consecutive sequences while their response tokens' logits fit the budget;
+    every sequence too long for it goes to one last chunk that is recomputed, so the streamed
     kernels see all of those rows at once.
     """
     capacity = int(budget_mib * 2**20) // (vocab_size * element_bytes)
-    groups, current, rows, recomputed = [], [], 0, []
+    chunks, current, rows, recomputed = [], [], 0, []
     for index, length in enumerate(lengths):
         if length == 0:
             continue
@@ -239,19 +235,19 @@ def plan_groups(lengths: list[int], vocab_size: int, element_bytes: int, budget_
             recomputed.append(index)
             continue
         if rows + length > capacity:
-            groups.append((current, True))
+            chunks.append((current, True))
             current, rows = [], 0
         current.append(index)
         rows += length
     if current:
-        groups.append((current, True))
+        chunks.append((current, True))
     if recomputed:
-        groups.append((recomputed, False))
-    return groups
+        chunks.append((recomputed, False))
+    return chunks
 
 
-def _group_loss_gradient(logps, loss_inputs, loss_options, share):
-    """d (share * gspo_loss of the group) / d logps [b, T] for one group of sequences."""
+def _chunk_loss_gradient(logps, loss_inputs, loss_options, share):
+    """d (share * gspo_loss of the chunk) / d logps [b, T] for one chunk of sequences."""
     old_logps, advantages, mask, ref_logps = loss_inputs
     with torch.enable_grad():
         leaf = logps.detach().requires_grad_()
@@ -262,7 +258,7 @@ def _group_loss_gradient(logps, loss_inputs, loss_options, share):
 
 
 class _ChunkedGSPOLoss(torch.autograd.Function):
-    """GSPO loss of the lm_head outputs; every gradient is formed in the forward, chunk by chunk."""
+    """GSPO loss of the lm_head outputs; every gradient is formed in the forward, chunk by chunk of sequences."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, old_logps, advantages, mask, ref_logps, config):
@@ -277,32 +273,32 @@ class _ChunkedGSPOLoss(torch.autograd.Function):
         logps = torch.zeros((batch, steps), dtype=dtype, device=hidden.device)
         needs = ctx.needs_input_grad[:3]
         element_bytes = torch.empty((), dtype=dtype).element_size()
-        plan = plan_groups(lengths, weight.shape[0], element_bytes, budget_mib)
-        grads = _new_grads(batch * steps, hidden, weight, bias, needs, weight_contributions=len(plan))
-        for sequences, keep in plan:
+        chunks = chunk_sequences(lengths, weight.shape[0], element_bytes, budget_mib)
+        grads = _new_grads(batch * steps, hidden, weight, bias, needs, weight_contributions=len(chunks))
+        for sequences, keep in chunks:
             sequences = torch.tensor(sequences, device=hidden.device)
             seq, step = response[sequences].nonzero(as_tuple=True)
             rows = sequences[seq] * steps + step
-            group_hidden, group_targets = hidden_rows[rows], flat_targets[rows]
+            chunk_hidden, chunk_targets = hidden_rows[rows], flat_targets[rows]
             if keep:
-                tiles, logp, lse = kept_logits(group_hidden, weight, bias, group_targets, inv_temperature)
+                tiles, logp, lse = kept_logits(chunk_hidden, weight, bias, chunk_targets, inv_temperature)
             else:
-                logp, lse, _ = stream_stats(backend, group_hidden, weight, bias, group_targets, inv_temperature, False)
+                logp, lse, _ = stream_stats(backend, chunk_hidden, weight, bias, chunk_targets, inv_temperature, False)
             logps.view(-1)[rows] = logp.to(dtype)
             loss_inputs = tuple(None if t is None else t[sequences] for t in (old_logps, advantages, mask, ref_logps))
-            grad = _group_loss_gradient(logps[sequences], loss_inputs, loss_options, len(sequences) / num_valid)
+            grad = _chunk_loss_gradient(logps[sequences], loss_inputs, loss_options, len(sequences) / num_valid)
             grad_logp = grad[seq, step].to(lse.dtype)
-            group_grads = Grads(
-                hidden=torch.zeros_like(group_hidden, dtype=grads.hidden.dtype) if needs[0] else None,
+            chunk_grads = Grads(
+                hidden=torch.zeros_like(chunk_hidden, dtype=grads.hidden.dtype) if needs[0] else None,
                 weight=grads.weight, bias=grads.bias,
             )
             if keep:
-                kept_grads(tiles, group_hidden, weight, group_targets, lse, grad_logp, inv_temperature, group_grads)
+                kept_grads(tiles, chunk_hidden, weight, chunk_targets, lse, grad_logp, inv_temperature, chunk_grads)
             else:
-                stream_grads(backend, group_hidden, weight, bias, group_targets, lse, None, grad_logp, None,
-                             inv_temperature, group_grads)
+                stream_grads(backend, chunk_hidden, weight, bias, chunk_targets, lse, None, grad_logp, None,
+                             inv_temperature, chunk_grads)
             if needs[0]:
-                grads.hidden[rows] = group_grads.hidden
+                grads.hidden[rows] = chunk_grads.hidden
         old = logps if old_logps is None else old_logps
         loss, _ = gspo_loss(logps, old, advantages, mask, ref_logps=ref_logps, **loss_options)
         ctx.grads = (

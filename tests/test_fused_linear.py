@@ -147,8 +147,8 @@ def test_fused_linear_gspo_loss_matches_float64_reference(backend, level):
     for name, grad, ref_grad in zip(("hidden", "weight", "bias"), grads, ref_grads):
         assert rel_err(grad, ref_grad) < 2e-5, name
     assert (grads[0][1] == 0).all(), "a sequence without response tokens gets no gradient"
-    plan = fused_linear.plan_groups(mask.sum(dim=1).tolist(), VOCAB, 4, MIXED_BUDGET_MIB)
-    assert plan == [([0], True), ([2], False)], "one kept and one recomputed sequence"
+    chunks = fused_linear.chunk_sequences(mask.sum(dim=1).tolist(), VOCAB, 4, MIXED_BUDGET_MIB)
+    assert chunks == [([0], True), ([2], False)], "one kept and one recomputed sequence"
 
 
 @pytest.mark.parametrize("level", LEVELS)
@@ -199,10 +199,11 @@ def test_keep_and_recompute_give_the_same_gradients():
         assert all(rel_err(g, r) < 1e-6 for g, r in zip(other, results[0]))
 
 
-def test_plan_groups_keeps_what_fits_and_recomputes_long_sequences():
+def test_chunk_sequences_keeps_what_fits_and_recomputes_long_sequences():
     # capacity: 10 rows of a 1024-entry fp32 vocabulary in 40 KiB
-    plan = fused_linear.plan_groups([4, 5, 12, 3, 0, 8, 11], vocab_size=1024, element_bytes=4, budget_mib=40 / 1024)
-    assert plan == [([0, 1], True), ([3], True), ([5], True), ([2, 6], False)]
+    lengths = [4, 5, 12, 3, 0, 8, 11]
+    chunks = fused_linear.chunk_sequences(lengths, vocab_size=1024, element_bytes=4, budget_mib=40 / 1024)
+    assert chunks == [([0, 1], True), ([3], True), ([5], True), ([2, 6], False)]
 
 
 def test_tied_weights_get_both_gradients():
