@@ -3,7 +3,7 @@
     pytest bench/test_bench_fused_linear.py --benchmark-group-by=group --benchmark-columns=median,rounds -s
 
 Cases and implementations: gspo_engine/benchmarks/fused_linear.py. On CPU: timings at a small
-shape, and the issue's side-by-side (B=4 T=512 H=512 V=151936 fp32), each implementation in a
+shape, and the side-by-side at the CPU target shape (B=4 T=512 H=512 V=151936 fp32), each implementation in a
 fresh subprocess (bench/fused_linear_memory.py). On a GPU: N = 4 x 4096 tokens, H = 4096,
 V = 151936, bf16, with extra memory (torch.cuda.max_memory_allocated above inputs and
 gradients) and TFLOP/s counted as 6 N H V, next to the bf16 matmul ceiling of the card.
@@ -22,7 +22,7 @@ def test_fused_linear_forward_backward(benchmark, card_ceilings, case, implement
 
 
 def test_cpu_side_by_side_memory_and_time(device):
-    """The issue's CPU targets: extra memory <= 10% of the reference's and below Liger's."""
+    """The CPU targets: extra memory <= 10% of the reference's and below Liger's."""
     if device.type != "cpu":
         pytest.skip("peak RSS of a subprocess is the CPU measurement")
     impls = [name for name in fused_linear.IMPLEMENTATIONS if fused_linear.available(name)]

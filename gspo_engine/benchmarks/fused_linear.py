@@ -24,7 +24,7 @@ from gspo_kernels import reference
 
 IMPLEMENTATIONS = ("reference", "fused", "fused_recompute", "liger", "liger-triton")
 EPS_LOW, EPS_HIGH = 3e-4, 4e-4
-# (B, T, H, V): the fused-linear issue's GPU shape is N = 16,384 tokens, H = 4096, V = 151,936.
+# (B, T, H, V): on a GPU the target shape, N = 16,384 tokens, H = 4096, V = 151,936 (Qwen3's vocabulary).
 SHAPES = {"gpu": [(4, 4096, 4096, 151936)], "cpu": [(2, 256, 256, 32768)], "smoke": [(2, 16, 32, 512)]}
 
 

@@ -14,7 +14,7 @@ import gspo_kernels as gk
 from gspo_engine.benchmarks.cases import Case
 from gspo_kernels import reference
 
-# B=512, T=2048 is the loss issue's GPU target shape; the smoke shape keeps CPU tests fast.
+# B=512, T=2048 is the target shape on a GPU; the smoke shape keeps CPU tests fast.
 SHAPES = {"gpu": [(64, 4096), (512, 2048)], "cpu": [(64, 4096), (512, 2048)], "smoke": [(4, 64)]}
 IMPLEMENTATIONS = {"reference": reference.gspo_loss_reference, "gspo_kernels": gk.gspo_loss}
 LEVELS = ("sequence", "token")

@@ -17,7 +17,8 @@ from gspo_engine.benchmarks.cases import Case
 from gspo_kernels import reference
 
 # (label, tokens N, experts E, top_k k, hidden H, intermediate I): Qwen3-30B-A3B and
-# Qwen3-235B-A22B layers on a GPU; the MoE issue's CPU shape; a smoke shape for tests.
+# Qwen3-235B-A22B layers on a GPU; on CPU Qwen3-30B-A3B's routing (E = 128, k = 8) at narrow widths;
+# a smoke shape for tests.
 SHAPES = {
     "gpu": [
         ("30b-a3b-n256", 256, 128, 8, 2048, 768),
