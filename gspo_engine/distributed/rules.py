@@ -1,0 +1,26 @@
+"""What a run over several GPUs (torchrun ranks) needs of its config: one check for the trainer and the planner."""
+
+from __future__ import annotations
+
+from gspo_engine.config import Config, ConfigError
+
+
+def check_data_parallel(config: Config, world_size: int) -> None:
+    """Each rank samples whole groups and runs the same number of optimizer steps; LoRA runs in one process.
+
+    `world_size`: the torchrun ranks of a run, or the GPUs a plan is made for (one rank per GPU).
+    """
+    if world_size == 1:
+        return
+    where = f"on {world_size} GPUs/ranks"
+    if config.lora.rank:
+        raise ConfigError(f"{where}: LoRA runs on one process and one GPU (lora.rank > 0): launch it without "
+                          "torchrun, or plan it with --gpus 1")
+    prompts = config.rollout.prompts_per_step
+    if prompts % world_size:
+        raise ConfigError(f"{where}: rollout.prompts_per_step ({prompts}) must be a multiple of the number of "
+                          "ranks: each rank samples all completions of its own prompts")
+    per_rank = prompts // world_size * config.rollout.group_size
+    if per_rank < config.gspo.num_minibatches:
+        raise ConfigError(f"{where}: each rank holds {per_rank} completions, fewer than gspo.num_minibatches "
+                          f"({config.gspo.num_minibatches}); raise rollout.prompts_per_step")
