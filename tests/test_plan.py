@@ -14,20 +14,13 @@ from memory_tracker import TensorMemoryTracker
 
 import gspo_engine.trainer as trainer_module
 from gspo_engine.cli import main
-from gspo_engine.config import config_from_dict, load_config
+from gspo_engine.config import ConfigError, config_from_dict, load_config
 from gspo_engine.model.kv_cache import KVCache
 from gspo_engine.model.qwen3 import TransformerBlock
 from gspo_engine.model.rope import rotary_cos_sin
-from gspo_engine.plan import (
-    GIB,
-    HEADROOM_FIXED_GIB,
-    SAMPLING_BYTES_PER_LOGIT,
-    Cluster,
-    block_activation_bytes,
-    make_plan,
-    plan_model_args,
-    resolve_compute,
-)
+from gspo_engine.planner import Cluster, make_plan, plan_model_args
+from gspo_engine.planner.activations import block_activation_bytes, resolve_compute
+from gspo_engine.planner.memory_model import GIB, HEADROOM_FIXED_GIB, SAMPLING_BYTES_PER_LOGIT
 from gspo_engine.rollout import row_keys, sample_next
 from gspo_engine.tiny import tiny_model_args
 
@@ -157,7 +150,7 @@ def test_lora_plans_one_gpu_and_refuses_several():
     lora = make_plan(config).memory
     # rank-16 adapters, the experts' included: 0.64B trained parameters of 31B
     assert lora.states.optimizer < make_plan(load_config(MOE_YAML)).memory.states.optimizer / 20
-    with pytest.raises(ValueError, match="LoRA runs on one GPU"):
+    with pytest.raises(ConfigError, match="LoRA runs on one process and one GPU"):
         make_plan(config, gpus=2)
 
 
@@ -200,8 +193,8 @@ def test_dry_run_plans_torchrun_world_size(monkeypatch):
         (["--gpu-memory-gb", "0"], "'--gpu-memory-gb': 0.0 is not in the range x>0"),
         (["--gpu-memory-gb", "-80"], "'--gpu-memory-gb': -80.0 is not in the range x>0"),
         (["--set", "model.name_or_path=/nowhere/Qwen9"], "is not a released model this planner knows"),
-        (["--gpus", "3"], "rollout.prompts_per_step (32) must be a multiple of the number of GPUs"),
-        (["--gpus", "2", "--set", "lora.rank=8"], "LoRA runs on one GPU"),
+        (["--gpus", "3"], "on 3 GPUs/ranks: rollout.prompts_per_step (32) must be a multiple of the number of ranks"),
+        (["--gpus", "2", "--set", "lora.rank=8"], "on 2 GPUs/ranks: LoRA runs on one process and one GPU"),
         (["--set", "gspo.level=tokens"], "gspo.level: 'tokens' is not valid"),
     ],
 )
@@ -252,8 +245,8 @@ def measure_phases(config, monkeypatch) -> dict[str, int]:
         return run
 
     monkeypatch.setattr(trainer_module, "generate", phase("rollout", trainer_module.generate))
-    trainer.score_samples = phase("scoring", trainer.score_samples)
-    trainer.update = phase("training", trainer.update)
+    monkeypatch.setattr(trainer_module, "score_samples", phase("scoring", trainer_module.score_samples))
+    trainer.updater.run = phase("training", trainer.updater.run)
     states = [t for state in trainer.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
     with tracker:
         tracker.add_existing(list(trainer.model.parameters()) + states)

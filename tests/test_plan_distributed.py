@@ -20,7 +20,7 @@ import pytest
 from gspo_engine.hf_checkpoint import save_pretrained
 from gspo_engine.config import load_config
 from gspo_engine.model import Qwen3Model
-from gspo_engine.plan import make_plan
+from gspo_engine.planner import make_plan
 from gspo_engine.tiny import init_weights, save_tiny_tokenizer, tiny_model_args
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,0 +1,153 @@
+"""Bytes per token that a micro-batch's tensors weigh, by how the run computes (dtypes, FSDP2 or not).
+
+The terms follow gspo_engine/model/layers.py and moe.py tensor by tensor; docs/planner.md lists them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gspo_engine.config import Config
+from gspo_engine.model import ModelArgs
+
+
+@dataclass(frozen=True)
+class Compute:
+    """How the run computes, as bytes of the tensors it keeps.
+
+    residual: the stream between blocks; compute: matmul inputs and outputs (and the KV cache);
+    weights: the weights gathered by FSDP2. Autocast casts a norm's fp32 output once for every
+    matmul reading it (q, k, v: 3 copies; gate and up, or router and experts: 2); with bf16
+    weights (FSDP2's param_dtype) nothing needs a cast.
+    """
+
+    label: str
+    residual: int
+    compute: int
+    weights: int
+    attention_copies: int
+    mlp_copies: int
+    sharded: bool  # FSDP2 over the GPUs
+
+    @property
+    def autocast_copies(self) -> bool:
+        """bf16 copies of fp32 weights (one process under autocast)."""
+        return self.compute == 2 and not self.sharded
+
+
+def resolve_compute(config: Config, gpus: int) -> Compute:
+    precision = config.train.precision
+    named = precision
+    if precision == "auto":  # what the trainer picks: bf16-mixed on a GPU, fp32 on a CPU
+        precision = "fp32" if config.train.device == "cpu" else "bf16-mixed"
+        named = f"{precision} (train.precision auto on a {'CPU' if precision == 'fp32' else 'GPU'})"
+    if precision == "fp32":
+        return Compute(named + (", FSDP2 in fp32" if gpus > 1 else ""), 4, 4, 4, 1, 1, gpus > 1)
+    if gpus == 1:
+        return Compute(f"{named}: autocast over fp32 weights", 4, 2, 2, 3, 2, False)
+    return Compute(f"{named}: FSDP2, bf16 compute weights, fp32 gradient reduce-scatter", 2, 2, 2, 1, 1, True)
+
+
+def norm_bytes(width: int, input_bytes: int) -> int:
+    """What an RMSNorm of `width` keeps: its input in fp32 (or an fp32 copy), the normalised value in
+    the input's dtype (the weight's gradient needs it) and the fp32 rsqrt."""
+    return 4 * width + input_bytes * width + 4
+
+
+def block_activation_bytes(args: ModelArgs, compute: Compute, moe: bool) -> int:
+    """Bytes per token that one decoder block keeps for its backward (gspo_engine/model/layers.py, moe.py).
+
+    Checked against what autograd saves in tests/test_plan.py. The MoE routing terms are those of
+    the PyTorch routing path (the Triton one keeps a little less).
+    """
+    hidden, heads, kv_heads = args.hidden_size, args.num_attention_heads, args.num_key_value_heads
+    head_dim, r, c = args.head_dim, compute.residual, compute.compute
+    attention = (
+        norm_bytes(hidden, r)
+        + compute.attention_copies * c * hidden  # the norm's output, as the q / k / v matmuls read it
+        + heads * norm_bytes(head_dim, c) + kv_heads * norm_bytes(head_dim, c)  # q and k norms
+        + c * (heads + kv_heads) * head_dim  # q and k after RoPE, as attention reads them
+        + c * kv_heads * head_dim  # v
+        + c * heads * head_dim  # attention output, which is o_proj's input
+        + 4 * heads  # attention's log-sum-exp
+        + norm_bytes(hidden, r)  # post-attention norm
+        + compute.mlp_copies * c * hidden  # its output, as the MLP (or router and experts) reads it
+    )
+    if not moe:
+        return attention + 4 * c * args.intermediate_size  # gate, silu(gate), up, their product
+    experts, k, inter = args.num_experts, args.num_experts_per_tok, args.moe_intermediate_size
+    routing = (
+        c * experts  # router logits, held in the output's Routing until the micro-batch ends
+        + 4 * experts  # their fp32 softmax
+        + 8 * k  # the top-k expert ids
+        + 4 * k + 4 + c * k  # top-k weights, their sum, the renormalised weights the experts read
+    )
+    # gate / up pre-activations of the k routed copies of the token, and their sort order
+    return attention + routing + k * 2 * inter * c + 8 * k
+
+
+def gradient_bytes(args: ModelArgs, compute: Compute, moe: bool) -> int:
+    """Bytes per token the backward of one block holds beyond what the block keeps: the fp32 gradient
+    reaching the block, and the widest gradients of its MLP while they are formed (the tensors they
+    replace are freed as the backward goes). For MoE layers: the buffers of the Triton experts
+    backward (d gate_up [k, 2I], h [k, I], per-copy d x [k, H], the summed d x in fp32 and cast)."""
+    hidden, c = args.hidden_size, compute.compute
+    if not moe:
+        return 4 * hidden + 2 * args.intermediate_size * c
+    k, inter = args.num_experts_per_tok, args.moe_intermediate_size
+    return 4 * hidden + k * (3 * inter + hidden) * c + (4 + c) * hidden
+
+
+def no_grad_bytes(args: ModelArgs, compute: Compute, moe: bool) -> int:
+    """Bytes per token a no-grad forward holds inside one block, where nothing is kept for a backward:
+    the residual and the norm's output, then the larger of attention's intermediates and the MLP's
+    (silu(gate), up and their product; for MoE the PyTorch experts path's gathered rows, gate / up,
+    their product, the per-copy output and its fp32 sum: the Triton path holds less, k x (I + H))."""
+    hidden, heads, kv_heads = args.hidden_size, args.num_attention_heads, args.num_key_value_heads
+    head_dim, c = args.head_dim, compute.compute
+    # the norm's output, q / k / v before and after their fp32 norms, the attention output
+    attention = (compute.attention_copies * c * hidden + (heads + 2 * kv_heads) * head_dim * (c + 4)
+                 + heads * head_dim * c)
+    if not moe:
+        mlp = compute.mlp_copies * c * hidden + 3 * args.intermediate_size * c
+    else:
+        k, inter, experts = args.num_experts_per_tok, args.moe_intermediate_size, args.num_experts
+        mlp = compute.mlp_copies * c * hidden + k * (3 * inter + 2 * hidden) * c + 4 * hidden + (c + 4) * experts
+    return compute.residual * hidden + max(attention, mlp)
+
+
+@dataclass(frozen=True)
+class TokenBytes:
+    """Bytes per padded token of a micro-batch, by what holds them."""
+
+    blocks: int  # every block's saved tensors (no checkpointing)
+    checkpointed: int  # every block's input (all checkpointing keeps)
+    largest_block: int  # one block's saved tensors: recomputed in the backward under checkpointing
+    gradients: int  # one block's backward, beyond its saved tensors
+    no_grad: int  # one block of the no-grad scoring forward
+    head: int  # the final norm and the hidden states the loss reads
+    hidden_states: int  # the final hidden states alone (and their cast), what a no-grad forward returns
+    batch: int  # ids, targets, masks, old / reference log-probs, replayed experts
+
+
+def token_bytes(args: ModelArgs, compute: Compute, config: Config) -> TokenBytes:
+    layers = [args.is_moe_layer(i) for i in range(args.num_hidden_layers)]
+    per_block = [block_activation_bytes(args, compute, moe) for moe in layers]
+    hidden = args.hidden_size
+    # The final norm's output is fp32 unless the weights are bf16; head_inputs casts it to bf16 under autocast.
+    output = 2 if compute.residual == 2 else 4
+    cast = compute.compute if compute.compute != output else 0
+    batch = 8 + 8 + 1 + 1 + 4 + (4 if config.gspo.beta > 0 else 0)
+    if config.model.routing_replay and args.is_moe:
+        batch += 8 * args.num_experts_per_tok * len(args.moe_layers)
+    return TokenBytes(
+        blocks=sum(per_block),
+        checkpointed=args.num_hidden_layers * compute.residual * hidden,
+        largest_block=max(per_block),
+        gradients=max(gradient_bytes(args, compute, moe) for moe in layers),
+        no_grad=max(no_grad_bytes(args, compute, moe) for moe in layers),
+        head=norm_bytes(hidden, compute.residual) + (output + cast) * hidden,
+        hidden_states=(output + cast) * hidden,
+        batch=batch,
+    )
+

@@ -1,0 +1,43 @@
+"""make_plan: what a config will do (parameters, tokens per step) and the memory it needs per GPU."""
+
+from __future__ import annotations
+
+import torch
+
+from gspo_engine.config import Config
+from gspo_engine.lora import adapter_parameter_count
+from gspo_engine.model import Qwen3Model
+from gspo_engine.planner.memory_model import GIB, Cluster, ModelSizes, memory_plan, model_sizes
+from gspo_engine.planner.released_shapes import plan_model_args
+from gspo_engine.planner.report import Plan
+
+
+def make_plan(config: Config, gpus: int = 1, gpu_memory_gb: float = 80.0) -> Plan:
+    """The plan of `config` on `gpus` cards of `gpu_memory_gb` decimal GB each, from the model's shapes alone."""
+    cluster = Cluster(gpus, gpu_memory_gb)
+    args, source = plan_model_args(config.model.name_or_path)
+    with torch.device("meta"):
+        model = Qwen3Model(args)
+    total = sum(p.numel() for p in model.parameters())
+    expert_params = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("gate_up", "down")))
+    active = total - expert_params
+    if args.is_moe:
+        active += expert_params * args.num_experts_per_tok // args.num_experts
+    rollout = config.rollout
+    sequences = rollout.prompts_per_step * rollout.group_size
+    tokens = sequences * (config.data.max_prompt_tokens + rollout.max_new_tokens)
+    per_minibatch = -(-sequences // config.gspo.num_minibatches)
+    sizes = model_sizes(model)
+    if not config.lora.rank:
+        # fp32 weights (4 B) + fp32 gradients (4 B) + AdamW exp_avg and exp_avg_sq (8 B) per trained parameter.
+        memory = memory_plan(config, args, sizes, total, cluster)
+        return Plan(source, args.architecture, total, active, tokens, per_minibatch, total * 16 / GIB, total,
+                    memory=memory)
+    # LoRA: gradients and optimizer states for the adapters only; the base is stored, not trained.
+    adapters = adapter_parameter_count(model, config.lora)
+    sizes = ModelSizes(total + adapters, sizes.blocks, sizes.matmul, sizes.layer_experts, sizes.all_experts)
+    base_bytes = 2 if config.lora.base_bf16 else 4
+    memory = memory_plan(config, args, sizes, adapters, cluster)
+    return Plan(source, args.architecture, total + adapters, active, tokens, per_minibatch,
+                (total * base_bytes + adapters * 16) / GIB, adapters, config.lora.rank,
+                "bf16" if config.lora.base_bf16 else "fp32", memory=memory)
