@@ -110,6 +110,7 @@ _FLAG_KEYS = {
     "output_dir": "output_dir",
     "cutoff_len": "data.max_prompt_tokens",
     "lora_rank": "lora.rank",
+    "overwrite_output_dir": "overwrite_output_dir",
 }
 
 
@@ -125,6 +126,8 @@ _FLAG_KEYS = {
 @click.option("--cutoff_len", type=int, help="Longest prompt in tokens (longer ones are skipped and counted).")
 @click.option("--stage", default="gspo", show_default=True, help="Training stage; only gspo exists.")
 @click.option("--lora_rank", type=int, help="Train rank-N LoRA adapters instead of every weight (lora.rank).")
+@click.option("--overwrite_output_dir", is_flag=True, default=None,
+              help="Start over in an output_dir that holds an earlier run, replacing its outputs.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in output_dir.")
 @click.option("--dry-run", is_flag=True, help="Validate the config and print the plan without loading weights.")
 def train(config_path, config_option, overrides, stage, resume, dry_run, **flags) -> None:
@@ -135,6 +138,9 @@ def train(config_path, config_option, overrides, stage, resume, dry_run, **flags
 
     if config_path and config_option and config_path != config_option:
         raise click.UsageError(f"two configs given: {config_path} and --config {config_option}")
+    if not (config_path or config_option):
+        raise click.UsageError("give a config: gspo-engine train configs/tiny-moe.yaml trains the embedded tiny "
+                               "default; configs/ holds the others")
     if stage != "gspo":
         raise click.BadParameter(f"{stage!r} is not a stage of gspo-engine; the only stage is gspo", param_hint="--stage")
     assignments = [f"{_FLAG_KEYS[name]}={value}" for name, value in flags.items() if value is not None]
@@ -150,6 +156,13 @@ def train(config_path, config_option, overrides, stage, resume, dry_run, **flags
 
         from gspo_engine.config import dump_config
 
+        if config.data.dataset != "builtin":
+            from gspo_engine.data import DataError, check_dataset_file
+
+            try:
+                check_dataset_file(config.data.dataset)
+            except DataError as error:
+                raise click.ClickException(f"data.dataset: {error}") from error
         click.echo(dump_config(config).rstrip())
         # Under torchrun the dry run plans the ranks it was launched with; `gspo-engine plan` takes any.
         world_size = os.environ.get("WORLD_SIZE", "1")
@@ -162,12 +175,16 @@ def train(config_path, config_option, overrides, stage, resume, dry_run, **flags
 
     import os
 
-    from gspo_engine.trainer import GSPOTrainer, TrainingError
+    from gspo_engine.trainer import GSPOTrainer, TrainingError, TrainingInterrupted
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     rank = os.environ.get("RANK") if "WORLD_SIZE" in os.environ else None
     try:
         summary = GSPOTrainer(config, echo=click.echo).train()
+    except TrainingInterrupted as error:
+        if rank in (None, "0"):
+            click.echo(f"\n{error}", err=True)
+        raise SystemExit(130) from None
     except (TrainingError, ValueError, FileNotFoundError) as error:
         raise click.ClickException(str(error) if rank is None else f"rank {rank}: {error}") from error
     except RuntimeError as error:
@@ -182,11 +199,12 @@ def train(config_path, config_option, overrides, stage, resume, dry_run, **flags
     if rank not in (None, "0"):
         return
     rise = summary.last_reward_mean - summary.first_reward_mean
-    ratio = summary.last_reward_mean / summary.first_reward_mean if summary.first_reward_mean > 0 else float("inf")
+    # A ratio to a mean reward of 0 (or below) says nothing: the difference alone is shown then.
+    ratio = f", x{summary.last_reward_mean / summary.first_reward_mean:.2f}" if summary.first_reward_mean > 0 else ""
     click.echo(
         f"\ndone: {summary.steps} steps; mean reward of the first {summary.window} steps "
         f"{summary.first_reward_mean:.3f}, of the last {summary.window} {summary.last_reward_mean:.3f} "
-        f"({rise:+.3f}, x{ratio:.2f}); "
+        f"({rise:+.3f}{ratio}); "
         f"skipped updates {summary.skipped_updates}\n"
         f"final model: {summary.final_dir}\nmetrics: {summary.output_dir / 'metrics.jsonl'}, "
         f"curves: {summary.output_dir / 'curves.png'}"
@@ -237,7 +255,8 @@ def generate(model_dir, prompts, chat, max_new_tokens, temperature, top_p, top_k
 @click.argument("source", type=click.Path(exists=True, file_okay=False))
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder to write.")
 @click.option("--merge", is_flag=True, help="Fold LoRA adapters into their base: a plain Hugging Face checkpoint.")
-def export(source, output, merge) -> None:
+@click.option("--force", is_flag=True, help="Replace what --output holds (never the folder exported from).")
+def export(source, output, merge, force) -> None:
     """Export the model of a checkpoint folder, or of a run folder (its final/ or latest checkpoint).
 
     A LoRA run's adapters are copied as a PEFT adapter folder, or with --merge merged into their
@@ -246,7 +265,7 @@ def export(source, output, merge) -> None:
     from gspo_engine.export import export_model
 
     try:
-        folder = export_model(source, output, merge)
-    except (FileNotFoundError, ValueError) as error:
+        folder = export_model(source, output, merge, force=force)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"exported {folder} to {output}")

@@ -189,6 +189,9 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     output_dir: str = "runs/gspo"
+    # A fresh run refuses an output_dir that holds an earlier run's metrics, checkpoints or final/
+    # model, unless this is set: then they are replaced.
+    overwrite_output_dir: bool = False
 
 
 # Value checks beyond the type, by dotted key: (predicate, what the key accepts).

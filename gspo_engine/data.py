@@ -40,22 +40,28 @@ class PromptExample:
     columns: dict = field(default_factory=dict)  # the row's other columns
 
 
-def read_rows(path: str | Path) -> list[tuple[str, dict]]:
-    """Rows of a JSONL, JSON or parquet file, each with where it comes from (`file:line`)."""
+def check_dataset_file(path: str | Path) -> Path:
+    """`path` if it is a dataset file this module reads (by its suffix), else a DataError saying why."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dataset file {path} does not exist")
+    if path.suffix.lower() not in JSON_LINES_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES:
+        raise DataError(
+            f"dataset file {path}: unknown format {path.suffix.lower()!r}; use one of "
+            f"{', '.join(JSON_LINES_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES)}"
+        )
+    return path
+
+
+def read_rows(path: str | Path) -> list[tuple[str, dict]]:
+    """Rows of a JSONL, JSON or parquet file, each with where it comes from (`file:line`)."""
+    path = check_dataset_file(path)
     suffix = path.suffix.lower()
     if suffix in JSON_LINES_SUFFIXES:
         return _read_json_lines(path, path.read_text(encoding="utf-8"))
     if suffix in JSON_SUFFIXES:
         return _read_json(path)
-    if suffix in PARQUET_SUFFIXES:
-        return _read_parquet(path)
-    raise DataError(
-        f"dataset file {path}: unknown format {suffix!r}; use one of "
-        f"{', '.join(JSON_LINES_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES)}"
-    )
+    return _read_parquet(path)
 
 
 def _read_json_lines(path: Path, text: str) -> list[tuple[str, dict]]:

@@ -31,13 +31,36 @@ def model_folder_of(path: str | Path) -> Path:
     raise FileNotFoundError(f"{path} holds no model: no config.json or adapter_config.json, no final/, no checkpoint")
 
 
-def export_model(source: str | Path, output: str | Path, merge: bool) -> Path:
-    """Write the model of `source` (a model folder or a run folder) to `output`; returns the folder exported."""
+def check_output(source: Path, folder: Path, output: Path, force: bool) -> None:
+    """Refuse an `output` whose replacement would lose anything: the source itself, a folder holding it,
+    or (without force) any folder that already holds files."""
+    source, folder, output = source.resolve(), folder.resolve(), output.resolve()
+    # A run folder may hold the export (runs/x/hf); the model folder itself may not.
+    if output in (source, folder) or output in source.parents or output in folder.parents or folder in output.parents:
+        raise ValueError(f"--output {output} would overwrite {folder}, the model being exported (from {source}); "
+                         "choose a folder outside it")
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file; give a folder")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        held = sorted(child.name for child in output.iterdir())
+        raise FileExistsError(
+            f"--output {output} already holds {', '.join(held[:5])}{' ...' if len(held) > 5 else ''}; "
+            "choose an empty or new folder, or pass --force to replace what it holds"
+        )
+
+
+def export_model(source: str | Path, output: str | Path, merge: bool, force: bool = False) -> Path:
+    """Write the model of `source` (a model folder or a run folder) to `output`; returns the folder exported.
+
+    `output` must not overlap what is exported; one that holds files is replaced only with force.
+    """
     folder = model_folder_of(source)
+    check_output(Path(source), folder, Path(output), force)
     if is_adapter_folder(folder) and merge:
         export_merged(folder, output)
     elif is_adapter_folder(folder):
-        shutil.copytree(folder, output, ignore=shutil.ignore_patterns(STATE_FILE), dirs_exist_ok=True)
+        shutil.rmtree(output, ignore_errors=True)
+        shutil.copytree(folder, output, ignore=shutil.ignore_patterns(STATE_FILE))
     elif is_sharded_checkpoint(folder):
         save_pretrained(load_sharded_model(folder), output)
     else:

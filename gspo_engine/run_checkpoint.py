@@ -126,7 +126,12 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
         return None
     if resume == "auto":
         found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        if not found:
+            raise FileNotFoundError(
+                f"checkpoint.resume auto (--resume): {output_dir} holds no checkpoint to resume from; "
+                "start without --resume, or point output_dir at the run to continue"
+            )
+        return found[-1]
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"checkpoint.resume: {resume} is not a training checkpoint ({STATE_FILE} missing)")
@@ -174,3 +179,30 @@ def restore_run_checkpoint(folder: Path, model: Qwen3Model, optimizer: torch.opt
         optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     return state
+
+
+# What a run writes into its output_dir, besides the model folder a tiny run starts from.
+RUN_OUTPUTS = ("metrics.jsonl", "curves.png", "config.yaml", "final")
+
+
+def earlier_run_outputs(output_dir: Path) -> list[Path]:
+    """The files and folders of an earlier run in `output_dir`: its metrics, config, final/ and checkpoints."""
+    if not output_dir.is_dir():
+        return []
+    found = [output_dir / name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    return found + list_checkpoints(output_dir)
+
+
+def remove_stale_staging(output_dir: Path) -> list[Path]:
+    """Delete the staging folders of saves that never finished (a run killed mid-save), and say which.
+
+    Checkpoints and final/ are written under a hidden name (.checkpoint-STEP.*, .final.*) and
+    renamed when complete; one left behind is never complete and can be as large as the model.
+    """
+    if not output_dir.is_dir():
+        return []
+    stale = [path for path in output_dir.iterdir()
+             if path.is_dir() and (path.name.startswith(".checkpoint-") or path.name.startswith(".final."))]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale

@@ -15,7 +15,9 @@ ranks (torchrun) are handled by distributed/: this file only orchestrates.
 
 from __future__ import annotations
 
+import copy
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -31,34 +33,46 @@ from gspo_engine.device import peak_memory_mib, resolve_device, resolve_precisio
 from gspo_engine.distributed.parallel import gathered_weights
 from gspo_engine.distributed.rules import check_data_parallel
 from gspo_engine.distributed.runtime import Runtime, init_runtime
-from gspo_engine.errors import TrainingError
+from gspo_engine.errors import TrainingError, TrainingInterrupted
 from gspo_engine.lora import adapter_parameters
 from gspo_engine.metrics import MetricsLog, TrainSummary, console_line, summarize
 from gspo_engine.optim import build_optimizer, build_scheduler
 from gspo_engine.rewards import build_rewards
 from gspo_engine.rollout import Generation, generate
-from gspo_engine.run_checkpoint import restore_run_checkpoint, resolve_resume, save_model, save_run_checkpoint
+from gspo_engine.run_checkpoint import (
+    earlier_run_outputs,
+    list_checkpoints,
+    remove_stale_staging,
+    resolve_resume,
+    restore_run_checkpoint,
+    save_model,
+    save_run_checkpoint,
+)
 from gspo_engine.scoring import score_reference, score_samples
 from gspo_engine.step_context import StepContext
 from gspo_engine.step_metrics import RankShare, combine_ranks
 from gspo_engine.tokenizer import eos_token_ids, load_tokenizer
 from gspo_engine.update import PolicyUpdate
 
-__all__ = ["GSPOTrainer", "TrainSummary", "TrainingError"]
+__all__ = ["GSPOTrainer", "TrainSummary", "TrainingError", "TrainingInterrupted"]
 
 logger = logging.getLogger(__name__)
 
 
 class GSPOTrainer:
     def __init__(self, config: Config, echo=print):
-        self.config = config
+        # A copy with every "auto" resolved: config.yaml records what the run actually used.
+        self.config = config = copy.deepcopy(config)
         requested = resolve_device(config.train.device)
         self.runtime: Runtime = init_runtime(requested.type, config.distributed.timeout_s)
         self.echo = echo if self.runtime.is_main else (lambda *args, **kwargs: None)
         self.output_dir = Path(config.output_dir)
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise TrainingError(f"output_dir: {self.output_dir} is a file; give a folder for the run's outputs")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.device = self.runtime.device(requested)
         self.precision = resolve_precision(config.train.precision, self.device)
+        config.train.device, config.train.precision = self.device.type, self.precision
         if self.device.type == "cpu" and config.train.cpu_threads:
             torch.set_num_threads(config.train.cpu_threads)
         torch.manual_seed(config.train.seed)
@@ -74,8 +88,12 @@ class GSPOTrainer:
         self.dataset = build_dataset(config.data, self.tokenizer)
         self.loader = PromptLoader(self.dataset, config.rollout.prompts_per_step, seed=config.data.seed)
         self.rewards = build_rewards(config.rewards)
+        config.rewards = list(self.rewards.specs)
 
         resume_from = resolve_resume(config.checkpoint.resume, self.output_dir)
+        if self.runtime.is_main:
+            self._prepare_output_dir(resume_from is not None)
+        self.runtime.barrier()
         self.lora = config.lora if config.lora.rank else None
         models = build_models(config, self.runtime, self.device, self.precision, self.source, resume_from)
         self.model, self.reference = models.policy, models.reference
@@ -102,6 +120,22 @@ class GSPOTrainer:
     @property
     def skipped_updates(self) -> int:
         return self.updater.skipped_updates
+
+    def _prepare_output_dir(self, resuming: bool) -> None:
+        """Clear unfinished saves; never let a fresh run overwrite an earlier one unless asked to."""
+        for stale in remove_stale_staging(self.output_dir):
+            self.echo(f"removed {stale}: an unfinished save of an interrupted run")
+        earlier = [] if resuming else earlier_run_outputs(self.output_dir)
+        if earlier and not self.config.overwrite_output_dir:
+            raise TrainingError(
+                f"output_dir {self.output_dir} holds an earlier run ({', '.join(p.name for p in earlier)}): continue "
+                "it with --resume, choose another --output_dir, or pass --overwrite_output_dir to replace it"
+            )
+        for path in earlier:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
 
     def _restore(self, folder: Path) -> None:
         state = restore_run_checkpoint(folder, self.model, self.optimizer)
@@ -136,6 +170,8 @@ class GSPOTrainer:
                 every = config.checkpoint.every
                 if every and self.step % every == 0 and self.step < config.train.steps:
                     self.save_checkpoint()
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(self._interrupted_message()) from None
         finally:
             progress.close()
         final_dir = self.output_dir / "final"
@@ -226,6 +262,14 @@ class GSPOTrainer:
                                    self.config.checkpoint.keep_last, self.runtime, self.lora)
         logger.info("saved %s", path)
         return path
+
+    def _interrupted_message(self) -> str:
+        found = list_checkpoints(self.output_dir)
+        if not found:
+            return (f"interrupted at step {self.step + 1} of {self.config.train.steps}; no checkpoint was written yet "
+                    f"(checkpoint.every = {self.config.checkpoint.every})")
+        return (f"interrupted at step {self.step + 1} of {self.config.train.steps}; the last checkpoint is "
+                f"{found[-1]}: continue from it with the same command and --resume")
 
     def _describe_run(self) -> str:
         total = sum(p.numel() for p in self.model.parameters())

@@ -221,7 +221,7 @@ def test_training_changes_only_the_adapters_and_the_reference_is_the_base(tmp_pa
 
     samples = [Sample([3, 4, 5, 12], [4, 5, 2]), Sample([6, 7, 12], [7, 2])]
     score_reference(trainer.context, trainer.model, trainer.reference, samples)
-    base = GSPOTrainer(tiny_config(tmp_path), echo=quiet)
+    base = GSPOTrainer(tiny_config(tmp_path / "base"), echo=quiet)
     score_samples(base.context, base.model, samples, "old_logps")
     for sample in samples:
         torch.testing.assert_close(sample.ref_logps, sample.old_logps, atol=1e-6, rtol=1e-6)
