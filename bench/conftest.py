@@ -20,7 +20,8 @@ if not torch.cuda.is_available():
 from gspo_engine.benchmarks import markdown_table  # noqa: E402
 from gspo_engine.benchmarks.cases import Case, add_reference_ratios, measured_row  # noqa: E402
 from gspo_engine.benchmarks.registry import default_scale  # noqa: E402
-from gspo_engine.benchmarks.timing import ceilings, peak_extra_mib, synchronize  # noqa: E402
+from gspo_engine.benchmarks.timing import ceilings, peak_extra_mib  # noqa: E402
+from gspo_engine.device import synchronize  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SCALE = default_scale(DEVICE)

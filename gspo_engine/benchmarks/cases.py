@@ -28,7 +28,8 @@ from typing import Callable
 
 import torch
 
-from gspo_engine.benchmarks.timing import median_seconds, synchronize
+from gspo_engine.benchmarks.timing import median_seconds
+from gspo_engine.device import synchronize
 
 ROW_FIELDS = ("kernel", "case", "implementation", "status", "median_ms", "peak_mib", "throughput", "unit",
               "fraction_of_ceiling", "vs_reference", "note")

@@ -8,10 +8,7 @@ from typing import Callable
 
 import torch
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from gspo_engine.device import synchronize
 
 
 def median_seconds(step: Callable[[], None], device: torch.device, rounds: int, warmup: int = 1) -> float:
