@@ -170,8 +170,9 @@ def measure(config) -> dict:
 
     trainer_module.gathered_weights = rollout_phase
     torch.Tensor.backward = backward
-    trainer.score_samples = phase("scoring", trainer.score_samples)
-    trainer.update = phase("training", trainer.update)
+    score_samples = trainer_module.score_samples
+    trainer_module.score_samples = phase("scoring", score_samples)
+    trainer.updater.run = phase("training", trainer.updater.run)
     states = [t for state in trainer.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
     try:
         with tracker, tracker.resizes_counted():
@@ -179,6 +180,7 @@ def measure(config) -> dict:
             trainer.train_step()
     finally:
         trainer_module.gathered_weights = gathered_weights
+        trainer_module.score_samples = score_samples
         torch.Tensor.backward = tensor_backward
     peaks["training"]["gathered_backward"] = backward_gathered[0]
     return peaks
