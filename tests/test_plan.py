@@ -176,13 +176,16 @@ def test_plan_of_the_moe_config_on_8_gpus_of_80_gb():
     assert "56.87 GiB" in result.output  # 30.53B x 2 B, gathered for generation
 
 
-def test_dry_run_plans_torchrun_world_size(monkeypatch):
+def test_dry_run_plans_torchrun_world_size(monkeypatch, tmp_path):
+    # A dry run checks that the dataset exists; moe.yaml names a file users bring.
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "What is 2 + 2?", "answer": "4"}\n')
     monkeypatch.setenv("WORLD_SIZE", "8")
-    result = invoke("train", MOE_YAML, "--dry-run")
+    result = invoke("train", MOE_YAML, "--dry-run", "--dataset", prompts)
     assert result.exit_code == 0, result.output
     assert "memory per GPU: 8 x 80 GB" in result.output
     monkeypatch.setenv("WORLD_SIZE", "many")
-    result = invoke("train", MOE_YAML, "--dry-run")
+    result = invoke("train", MOE_YAML, "--dry-run", "--dataset", prompts)
     assert result.exit_code != 0 and "WORLD_SIZE='many'" in result.output
 
 
