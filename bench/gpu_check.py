@@ -4,7 +4,7 @@ Each stage runs in a subprocess with a time limit drawn from one overall budget,
 failure or a hang still leaves the other stages' results and the whole check ends in time. On a
 machine without a GPU nothing is measured: every GPU row is written as "not run" and it exits 0.
 
-results.json (schema_version 1):
+results.json (schema_version 2):
     schema_version  1
     date            "YYYY-MM-DD HH:MM UTC"
     commit          short hash of HEAD, or "unknown"
@@ -13,6 +13,8 @@ results.json (schema_version 1):
                     version strings, None where absent (card and driver: None without a GPU)
     ceilings        {"copy_gb_per_s", "matmul_tflops"}: measured on the card, None without a GPU
     tests           {"status": "passed" | "failed" | "not run", "command", "seconds", "summary"}
+    training        the same keys for `gspo-engine train configs/tiny-moe.yaml` on the GPU (bf16-mixed);
+                    its summary is the run's last console lines (the "done:" line when it finished)
     rows            one row per (family, case, implementation): the fields of
                     gspo_engine.benchmarks.cases.ROW_FIELDS, documented there
     seconds         wall time of the whole check
@@ -31,6 +33,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -39,11 +42,13 @@ from gspo_engine.benchmarks import FAMILIES, ROW_FIELDS, markdown_table
 from gspo_engine.benchmarks.cases import empty_row
 from gspo_engine.benchmarks.timing import ceilings
 
-SCHEMA_VERSION = 1
-TEST_WORKERS = 4
+SCHEMA_VERSION = 2
+TEST_WORKERS = 8
 KERNEL_TESTS = ["tests/test_gspo_loss.py", "tests/test_fused_linear.py", "tests/test_moe_kernels.py",
                 "tests/test_distributed.py::test_fsdp_trains_on_cuda_with_bf16_compute"]
-TOP_KEYS = ("schema_version", "date", "commit", "command", "environment", "ceilings", "tests", "rows", "seconds")
+TOP_KEYS = ("schema_version", "date", "commit", "command", "environment", "ceilings", "tests", "training", "rows",
+            "seconds")
+TRAIN_CONFIG = "configs/tiny-moe.yaml"
 ENVIRONMENT_KEYS = ("card", "driver", "torch", "triton", "transformers", "liger_kernel", "python")
 TEST_STATUSES = ("passed", "failed", "not run")
 ROW_STATUSES = ("ok", "error", "skipped", "not run")
@@ -55,8 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--families", default=",".join(FAMILIES), type=lambda text: text.split(","),
                         help=f"Comma-separated benchmark families (default: {','.join(FAMILIES)}).")
     parser.add_argument("--rounds", type=int, default=10, help="Timed calls per case, at most.")
-    parser.add_argument("--budget-s", type=float, default=270, help="Time for the whole check; stages share it.")
-    parser.add_argument("--tests-timeout-s", type=float, default=100, help="At most this much for the kernel tests.")
+    parser.add_argument("--budget-s", type=float, default=420, help="Time for the whole check; stages share it.")
+    parser.add_argument("--tests-timeout-s", type=float, default=120, help="At most this much for the kernel tests.")
+    parser.add_argument("--train-timeout-s", type=float, default=90,
+                        help=f"At most this much for training {TRAIN_CONFIG} on the GPU.")
     parser.add_argument("--skip-tests", action="store_true", help="Only the benchmarks.")
     args = parser.parse_args(argv)
     unknown = [name for name in args.families if name not in FAMILIES]
@@ -133,6 +140,24 @@ def kernel_tests(out: pathlib.Path, timeout_s: float) -> dict:
             "summary": summary}
 
 
+def tiny_training(out: pathlib.Path, timeout_s: float) -> dict:
+    """The embedded default trained on the GPU: the whole engine (rollout, fused loss, MoE kernels,
+    bf16-mixed) end to end. Its metrics are written per step, so a run cut by the time limit still
+    tells how far it got."""
+    run_dir = pathlib.Path(tempfile.mkdtemp(prefix="gspo-tiny-"))
+    command = [sys.executable, "-m", "gspo_engine", "train", TRAIN_CONFIG, "--output_dir", str(run_dir / "run"),
+               "--set", "train.cpu_threads=0"]
+    if not torch.cuda.is_available():
+        return {"status": "not run", "command": shlex.join(command), "seconds": None, "summary": "no GPU"}
+    status, output, seconds = run_stage(f"training {TRAIN_CONFIG} on CUDA", command, timeout_s, out / "train.log")
+    metrics = run_dir / "run" / "metrics.jsonl"
+    steps = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+    done = [line for line in output.splitlines() if line.startswith("done:")]
+    summary = done[-1] if done else f"{status} after {seconds:.0f} s at step {steps}"
+    return {"status": "passed" if status == "ok" else "failed", "command": shlex.join(command), "seconds": seconds,
+            "summary": summary}
+
+
 def not_run_rows(family: str, note: str) -> list[dict]:
     """The GPU cases of `family`, every implementation marked "not run" (nothing is built or measured)."""
     return [empty_row(case, name, "not run", note)
@@ -177,8 +202,9 @@ def validate_results(results: dict) -> None:
         problems.append(f"environment keys {tuple(results.get('environment', {}))}")
     if set(results.get("ceilings", {})) != {"copy_gb_per_s", "matmul_tflops"}:
         problems.append(f"ceilings keys {tuple(results.get('ceilings', {}))}")
-    if results.get("tests", {}).get("status") not in TEST_STATUSES:
-        problems.append(f"tests status {results.get('tests', {}).get('status')!r}")
+    for stage in ("tests", "training"):
+        if results.get(stage, {}).get("status") not in TEST_STATUSES:
+            problems.append(f"{stage} status {results.get(stage, {}).get('status')!r}")
     for index, row in enumerate(results.get("rows", [])):
         if tuple(row) != ROW_FIELDS or row["status"] not in ROW_STATUSES:
             problems.append(f"row {index}: keys {tuple(row)}, status {row.get('status')!r}")
@@ -187,7 +213,7 @@ def validate_results(results: dict) -> None:
 
 
 def markdown_report(results: dict) -> list[str]:
-    env, ceil, tests = results["environment"], results["ceilings"], results["tests"]
+    env, ceil, tests, training = results["environment"], results["ceilings"], results["tests"], results["training"]
     lines = [f"- date: {results['date']}, commit {results['commit']}", f"- command: `{results['command']}`",
              f"- card: {env['card'] or 'none (CPU: the GPU rows are not run)'}, driver {env['driver'] or '-'}",
              f"- torch {env['torch']}, triton {env['triton'] or '-'}, transformers {env['transformers'] or '-'}, "
@@ -196,6 +222,7 @@ def markdown_report(results: dict) -> list[str]:
         lines.append(f"- ceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, "
                      f"device copy {ceil['copy_gb_per_s']:.0f} GB/s")
     lines.append(f"- kernel tests on CUDA: {tests['status']} ({tests['summary']})")
+    lines.append(f"- `gspo-engine train {TRAIN_CONFIG}` on the GPU: {training['status']} ({training['summary']})")
     return [*lines, "", *markdown_table(results["rows"])]
 
 
@@ -215,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         tests = {"status": "not run", "command": None, "seconds": None, "summary": "--skip-tests"}
     else:
         tests = kernel_tests(out, min(args.tests_timeout_s, (deadline - time.perf_counter()) / 3))
+    training = tiny_training(out, min(args.train_timeout_s, (deadline - time.perf_counter()) / 4))
     rows = []
     for index, family in enumerate(args.families):
         if not gpu:
@@ -231,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": env,
         "ceilings": card_ceilings,
         "tests": tests,
+        "training": training,
         "rows": rows,
         "seconds": round(time.perf_counter() - start, 1),
     }
@@ -239,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     report = markdown_report(results)
     (out / "gpu_check.md").write_text("\n".join(report) + "\n")
     print("\n" + "\n".join(report), flush=True)
-    failed = tests["status"] == "failed" or any(row["status"] == "error" for row in rows)
+    failed = "failed" in (tests["status"], training["status"]) or any(row["status"] == "error" for row in rows)
     return 1 if failed else 0
 
 

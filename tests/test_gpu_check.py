@@ -43,15 +43,18 @@ def test_cpu_run_exits_0_and_writes_schema_and_table_with_gpu_rows_not_run(tmp_p
 
 
 def test_schema_check_names_what_is_wrong():
-    results = {"schema_version": 1, "date": "d", "commit": "c", "command": "x",
+    results = {"schema_version": 2, "date": "d", "commit": "c", "command": "x",
                "environment": dict.fromkeys(gpu_check.ENVIRONMENT_KEYS), "ceilings": {"copy_gb_per_s": None,
-               "matmul_tflops": None}, "tests": {"status": "not run"}, "rows": [], "seconds": 0.0}
+               "matmul_tflops": None}, "tests": {"status": "not run"}, "training": {"status": "not run"},
+               "rows": [], "seconds": 0.0}
     gpu_check.validate_results(results)
     case = Case(kernel="loss", name="n", unit="GB/s", work=1.0, builders={})
     with pytest.raises(ValueError, match="row 0"):
         gpu_check.validate_results(dict(results, rows=[dict(empty_row(case, "reference", "done"))]))
     with pytest.raises(ValueError, match="tests status"):
         gpu_check.validate_results(dict(results, tests={"status": "green"}))
+    with pytest.raises(ValueError, match="training status"):
+        gpu_check.validate_results(dict(results, training={}))
 
 
 def test_table_formats_throughput_fractions_ratios_and_escapes_notes():

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import gspo_kernels as gk
 from gspo_engine.benchmarks.cases import Case
 from gspo_engine.model import ModelArgs, Qwen3Model
-from gspo_engine.plan import RELEASED_SHAPES
+from gspo_engine.planner.released_shapes import RELEASED_SHAPES
 from gspo_engine.rollout import generate
 from gspo_kernels import reference
 
@@ -131,7 +131,7 @@ def update_step(implementation: str, model: dict, batch: int, length: int, devic
         net = our_model(model, device, dtype)
 
         def loss():
-            hidden = net.run(inputs).hidden_states
+            hidden = net.forward_hidden(inputs).hidden_states
             return gk.fused_linear_gspo_loss(hidden, net.lm_head_weight, targets, None, advantages, mask)[0]
     else:
         net = transformers_model(model, device, dtype)
