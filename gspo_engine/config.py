@@ -147,6 +147,8 @@ class DistributedConfig:
 
 # Names of the weights LoRA can adapt (gspo_engine/lora): attention, dense MLP, MoE router, grouped MoE experts.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "router", "experts")
+# Modules LoRA can train whole beside the adapters (PEFT's modules_to_save).
+LORA_MODULES_TO_SAVE = ("embed_tokens", "lm_head")
 
 
 @dataclass
@@ -162,6 +164,11 @@ class LoraConfig:
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts"]
     )
     base_bf16: bool = False  # keep the frozen base weights in bf16 (half their memory); needs bf16-mixed
+    # Modules trained whole (fp32 copies) beside the adapters, as PEFT's modules_to_save: the
+    # adapters on the blocks cannot move the embeddings or the lm_head, which a random model or
+    # new tokens need. A model that ties them (tie_word_embeddings) has one matrix: naming
+    # either trains it in both places.
+    modules_to_save: list[str] = field(default_factory=list)
 
     @property
     def scale_alpha(self) -> float:
@@ -393,6 +400,12 @@ def _check_lora(config: Config) -> None:
     unknown = sorted(set(lora.targets) - set(LORA_TARGETS))
     if unknown or not lora.targets:
         raise ConfigError(f"lora.targets: {lora.targets} is not valid; choose some of {', '.join(LORA_TARGETS)}")
+    unknown = sorted(set(lora.modules_to_save) - set(LORA_MODULES_TO_SAVE))
+    if unknown:
+        raise ConfigError(f"lora.modules_to_save: {lora.modules_to_save} is not valid; choose some of "
+                          f"{', '.join(LORA_MODULES_TO_SAVE)}, or none")
+    if lora.modules_to_save and not lora.rank:
+        raise ConfigError("lora.modules_to_save: only with LoRA (lora.rank > 0); full fine-tuning trains every weight")
     if lora.base_bf16 and not lora.rank:
         raise ConfigError("lora.base_bf16: only with LoRA (lora.rank > 0); full fine-tuning keeps fp32 master weights")
     if lora.base_bf16 and config.train.precision == "fp32":

@@ -2,7 +2,9 @@
 
 PEFT adapts the plain nn.Linear projections (`peft.inject_adapter_in_model` with a `peft.LoraConfig`):
 attention q / k / v / o, the dense MLP gate / up / down and, when targeted, the MoE router. The grouped
-MoE expert tensors are not nn.Linear modules; our ExpertLoRA (experts.py) adapts them.
+MoE expert tensors are not nn.Linear modules; our ExpertLoRA (experts.py) adapts them. The modules of
+lora.modules_to_save (embed_tokens, lm_head) are trained whole: PEFT's ModulesToSaveWrapper keeps the
+frozen original and a trainable copy, and switching the adapters off switches back to the original.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from gspo_engine.config import LORA_TARGETS, LoraConfig
+from gspo_engine.config import LORA_MODULES_TO_SAVE, LORA_TARGETS, LoraConfig
 from gspo_engine.lora.experts import ExpertLoRA
 from gspo_engine.model import Qwen3Model
 
 # The targets that are nn.Linear modules of that name (PEFT matches them by suffix): all but the grouped experts.
 LINEAR_TARGETS = tuple(name for name in LORA_TARGETS if name != "experts")
+ADAPTER_NAME = "default"  # PEFT's name of a model's only adapter
 
 
 def require_peft():
@@ -37,6 +40,17 @@ def linear_targets(model: Qwen3Model, targets: list[str]) -> list[str]:
     return [name for name in LINEAR_TARGETS if name in targets and name in present]
 
 
+def saved_module_names(model: Qwen3Model, modules_to_save: list[str]) -> list[str]:
+    """The modules of `model` that lora.modules_to_save trains whole.
+
+    A model that ties its lm_head to embed_tokens has no lm_head module: naming either trains the
+    embedding, which is then both the input embedding and the output projection.
+    """
+    if model.lm_head is None:
+        return ["embed_tokens"] if modules_to_save else []
+    return [name for name in LORA_MODULES_TO_SAVE if name in modules_to_save]
+
+
 def add_lora(model: Qwen3Model, lora: LoraConfig) -> None:
     """Freeze every base weight and add trainable adapters (fp32, B = 0) on the targets, in place."""
     model.requires_grad_(False)
@@ -44,8 +58,10 @@ def add_lora(model: Qwen3Model, lora: LoraConfig) -> None:
     adapt_experts = "experts" in lora.targets and model.args.is_moe
     if not linear and not adapt_experts:
         raise ValueError(f"lora.targets: {lora.targets} match no weight of this model")
-    if linear:
+    saved = saved_module_names(model, lora.modules_to_save)
+    if linear or saved:
         peft = require_peft()
+    if linear:
         config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.scale_alpha, lora_dropout=lora.dropout,
                                  target_modules=linear, bias="none")
         peft.inject_adapter_in_model(config, model)
@@ -57,8 +73,13 @@ def add_lora(model: Qwen3Model, lora: LoraConfig) -> None:
                 block.mlp.expert_lora = ExpertLoRA(
                     args.num_experts, args.hidden_size, args.moe_intermediate_size, lora.rank, lora.scale_alpha
                 ).to(device)
+    for name in saved:
+        wrapper = peft.utils.ModulesToSaveWrapper(getattr(model, name), ADAPTER_NAME)
+        wrapper.set_adapter(ADAPTER_NAME)
+        setattr(model, name, wrapper)
     for parameter in adapter_parameters(model):
-        # PEFT gives an adapter its base layer's dtype; the adapters are the master weights: fp32.
+        # PEFT gives an adapter (and a saved module's copy) its base layer's dtype; they are the
+        # master weights: fp32.
         parameter.data = parameter.data.to(torch.float32)
         parameter.requires_grad_(True)
 
@@ -69,7 +90,7 @@ def has_lora(model: nn.Module) -> bool:
 
 def named_adapter_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     for name, parameter in model.named_parameters():
-        if ".lora_A." in name or ".lora_B." in name or ".expert_lora." in name:
+        if ".lora_A." in name or ".lora_B." in name or ".expert_lora." in name or ".modules_to_save." in name:
             yield name, parameter
 
 
@@ -78,17 +99,23 @@ def adapter_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 
 
 def _peft_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, layer) of every PEFT LoRA layer; none (and PEFT not imported) in a model without adapters."""
+    """(name, module) of every PEFT LoRA layer and saved-module wrapper; none (and PEFT not imported)
+    in a model without adapters."""
     if not has_lora(model):
         return []
     from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
 
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, LoraLayer)]
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, (LoraLayer, ModulesToSaveWrapper))]
 
 
 @contextmanager
 def adapters_disabled(model: nn.Module):
-    """The base model inside the block (the GSPO reference policy), the adapted one again after it."""
+    """The base model inside the block (the GSPO reference policy), the adapted one again after it.
+
+    The saved modules switch back to their frozen originals too.
+    """
     peft_layers = [layer for _, layer in _peft_layers(model)]
     experts = [module for module in model.modules() if isinstance(module, ExpertLoRA)]
     for layer in peft_layers:
@@ -99,18 +126,28 @@ def adapters_disabled(model: nn.Module):
         yield model
     finally:
         for layer in peft_layers:
-            # enable_adapters(False) also froze the adapters; this makes them trainable again.
+            # enable_adapters(False) also froze the adapters and copies; this makes them trainable again.
             layer.enable_adapters(True)
         for adapter in experts:
             adapter.enabled = True
 
 
 def merge_lora(model: Qwen3Model) -> Qwen3Model:
-    """Fold every adapter into its base weight and remove it: a plain Qwen3Model again, in place."""
+    """Fold every adapter into its base weight and remove it: a plain Qwen3Model again, in place.
+
+    A saved module's trained copy replaces its original, in the original's dtype.
+    """
     for name, layer in _peft_layers(model):
-        layer.merge()
+        from peft.utils import ModulesToSaveWrapper
+
+        if isinstance(layer, ModulesToSaveWrapper):
+            dtype = layer.original_module.weight.dtype
+            replacement = layer.modules_to_save[ADAPTER_NAME].to(dtype)
+        else:
+            layer.merge()
+            replacement = layer.get_base_layer()
         parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), leaf, layer.get_base_layer())
+        setattr(model.get_submodule(parent_name), leaf, replacement)
     for block in model.layers:
         adapter = getattr(block.mlp, "expert_lora", None)
         if adapter is not None:
@@ -119,9 +156,9 @@ def merge_lora(model: Qwen3Model) -> Qwen3Model:
     return model
 
 
-
 def adapter_parameter_count(model: Qwen3Model, lora: LoraConfig) -> int:
-    """How many parameters add_lora would add to `model` (a plain model; the meta device is fine)."""
+    """How many parameters add_lora would add to `model`: the adapters and the saved modules' copies
+    (a plain model; the meta device is fine)."""
     linear = set(linear_targets(model, lora.targets))
     count = 0
     for name, module in model.named_modules():
@@ -131,4 +168,6 @@ def adapter_parameter_count(model: Qwen3Model, lora: LoraConfig) -> int:
         args = model.args
         per_layer = args.num_experts * lora.rank * (2 * args.hidden_size + 3 * args.moe_intermediate_size)
         count += per_layer * len(args.moe_layers)
+    for name in saved_module_names(model, lora.modules_to_save):
+        count += sum(p.numel() for p in getattr(model, name).parameters())
     return count

@@ -9,12 +9,19 @@ The keys are those PEFT gives the transformers Qwen3 / Qwen3-MoE model, so
     layers.{i}.mlp.expert_lora.gate_up_A [E, r, H]   ...layers.{i}.mlp.experts.base_layer.lora_A.weight [E*r, H]
     layers.{i}.mlp.expert_lora.gate_up_B [E, 2I, r]  ...layers.{i}.mlp.experts.base_layer.lora_B.weight [2I, r*E]
     layers.{i}.mlp.expert_lora.down_A / down_B       ...layers.{i}.mlp.experts.lora_A / lora_B.weight
+    embed_tokens.modules_to_save.default.weight  base_model.model.model.embed_tokens.weight
+    lm_head.modules_to_save.default.weight       base_model.model.lm_head.weight
 
 transformers' router and experts are parameters, not nn.Linear modules; PEFT adapts them through
 `target_parameters` (its ParamWrapper), nesting the down_proj wrapper around the gate_up_proj one
 (hence `base_layer`). Its expert factors are stacked expert-major in A (row e*r + j) and rank-major
 in B (column j*E + e). ParamWrapper has no dropout, so with router or expert adapters the saved
 lora_dropout is 0: dropout only matters in training, and our own config keeps the value.
+
+A saved module (modules_to_save) is stored whole under its module's key. With tied embeddings the
+trained embedding is also the lm_head: the folder says ensure_weight_tying, which makes PEFT tie
+its lm_head copy to the embedding copy, and holds the matrix under the lm_head key too, as PEFT
+itself saves it.
 """
 
 from __future__ import annotations
@@ -31,13 +38,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from gspo_engine.hf_checkpoint import COPIED_FILES, load_pretrained, save_pretrained
-from gspo_engine.config import LoraConfig
-from gspo_engine.lora.adapters import add_lora, linear_targets, merge_lora, named_adapter_parameters, require_peft
+from gspo_engine.config import LORA_MODULES_TO_SAVE, LoraConfig
+from gspo_engine.lora.adapters import (
+    add_lora,
+    linear_targets,
+    merge_lora,
+    named_adapter_parameters,
+    require_peft,
+    saved_module_names,
+)
 from gspo_engine.model import Qwen3Model
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model.model."
+_LM_HEAD_KEY = "base_model.model.lm_head.weight"
 _EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 _ROUTER_PARAMETER = "mlp.gate.weight"
 
@@ -58,6 +73,10 @@ def _expert_factor(kind: str) -> tuple[Callable, Callable]:
 def _peft_name(name: str) -> tuple[str, Callable, Callable]:
     """PEFT's key of our adapter parameter `name`, with the layout conversions both ways."""
     identity = (lambda t: t, lambda t, shape: t)
+    if ".modules_to_save." in name:
+        module, _, leaf = name.partition(".modules_to_save.")
+        key = f"{module}.{leaf.partition('.')[2]}"  # "lm_head.modules_to_save.default.weight" -> "lm_head.weight"
+        return ("base_model.model." if module == "lm_head" else _PREFIX) + key, *identity
     if ".expert_lora." in name:
         module, _, leaf = name.rpartition(".expert_lora.")
         tensor, kind = leaf.rsplit("_", 1)  # "gate_up_A" -> ("gate_up", "A")
@@ -73,7 +92,14 @@ def adapter_state_dict(model: Qwen3Model) -> dict[str, torch.Tensor]:
     for name, parameter in named_adapter_parameters(model):
         key, to_peft, _ = _peft_name(name)
         out[key] = to_peft(parameter.detach()).to("cpu").contiguous()
+    if _ties_saved_embedding(model):
+        out[_LM_HEAD_KEY] = out[_PREFIX + "embed_tokens.weight"].clone()  # safetensors stores no shared tensors
     return dict(sorted(out.items()))
+
+
+def _ties_saved_embedding(model: Qwen3Model) -> bool:
+    """Whether the model trains a copy of an embedding that is also its lm_head."""
+    return model.lm_head is None and any(".modules_to_save." in name for name, _ in named_adapter_parameters(model))
 
 
 def _peft_config(model: Qwen3Model, lora: LoraConfig, base_path: str):
@@ -84,9 +110,11 @@ def _peft_config(model: Qwen3Model, lora: LoraConfig, base_path: str):
         parameters.append(_ROUTER_PARAMETER)
     if "experts" in lora.targets and model.args.is_moe:
         parameters += _EXPERT_PARAMETERS
+    saved = saved_module_names(model, lora.modules_to_save)
     return require_peft().LoraConfig(
         r=lora.rank, lora_alpha=lora.scale_alpha, lora_dropout=0.0 if parameters else lora.dropout,
         target_modules=modules or None, target_parameters=parameters or None, bias="none",
+        modules_to_save=saved or None, ensure_weight_tying=bool(saved) and model.lm_head is None,
         task_type="CAUSAL_LM", base_model_name_or_path=base_path,
     )
 
@@ -125,8 +153,10 @@ def read_lora_config(folder: str | os.PathLike) -> tuple[LoraConfig, Path]:
         targets.append("router")
     if _EXPERT_PARAMETERS[0] in parameters:
         targets.append("experts")
+    # PEFT may name a module by its full path (model.embed_tokens); ours are the last part.
+    saved = {name.rpartition(".")[2] for name in config.get("modules_to_save") or []}
     lora = LoraConfig(rank=config["r"], alpha=float(config["lora_alpha"]), dropout=config.get("lora_dropout", 0.0),
-                      targets=targets)
+                      targets=targets, modules_to_save=[name for name in LORA_MODULES_TO_SAVE if name in saved])
     return lora, Path(config["base_model_name_or_path"])
 
 
@@ -139,6 +169,8 @@ def load_adapters(model: Qwen3Model, folder: str | os.PathLike) -> None:
         expected[key] = (parameter, from_peft)
     with safe_open(path, framework="pt") as f:
         found = set(f.keys())
+        if _ties_saved_embedding(model):
+            found.discard(_LM_HEAD_KEY)  # the embedding's copy, which the model uses as its lm_head
         if found != set(expected):
             missing, unexpected = sorted(set(expected) - found), sorted(found - set(expected))
             raise ValueError(
