@@ -33,7 +33,8 @@ def make_plan(config: Config, gpus: int = 1, gpu_memory_gb: float = 80.0) -> Pla
         memory = memory_plan(config, args, sizes, total, cluster)
         return Plan(source, args.architecture, total, active, tokens, per_minibatch, total * 16 / GIB, total,
                     memory=memory)
-    # LoRA: gradients and optimizer states for the adapters only; the base is stored, not trained.
+    # LoRA: gradients and optimizer states for the adapters (and lora.modules_to_save's copies) only;
+    # the base is stored, not trained.
     adapters = adapter_parameter_count(model, config.lora)
     sizes = ModelSizes(total + adapters, sizes.blocks, sizes.matmul, sizes.layer_experts, sizes.all_experts)
     base_bytes = 2 if config.lora.base_bf16 else 4

@@ -28,7 +28,7 @@ class Plan:
     tokens_per_step: int  # prompts x group x (prompt + completion), at the configured maxima
     sequences_per_minibatch: int
     train_memory_gib: float  # weights + gradients + AdamW states of what is trained, fp32 master copy, all GPUs
-    trainable_params: int  # all of them, or the LoRA adapters'
+    trainable_params: int  # all of them, or the LoRA adapters' and the lora.modules_to_save copies'
     lora_rank: int = 0
     base_dtype: str = "fp32"  # of the frozen base weights under LoRA
     memory: MemoryPlan | None = None
@@ -41,7 +41,7 @@ class Plan:
         ]
         if self.lora_rank:
             share = self.trainable_params / self.total_params
-            lines.append(f"trained: LoRA rank {self.lora_rank}, {_count(self.trainable_params)} adapter "
+            lines.append(f"trained: LoRA rank {self.lora_rank}, {_count(self.trainable_params)} trained "
                          f"parameters ({share:.2%} of the model)")
         lines += [
             f"tokens per step (at most): {self.tokens_per_step:,}",
