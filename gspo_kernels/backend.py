@@ -49,4 +49,9 @@ def resolve_backend(tensor: torch.Tensor) -> str:
         name = "triton" if tensor.is_cuda and triton_available() else "torch"
     if name == "triton" and not triton_available():
         raise RuntimeError("the triton backend was requested but triton is not installed")
+    if name == "triton" and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"the triton backend runs CUDA tensors, got a {tensor.device.type} tensor: move the inputs to the GPU, "
+            "or set TRITON_INTERPRET=1 before triton is imported to run the kernels in Triton's interpreter"
+        )
     return name

@@ -305,3 +305,10 @@ class TestBadInput:
     def test_message_names_the_shapes(self):
         with pytest.raises(ValueError, match=r"\(2, 4\).*\(2, 5\)"):
             gk.gspo_loss(self.logps, torch.randn(2, 4), self.adv, self.mask)
+
+
+def test_forcing_triton_on_cpu_tensors_without_the_interpreter_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    logps = torch.zeros(2, 3)
+    with gk.use_backend("triton"), pytest.raises(ValueError, match="runs CUDA tensors.*TRITON_INTERPRET=1"):
+        gk.gspo_loss(logps, logps, torch.zeros(2), torch.ones(2, 3))

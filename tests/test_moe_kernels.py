@@ -150,18 +150,19 @@ def test_experts_handle_repeated_experts_and_strided_inputs():
     inputs = make_experts(5, 19, 40, 24, 5, 3)
     inputs["topk_idx"][::3, 1] = inputs["topk_idx"][::3, 0]
     expected_y, expected_grads = reference_experts(inputs)
-    wide = torch.randn(19, 3 * 40, dtype=torch.float32)
+    wide = torch.randn(19, 3 * 40, dtype=torch.float32, device=TRITON_DEVICE)
     x = wide[:, 40:80]
     x.copy_(inputs["x"])
     x.requires_grad_()
-    w = inputs["topk_weights"].float().requires_grad_()
+    w = inputs["topk_weights"].float().to(TRITON_DEVICE).requires_grad_()
     with gk.use_backend("triton"):
-        idx = inputs["topk_idx"].to(torch.int32)
-        y = gk.moe_experts(x, idx, w, inputs["w_gate_up"].float(), inputs["w_down"].float())
-    y.backward(inputs["grad_y"].float())
-    assert_close(y, expected_y, torch.float32, "y")
-    assert_close(x.grad, expected_grads["x"], torch.float32, "dx")
-    assert_close(w.grad, expected_grads["topk_weights"], torch.float32, "d topk_weights")
+        idx = inputs["topk_idx"].to(TRITON_DEVICE, torch.int32)
+        y = gk.moe_experts(x, idx, w, inputs["w_gate_up"].float().to(TRITON_DEVICE),
+                           inputs["w_down"].float().to(TRITON_DEVICE))
+    y.backward(inputs["grad_y"].float().to(TRITON_DEVICE))
+    assert_close(y.cpu(), expected_y, torch.float32, "y")
+    assert_close(x.grad.cpu(), expected_grads["x"], torch.float32, "dx")
+    assert_close(w.grad.cpu(), expected_grads["topk_weights"], torch.float32, "d topk_weights")
 
 
 def test_triton_writes_every_output_element(monkeypatch):
@@ -257,7 +258,8 @@ def test_tile_table_covers_every_expert_row_once(block_m):
     counts[3] = block_m  # exactly one full tile
     topk_idx = torch.repeat_interleave(torch.arange(19), counts)[torch.randperm(int(counts.sum()), generator=gen)]
     order = moe.sort_by_expert(topk_idx[:, None], 19)
-    expert, first, end = moe_triton.tile_table(order, block_m).long()
+    on_device = type(order)(*(t.to(TRITON_DEVICE) if torch.is_tensor(t) else t for t in order))
+    expert, first, end = moe_triton.tile_table(on_device, block_m).long().cpu()
     covered = torch.zeros(int(counts.sum()), dtype=torch.long)
     for e, start, stop in zip(expert.tolist(), first.tolist(), end.tolist(), strict=True):
         rows = torch.arange(start, max(start, min(start + block_m, stop)))  # tiles past the last one: empty
