@@ -26,7 +26,6 @@ from torch.profiler import ProfilerActivity, profile
 import gspo_kernels as gk
 from gspo_engine.benchmarks import e2e, fused_linear
 from gspo_engine.device import synchronize
-from gspo_kernels import fused_linear as fused_linear_module
 from gspo_kernels import fused_linear_stream
 
 # (row chunk, vocabulary chunk) of the PyTorch tile path: logits tiles through cuBLAS.
@@ -55,13 +54,12 @@ def timed(step, device: torch.device, rounds: int = 3, warmup: int = 2) -> tuple
 
 @contextlib.contextmanager
 def tile_shape(rows: int, vocab: int):
-    saved = fused_linear_stream.ROW_CHUNK, fused_linear_stream.VOCAB_CHUNK, fused_linear_module.ROW_CHUNK
-    fused_linear_stream.ROW_CHUNK = fused_linear_module.ROW_CHUNK = rows
-    fused_linear_stream.VOCAB_CHUNK = vocab
+    saved = dict(fused_linear_stream.STREAM_TILES)
+    fused_linear_stream.STREAM_TILES.update(cpu=(rows, vocab), cuda=(rows, vocab))
     try:
         yield
     finally:
-        fused_linear_stream.ROW_CHUNK, fused_linear_stream.VOCAB_CHUNK, fused_linear_module.ROW_CHUNK = saved
+        fused_linear_stream.STREAM_TILES.update(saved)
 
 
 def fused_linear_strategies(batch: int, steps: int, hidden_size: int, vocab: int, device: torch.device,
@@ -72,7 +70,7 @@ def fused_linear_strategies(batch: int, steps: int, hidden_size: int, vocab: int
         inputs["mask"][:, : steps // 4] = 0
     case = f"B={batch} T={steps} H={hidden_size} V={vocab}"
     runs = [("default", fused_linear.make_step("fused", inputs), contextlib.nullcontext()),
-            ("Triton kernels, all recomputed", fused_linear.make_step("fused_recompute", inputs),
+            ("Triton kernels, all recomputed", fused_linear.make_step("fused_triton", inputs),
              contextlib.nullcontext())]
     for rows_chunk, vocab_chunk in tiles:
         label = f"cuBLAS tiles {rows_chunk}x{vocab_chunk}, all recomputed"

@@ -3,8 +3,14 @@
 from gspo_kernels import reference
 from gspo_kernels.backend import use_backend
 from gspo_kernels.expert_order import ExpertOrder
-from gspo_kernels.fused_linear import DEFAULT_CHUNK_BUDGET_MIB, LinearGSPOLoss, fused_linear_gspo_loss, token_logprobs
-from gspo_kernels.fused_linear_stream import ROW_CHUNK, VOCAB_CHUNK
+from gspo_kernels.fused_linear import (
+    DEFAULT_CHUNK_BUDGETS_MIB,
+    LinearGSPOLoss,
+    default_chunk_budget_mib,
+    fused_linear_gspo_loss,
+    token_logprobs,
+)
+from gspo_kernels.fused_linear_stream import STREAM_TILES, stream_tile
 from gspo_kernels.loss import gspo_loss
 from gspo_kernels.moe import (
     grouped_matmul,
@@ -29,9 +35,10 @@ __all__ = [
     "use_backend",
     # Building blocks: the pieces of the public functions that code composing its own variants
     # (grouped-expert LoRA, expert parallelism, a memory planner) uses directly.
-    "DEFAULT_CHUNK_BUDGET_MIB",  # fused_linear_gspo_loss's default bound on the logits it keeps, in MiB
-    "ROW_CHUNK",  # rows of one streamed lm_head tile
-    "VOCAB_CHUNK",  # vocabulary entries of one streamed lm_head tile
+    "DEFAULT_CHUNK_BUDGETS_MIB",  # fused_linear_gspo_loss's default bound on the logits it keeps, per device type
+    "default_chunk_budget_mib",  # that bound for a device
+    "STREAM_TILES",  # rows x vocabulary entries of one streamed lm_head tile, per device type
+    "stream_tile",  # that tile for a device
     "ExpertOrder",  # the (token, slot) pairs sorted by expert, with per-expert counts and first rows
     "sort_by_expert",  # topk_idx [N, k] -> its ExpertOrder
     "grouped_matmul",  # rows in expert order [S, K] times each expert's [K, M] -> [S, M]

@@ -42,11 +42,15 @@ def use_backend(name: str) -> Iterator[None]:
         _forced.pop()
 
 
-def resolve_backend(tensor: torch.Tensor) -> str:
-    """The backend a call on `tensor` runs: the forced one, else triton on CUDA, torch elsewhere."""
+def resolve_backend(tensor: torch.Tensor, cuda_default: str = "triton") -> str:
+    """The backend a call on `tensor` runs: the forced one, else `cuda_default` on CUDA, torch elsewhere.
+
+    cuda_default is "torch" for a kernel family whose PyTorch path, on cuBLAS, measured faster on
+    a GPU than its Triton kernels; forcing "triton" still runs those.
+    """
     name = _forced[-1] if _forced else _check(os.environ.get(ENV_VAR, "auto") or "auto")
     if name == "auto":
-        name = "triton" if tensor.is_cuda and triton_available() else "torch"
+        name = cuda_default if tensor.is_cuda and triton_available() else "torch"
     if name == "triton" and not triton_available():
         raise RuntimeError("the triton backend was requested but triton is not installed")
     if name == "triton" and not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":

@@ -17,7 +17,7 @@ of sequences under a memory budget, `chunk_budget_mib`, that does not depend on 
   d hidden, d weight and d bias right away, during the forward. The backward only scales them by
   d loss.
 - recompute (8NHV): the sequences whose logits alone exceed the budget form one last chunk that
-  streams tiles of [ROW_CHUNK, VOCAB_CHUNK] twice (gspo_kernels/fused_linear_stream.py): once
+  streams tiles of rows x vocabulary (`stream_tile`) twice (gspo_kernels/fused_linear_stream.py): once
   with an online log-sum-exp for the log-probs, once, after the gradient is known, recomputing
   each tile to form d logits. `token_logprobs` always works this way (its downstream use is
   unknown, so it saves only the per-token log-sum-exp).
@@ -38,21 +38,34 @@ from torch import nn
 from gspo_kernels import reference
 from gspo_kernels.backend import resolve_backend
 from gspo_kernels.fused_linear_stream import (
-    ROW_CHUNK,
     Grads,
     accumulation_dtype,
     dlogits_tile_torch,
     kept_grads,
     kept_logits,
     stream_stats_torch,
+    stream_tile,
 )
 from gspo_kernels.fused_linear_stream import stream_grads as stream_grads_tiled
 from gspo_kernels.loss import gspo_loss
 from gspo_kernels.validation import holds_integers, value_range
 
-# Big enough to keep the logits of one 512-token sequence of Qwen3's vocabulary in fp32
-# (297 MiB), small enough to stay a fraction of what materialized logits cost.
-DEFAULT_CHUNK_BUDGET_MIB = 512
+# Logits kept at once by default, by device type. CPU: the logits of one 512-token sequence of
+# Qwen3's vocabulary in fp32 (297 MiB), a fraction of what materialized logits cost. CUDA: none.
+# On an H200, recomputing the logits in large cuBLAS tiles beat keeping them one sequence at a
+# time (N = 8 x 1024, H = 4096, V = 151,936: 80 ms and 0.8 GiB against 128 ms and 3.7 GiB, whose
+# d weight must sum in fp32 over the chunks); keeping pays only with budgets over 2 GiB.
+DEFAULT_CHUNK_BUDGETS_MIB = {"cpu": 512, "cuda": 0}
+
+
+# On CUDA the streamed tiles run through cuBLAS by default: the Triton tile kernels
+# (fused_linear_triton.py, forced with use_backend("triton")) took 308 ms on an H200 where
+# 8192 x 8192 cuBLAS tiles took 194 ms (N = 16,384, H = 4096, V = 151,936; bench/RESULTS.md).
+CUDA_DEFAULT_BACKEND = "torch"
+
+
+def default_chunk_budget_mib(device: torch.device) -> float:
+    return DEFAULT_CHUNK_BUDGETS_MIB["cuda" if device.type == "cuda" else "cpu"]
 
 
 def _shape(tensor: torch.Tensor) -> tuple[int, ...]:
@@ -107,8 +120,9 @@ def stream_stats(backend, hidden_rows, weight, bias, targets, inv_temperature, w
     num_rows = hidden_rows.shape[0]
     logp = torch.full((num_rows,), float("nan"), dtype=dtype, device=hidden_rows.device)
     lse, entropy = torch.full_like(logp, float("nan")), torch.full_like(logp, float("nan"))
-    for r0 in range(0, num_rows, ROW_CHUNK):
-        rows = slice(r0, min(r0 + ROW_CHUNK, num_rows))
+    row_chunk, _ = stream_tile(hidden_rows.device)
+    for r0 in range(0, num_rows, row_chunk):
+        rows = slice(r0, min(r0 + row_chunk, num_rows))
         out = stream_stats_torch(hidden_rows[rows], weight, bias, targets[rows], inv_temperature, with_entropy)
         logp[rows], lse[rows] = out[0], out[1]
         if with_entropy:
@@ -204,7 +218,7 @@ def token_logprobs(
         and bias; with return_entropy, (logps, entropy [B, T]), both differentiable.
     """
     validate_linear_inputs(hidden, weight, targets, bias, temperature)
-    backend = resolve_backend(hidden)
+    backend = resolve_backend(hidden, cuda_default=CUDA_DEFAULT_BACKEND)
     if backend == "reference":
         return reference.token_logprobs_reference(
             hidden, weight, targets, bias=bias, temperature=temperature, return_entropy=return_entropy
@@ -333,13 +347,14 @@ def fused_linear_gspo_loss(
     eps_high: float = 4e-4,
     ref_logps: torch.Tensor | None = None,
     beta: float = 0.0,
-    chunk_budget_mib: float = DEFAULT_CHUNK_BUDGET_MIB,
+    chunk_budget_mib: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`gspo_loss(token_logprobs(hidden, weight, targets, ...), old_logps, ...)` without the logits.
 
     Args are those of `token_logprobs` and `gspo_kernels.gspo_loss`; `old_logps=None` means
     on-policy (old = current, detached: s_i = 1). `chunk_budget_mib` bounds the logits kept at
-    once (see the module docstring); it changes speed and memory, never the result.
+    once (see the module docstring; 0 recomputes them all; None: the device's default,
+    `default_chunk_budget_mib`); it changes speed and memory, never the result.
 
     Returns:
         (loss, metrics) exactly as gspo_loss returns them; loss is differentiable with respect
@@ -348,10 +363,12 @@ def fused_linear_gspo_loss(
     validate_linear_inputs(hidden, weight, targets, bias, temperature)
     if mask.shape != targets.shape:
         raise ValueError(f"mask must be [B, T] = {_shape(targets)} like targets, got shape {_shape(mask)}")
-    if not chunk_budget_mib > 0:
-        raise ValueError(f"chunk_budget_mib must be positive, got {chunk_budget_mib!r}")
+    if chunk_budget_mib is None:
+        chunk_budget_mib = default_chunk_budget_mib(hidden.device)
+    if not chunk_budget_mib >= 0:
+        raise ValueError(f"chunk_budget_mib must be >= 0 (0 keeps no logits), got {chunk_budget_mib!r}")
     loss_options = {"level": level, "eps_low": eps_low, "eps_high": eps_high, "beta": beta}
-    backend = resolve_backend(hidden)
+    backend = resolve_backend(hidden, cuda_default=CUDA_DEFAULT_BACKEND)
     if backend == "reference":
         logps = reference.token_logprobs_reference(hidden, weight, targets, bias=bias, temperature=temperature)
         old = logps.detach() if old_logps is None else old_logps
@@ -381,7 +398,7 @@ class LinearGSPOLoss(nn.Module):
     """
 
     def __init__(self, level: str = "sequence", eps_low: float = 3e-4, eps_high: float = 4e-4, beta: float = 0.0,
-                 temperature: float = 1.0, chunk_budget_mib: float = DEFAULT_CHUNK_BUDGET_MIB):
+                 temperature: float = 1.0, chunk_budget_mib: float | None = None):
         super().__init__()
         self.level, self.eps_low, self.eps_high, self.beta = level, eps_low, eps_high, beta
         self.temperature, self.chunk_budget_mib = temperature, chunk_budget_mib

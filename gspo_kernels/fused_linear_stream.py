@@ -19,10 +19,16 @@ from dataclasses import dataclass
 
 import torch
 
-# 512 rows x 8192 vocabulary entries: a 16 MiB fp32 tile, and matmuls large enough to run near
-# the BLAS peak on CPU (measured: about 100 GFLOP/s for H = 512 on 2 cores, against 70 at 4096 entries).
-ROW_CHUNK = 512
-VOCAB_CHUNK = 8192
+# Rows x vocabulary entries of one logits tile, by device type. CPU: 512 x 8192, a 16 MiB fp32
+# tile whose matmuls run near the BLAS peak (about 100 GFLOP/s for H = 512 on 2 cores, against 70
+# at 4096 entries). CUDA: 8192 x 8192, a 256 MiB tile: on an H200 the lm_head loss at N = 16,384,
+# H = 4096, V = 151,936 took 194 ms with it, 207 ms at 4096 rows and 467 ms at 512 (bench/RESULTS.md).
+STREAM_TILES = {"cpu": (512, 8192), "cuda": (8192, 8192)}
+
+
+def stream_tile(device: torch.device) -> tuple[int, int]:
+    """(rows, vocabulary entries) of one streamed logits tile on `device`."""
+    return STREAM_TILES["cuda" if device.type == "cuda" else "cpu"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,8 +97,9 @@ class OnlineLogSumExp:
 def stream_stats_torch(hidden_rows, weight, bias, targets, inv_temperature, with_entropy):
     """(logp, lse, entropy or None) [R] for rows [R, H], one vocabulary tile at a time."""
     stats = OnlineLogSumExp(targets, accumulation_dtype(hidden_rows.dtype), with_entropy)
-    for v0 in range(0, weight.shape[0], VOCAB_CHUNK):
-        v1 = min(v0 + VOCAB_CHUNK, weight.shape[0])
+    _, vocab_chunk = stream_tile(hidden_rows.device)
+    for v0 in range(0, weight.shape[0], vocab_chunk):
+        v1 = min(v0 + vocab_chunk, weight.shape[0])
         stats.update_(logits_tile(hidden_rows, weight, bias, v0, v1, inv_temperature), v0)
     return stats.result()
 
@@ -161,11 +168,12 @@ def stream_grads(hidden_rows, weight, bias, targets, lse, entropy, grad_logp, gr
     `dlogits_tile_torch` or the Triton kernel of the same signature.
     """
     num_rows = hidden_rows.shape[0]
-    for v0 in range(0, weight.shape[0], VOCAB_CHUNK):
-        v1 = min(v0 + VOCAB_CHUNK, weight.shape[0])
+    row_chunk, vocab_chunk = stream_tile(hidden_rows.device)
+    for v0 in range(0, weight.shape[0], vocab_chunk):
+        v1 = min(v0 + vocab_chunk, weight.shape[0])
         weight_grad, bias_grad = _chunk_accumulator(grads.weight, v0, v1), _chunk_accumulator(grads.bias, v0, v1)
-        for r0 in range(0, num_rows, ROW_CHUNK):
-            rows = slice(r0, min(r0 + ROW_CHUNK, num_rows))
+        for r0 in range(0, num_rows, row_chunk):
+            rows = slice(r0, min(r0 + row_chunk, num_rows))
             dlogits = dlogits_tile(
                 hidden_rows[rows], weight, bias, v0, v1, targets[rows], lse[rows],
                 None if entropy is None else entropy[rows], grad_logp[rows],
@@ -178,21 +186,22 @@ def stream_grads(hidden_rows, weight, bias, targets, lse, entropy, grad_logp, gr
 
 
 def kept_logits(hidden_rows, weight, bias, targets, inv_temperature):
-    """Every vocabulary tile of rows [R, H], kept as (exp(z - m), m [R]): (tiles, logp [R], lse [R])."""
+    """Every vocabulary tile of rows [R, H], kept as (exp(z - m), m [R], its first vocabulary entry):
+    (tiles, logp [R], lse [R])."""
     stats = OnlineLogSumExp(targets, accumulation_dtype(hidden_rows.dtype), with_entropy=False)
     tiles = []
-    for v0 in range(0, weight.shape[0], VOCAB_CHUNK):
-        v1 = min(v0 + VOCAB_CHUNK, weight.shape[0])
+    _, vocab_chunk = stream_tile(hidden_rows.device)
+    for v0 in range(0, weight.shape[0], vocab_chunk):
+        v1 = min(v0 + vocab_chunk, weight.shape[0])
         tile = logits_tile(hidden_rows, weight, bias, v0, v1, inv_temperature)
-        tiles.append((tile, stats.update_(tile, v0)))
+        tiles.append((tile, stats.update_(tile, v0), v0))
     logp, lse, _ = stats.result()
     return tiles, logp, lse
 
 
 def kept_grads(tiles, hidden_rows, weight, targets, lse, grad_logp, inv_temperature, grads: Grads):
     """Turn kept tiles into d logits in place, one at a time, and add their gradients to `grads`."""
-    for index, (tile, tile_max) in enumerate(tiles):
-        v0 = index * VOCAB_CHUNK
+    for index, (tile, tile_max, v0) in enumerate(tiles):
         v1 = v0 + tile.shape[1]
         # d logits = g (onehot - p) / temperature, with p = tile * exp(m - lse)
         tile.mul_((-grad_logp * torch.exp(tile_max - lse) * inv_temperature)[:, None])

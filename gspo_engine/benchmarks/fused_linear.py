@@ -1,9 +1,10 @@
 """lm_head + GSPO loss forward + backward: the fused kernels, the full-logits reference, and peers.
 
 Implementations: "reference" (logits -> log_softmax -> gather -> GSPO loss, as TRL computes it),
-"fused" (gspo_kernels.fused_linear_gspo_loss, default budget: each sequence's logits kept, 6NHV),
-"fused_recompute" (the same with a budget too small to keep any sequence: logits recomputed,
-8NHV), "liger" (Liger-Kernel's chunked LigerFusedLinearGRPOLoss, sequence-level importance
+"fused" (gspo_kernels.fused_linear_gspo_loss with its defaults: on a CPU each sequence's logits
+kept, 6NHV; on a GPU every logit recomputed in cuBLAS tiles, 8NHV), "fused_recompute" (budget 0:
+every logit recomputed, 8NHV), "fused_triton" (the same through the Triton tile kernels, forced
+with use_backend("triton")), "liger" (Liger-Kernel's chunked LigerFusedLinearGRPOLoss, sequence-level importance
 sampling, loss_type="grpo", beta=0, uncompiled), "liger-triton" (logits materialized, then
 Liger-Kernel's Triton `triton_grpo_loss` with the same options; CUDA only; it scores T-1 tokens
 per row, since it drops the last position of the logits). Peers are skipped when not installed.
@@ -14,6 +15,7 @@ GEMMs), N = B x T tokens, whatever an implementation recomputes on top.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 
 import torch
@@ -22,7 +24,7 @@ import gspo_kernels as gk
 from gspo_engine.benchmarks.cases import Case
 from gspo_kernels import reference
 
-IMPLEMENTATIONS = ("reference", "fused", "fused_recompute", "liger", "liger-triton")
+IMPLEMENTATIONS = ("reference", "fused", "fused_recompute", "fused_triton", "liger", "liger-triton")
 EPS_LOW, EPS_HIGH = 3e-4, 4e-4
 # (B, T, H, V): on a GPU the target shape, N = 16,384 tokens, H = 4096, V = 151,936 (Qwen3's vocabulary).
 SHAPES = {"gpu": [(4, 4096, 4096, 151936)], "cpu": [(2, 256, 256, 32768)], "smoke": [(2, 16, 32, 512)]}
@@ -32,7 +34,7 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     """Why implementation `name` cannot run on `device`, or None when it can."""
     if name.startswith("liger") and importlib.util.find_spec("liger_kernel") is None:
         return "liger-kernel not installed"
-    if name == "liger-triton" and device.type != "cuda":
+    if name in ("liger-triton", "fused_triton") and device.type != "cuda":
         return "Triton kernel: CUDA only"
     return None
 
@@ -71,12 +73,14 @@ def make_step(name, inputs):
         def loss():
             return reference.fused_linear_gspo_loss_reference(
                 hidden, weight, targets, old_logps, advantages, mask, **options)[0]
-    elif name in ("fused", "fused_recompute"):
-        budget = dict(chunk_budget_mib=1e-3) if name == "fused_recompute" else {}
+    elif name in ("fused", "fused_recompute", "fused_triton"):
+        budget = {} if name == "fused" else dict(chunk_budget_mib=0)
+        backend = gk.use_backend("triton") if name == "fused_triton" else contextlib.nullcontext()
 
         def loss():
-            return gk.fused_linear_gspo_loss(
-                hidden, weight, targets, old_logps, advantages, mask, **options, **budget)[0]
+            with backend:
+                return gk.fused_linear_gspo_loss(
+                    hidden, weight, targets, old_logps, advantages, mask, **options, **budget)[0]
     elif name == "liger":
         from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 

@@ -16,7 +16,11 @@ from gspo_engine.distributed.rules import check_data_parallel
 from gspo_engine.model import ModelArgs, Qwen3Model
 from gspo_engine.planner.activations import Compute, TokenBytes, resolve_compute, token_bytes
 from gspo_engine.rollout import PREFILL_TOKENS
-from gspo_kernels import DEFAULT_CHUNK_BUDGET_MIB, ROW_CHUNK, VOCAB_CHUNK
+from gspo_kernels import DEFAULT_CHUNK_BUDGETS_MIB, STREAM_TILES
+
+# The planned run is on GPUs: the fused loss's CUDA defaults.
+CHUNK_BUDGET_MIB = DEFAULT_CHUNK_BUDGETS_MIB["cuda"]
+TILE_ROWS, TILE_VOCAB = STREAM_TILES["cuda"]
 
 GIB = 2**30
 # What a card holds besides the tensors counted here: the CUDA context, NCCL's and cuBLAS's
@@ -235,9 +239,12 @@ def fused_loss_bytes(args: ModelArgs, compute: Compute, tokens: int, response: i
         4 * tokens * hidden  # d hidden, accumulated in fp32
         + (c if c != 4 else 0) * tokens * hidden  # ... cast to the hidden states' dtype for the backward
         + response * hidden * (c + 4)  # the response rows gathered, and their fp32 gradient
-        + min(DEFAULT_CHUNK_BUDGET_MIB * 2**20, response * vocab * 4)  # the logits kept (or streamed tiles)
-        + 4 * vocab * hidden  # d weight, accumulated in fp32
-        + (weight if weight != 4 else 0) * vocab * hidden  # ... cast to the weight's dtype
+        + max(min(CHUNK_BUDGET_MIB * 2**20, response * vocab * 4),  # the logits kept, or
+              min(TILE_ROWS, response) * min(TILE_VOCAB, vocab) * (4 + c))  # one streamed tile
+        # d weight: in the weight's dtype, each vocabulary chunk summed in fp32 first (all logits
+        # recomputed: one contribution per entry, see gspo_kernels.fused_linear._new_grads)
+        + weight * vocab * hidden
+        + (4 * min(TILE_VOCAB, vocab) * hidden if weight != 4 else 0)
         + 8 * tokens  # log-probs and the loss's per-token terms
     )
 
@@ -262,7 +269,7 @@ def scoring_bytes(args: ModelArgs, sizes: ModelSizes, compute: Compute, config: 
                   tokens: int) -> Scoring:
     # token_logprobs streams [rows, vocabulary] logits tiles: fp32, from a matmul in the compute dtype.
     matmul_out = compute.compute if compute.compute != 4 else 0
-    tile = min(ROW_CHUNK, tokens) * min(VOCAB_CHUNK, args.vocab_size) * (4 + matmul_out)
+    tile = min(TILE_ROWS, tokens) * min(TILE_VOCAB, args.vocab_size) * (4 + matmul_out)
     working = tokens * (per_token.no_grad + per_token.hidden_states + per_token.batch) + tile
     return Scoring(scoring_weights_bytes(sizes, compute, config), working)
 

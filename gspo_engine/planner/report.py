@@ -13,9 +13,10 @@ from gspo_engine.planner.memory_model import (
     HEADROOM_FIXED_GIB,
     HEADROOM_FRACTION,
     MICRO_BATCH_STEP,
+    TILE_ROWS,
+    TILE_VOCAB,
     MemoryPlan,
 )
-from gspo_kernels import DEFAULT_CHUNK_BUDGET_MIB
 
 @dataclass
 class Plan:
@@ -88,7 +89,7 @@ def memory_lines(memory: MemoryPlan) -> list[str]:
              training.activations_checkpointed),
         _row("    activations without checkpointing" + _configured(not training.checkpointing),
              training.activations_full),
-        _row(f"    fused lm_head loss working set (chunk budget {DEFAULT_CHUNK_BUDGET_MIB} MiB)",
+        _row(f"    fused lm_head loss working set (logits recomputed in {TILE_ROWS} x {TILE_VOCAB} tiles)",
              training.fused_loss),
         _row("    backward of one block" + (", recomputed" if training.checkpointing else ""), training.backward),
         _verdict("    training peak (the larger of loss and backward counts)", training.peak(states),
