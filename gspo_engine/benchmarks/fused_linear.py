@@ -75,10 +75,10 @@ def make_step(name, inputs):
                 hidden, weight, targets, old_logps, advantages, mask, **options)[0]
     elif name in ("fused", "fused_recompute", "fused_triton"):
         budget = {} if name == "fused" else dict(chunk_budget_mib=0)
-        backend = gk.use_backend("triton") if name == "fused_triton" else contextlib.nullcontext()
 
         def loss():
-            with backend:
+            # a fresh context each call: a generator-based context manager cannot be entered twice
+            with gk.use_backend("triton") if name == "fused_triton" else contextlib.nullcontext():
                 return gk.fused_linear_gspo_loss(
                     hidden, weight, targets, old_logps, advantages, mask, **options, **budget)[0]
     elif name == "liger":
