@@ -67,11 +67,11 @@ def _device(name: str | None):
         raise click.BadParameter(str(error), param_hint="--device") from error
 
 
-def _plan_lines(config, gpus: int, gpu_memory_gb: float) -> list[str]:
+def _plan_lines(config, gpus: int, gpu_memory_gb: float, device: str = "GPU") -> list[str]:
     from gspo_engine.planner import make_plan
 
     try:
-        plan = make_plan(config, gpus=gpus, gpu_memory_gb=gpu_memory_gb)
+        plan = make_plan(config, gpus=gpus, gpu_memory_gb=gpu_memory_gb, device=device)
     except ValueError as error:
         raise click.ClickException(str(error)) from error
     return ["", "plan:"] + [f"  {line}" for line in plan.lines()]
@@ -130,7 +130,11 @@ _FLAG_KEYS = {
               help="Start over in an output_dir that holds an earlier run, replacing its outputs.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in output_dir.")
 @click.option("--dry-run", is_flag=True, help="Validate the config and print the plan without loading weights.")
-def train(config_path, config_option, overrides, stage, resume, dry_run, **flags) -> None:
+@click.option("--gpus", type=click.IntRange(1), default=None,
+              help="With --dry-run: plan for this many GPUs (default: the machine the run would use).")
+@click.option("--gpu-memory-gb", type=click.FloatRange(0, min_open=True), default=None,
+              help="With --dry-run: memory of one planned GPU in GB (default: the machine's).")
+def train(config_path, config_option, overrides, stage, resume, dry_run, gpus, gpu_memory_gb, **flags) -> None:
     """Train a Qwen3 model with GSPO: gspo-engine train configs/tiny-moe.yaml"""
     import logging
 
@@ -168,10 +172,18 @@ def train(config_path, config_option, overrides, stage, resume, dry_run, **flags
         world_size = os.environ.get("WORLD_SIZE", "1")
         if not world_size.isdigit() or int(world_size) < 1:
             raise click.ClickException(f"WORLD_SIZE={world_size!r} is not a number of processes")
-        click.echo("\n".join(_plan_lines(config, int(world_size), 80.0)))
-        click.echo(f"  (gspo-engine plan {config_path or config_option or 'CONFIG'} --gpus N --gpu-memory-gb G "
-                   "plans another cluster)")
+        from gspo_engine.device import DeviceError
+        from gspo_engine.planner.machine import machine_for
+
+        try:
+            machine = machine_for(config, int(world_size), gpus, gpu_memory_gb)
+        except DeviceError as error:
+            raise click.ClickException(f"train.device: {error}") from error
+        click.echo(f"\n{machine.description}")
+        click.echo("\n".join(_plan_lines(machine.config, machine.count, machine.memory_gb, machine.device)))
         return
+    if gpus is not None or gpu_memory_gb is not None:
+        raise click.UsageError("--gpus and --gpu-memory-gb plan a dry run: add --dry-run, or use gspo-engine plan")
 
     import os
 

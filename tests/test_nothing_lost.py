@@ -162,3 +162,16 @@ def test_config_yaml_records_what_the_run_used(run):
     assert used["train"]["device"] == "cpu" and used["train"]["precision"] == "fp32"
     assert [r["function"] for r in used["rewards"]] == ["digit_match"]
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
+
+
+def test_dry_run_plans_the_machine_the_run_would_use():
+    result = invoke("train", TINY, "--dry-run")
+    assert result.exit_code == 0, result.output
+    # No GPU here: the run computes on the CPU in fp32, and the plan says so instead of assuming a card.
+    assert "planned for this machine's CPU" in result.output and "memory per CPU: 1 x" in result.output
+    assert "fp32 (train.precision auto on a CPU)" in result.output and "80 GB" not in result.output
+    result = invoke("train", TINY, "--dry-run", "--gpus", 2, "--gpu-memory-gb", 40)
+    assert result.exit_code == 0, result.output
+    assert "planned for 2 x 40 GB GPUs" in result.output and "memory per GPU: 2 x 40 GB" in result.output
+    assert "bf16-mixed" in result.output
+    assert invoke("train", TINY, "--gpus", 2).exit_code != 0  # planning flags without --dry-run

@@ -181,7 +181,7 @@ def test_dry_run_plans_torchrun_world_size(monkeypatch, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "What is 2 + 2?", "answer": "4"}\n')
     monkeypatch.setenv("WORLD_SIZE", "8")
-    result = invoke("train", MOE_YAML, "--dry-run", "--dataset", prompts)
+    result = invoke("train", MOE_YAML, "--dry-run", "--dataset", prompts, "--gpu-memory-gb", 80)
     assert result.exit_code == 0, result.output
     assert "memory per GPU: 8 x 80 GB" in result.output
     monkeypatch.setenv("WORLD_SIZE", "many")

@@ -73,6 +73,7 @@ def model_sizes(model: Qwen3Model) -> ModelSizes:
 class Cluster:
     gpus: int = 1
     gpu_memory_gb: float = 80.0  # decimal GB, as cards are sold
+    device: str = "GPU"  # what the run computes on: "GPU", or "CPU" with the host's memory
 
     def __post_init__(self):
         if not isinstance(self.gpus, int) or self.gpus < 1:

@@ -12,9 +12,10 @@ from gspo_engine.planner.released_shapes import plan_model_args
 from gspo_engine.planner.report import Plan
 
 
-def make_plan(config: Config, gpus: int = 1, gpu_memory_gb: float = 80.0) -> Plan:
-    """The plan of `config` on `gpus` cards of `gpu_memory_gb` decimal GB each, from the model's shapes alone."""
-    cluster = Cluster(gpus, gpu_memory_gb)
+def make_plan(config: Config, gpus: int = 1, gpu_memory_gb: float = 80.0, device: str = "GPU") -> Plan:
+    """The plan of `config` on `gpus` cards of `gpu_memory_gb` decimal GB each (or, with device "CPU", one
+    process with that much host memory), from the model's shapes alone."""
+    cluster = Cluster(gpus, gpu_memory_gb, device)
     args, source = plan_model_args(config.model.name_or_path)
     with torch.device("meta"):
         model = Qwen3Model(args)

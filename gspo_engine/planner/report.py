@@ -65,9 +65,10 @@ def memory_lines(memory: MemoryPlan) -> list[str]:
     micro = training.micro
     sharded = f", 1/{cluster.gpus} each" if cluster.gpus > 1 else ""
     lines = [
-        f"memory per GPU: {cluster.gpus} x {cluster.gpu_memory_gb:g} GB = {cluster.capacity_bytes / GIB:.2f} GiB "
-        f"each, {memory.usable / GIB:.2f} GiB planned ({HEADROOM_FIXED_GIB:g} GiB + {HEADROOM_FRACTION:.0%} left "
-        "for the CUDA context and allocator fragmentation)",
+        f"memory per {cluster.device}: {cluster.gpus} x {cluster.gpu_memory_gb:g} GB = "
+        f"{cluster.capacity_bytes / GIB:.2f} GiB each, {memory.usable / GIB:.2f} GiB planned "
+        f"({HEADROOM_FIXED_GIB:g} GiB + {HEADROOM_FRACTION:.0%} left for "
+        f"{'the CUDA context' if cluster.device == 'GPU' else 'the rest of the process'} and allocator fragmentation)",
         f"  precision: {memory.compute.label}",
         _row(f"  frozen {states.lora_base} base weights + fp32 adapters" if states.lora_base
              else f"  weights (fp32{sharded})", states.weights),
@@ -89,7 +90,8 @@ def memory_lines(memory: MemoryPlan) -> list[str]:
              training.activations_checkpointed),
         _row("    activations without checkpointing" + _configured(not training.checkpointing),
              training.activations_full),
-        _row(f"    fused lm_head loss working set (logits recomputed in {TILE_ROWS} x {TILE_VOCAB} tiles)",
+        _row("    fused lm_head loss working set" + (f" (logits recomputed in {TILE_ROWS} x {TILE_VOCAB} tiles)"
+                                                  if memory.cluster.device == "GPU" else ""),
              training.fused_loss),
         _row("    backward of one block" + (", recomputed" if training.checkpointing else ""), training.backward),
         _verdict("    training peak (the larger of loss and backward counts)", training.peak(states),
