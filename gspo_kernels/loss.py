@@ -7,6 +7,10 @@ Per sequence i with response tokens t (mask = 1), n_i of them, advantage A_i:
             -min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i)   (eq. 5)
             + beta * (1/n_i) * sum_t k3(ref_it, logp_it)
 
+Two conventions of TRL's GRPOTrainer are options: `kl_weighted_by_ratio` multiplies each
+token's k3 by the level's importance ratio (s_i, with its gradient), and `count_empty_sequences`
+divides by all B sequences instead of those with n_i > 0.
+
 "sequence_token" (GSPO-token, eqs. 13-17) and "token" (GRPO) apply the clipped term per token
 and average it over the sequence's tokens. The algorithm runs in two steps, identical in the
 Triton kernels (gspo_kernels/loss_triton.py) and in the PyTorch path below:
@@ -32,7 +36,8 @@ from gspo_kernels.loss_stats import KL_LOG_RATIO_MAX, LEVELS, NUM_STATS, POLICY_
 from gspo_kernels.validation import describe, require_tensor
 
 
-def validate_loss_inputs(logps, old_logps, advantages, mask, level, eps_low, eps_high, ref_logps, beta) -> None:
+def validate_loss_inputs(logps, old_logps, advantages, mask, level, eps_low, eps_high, ref_logps, beta,
+                         kl_weighted_by_ratio, count_empty_sequences) -> None:
     """Raise ValueError naming the argument for every input gspo_loss cannot take."""
     named = {"logps": logps, "old_logps": old_logps, "advantages": advantages, "mask": mask}
     if ref_logps is not None:
@@ -69,6 +74,9 @@ def validate_loss_inputs(logps, old_logps, advantages, mask, level, eps_low, eps
     for name, eps in (("eps_low", eps_low), ("eps_high", eps_high), ("beta", beta)):
         if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
             raise ValueError(f"{name} must be a finite number >= 0; got {eps!r}")
+    for name, flag in (("kl_weighted_by_ratio", kl_weighted_by_ratio), ("count_empty_sequences", count_empty_sequences)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False; got {flag!r}")
     if beta > 0 and ref_logps is None:
         raise ValueError(f"beta = {beta} needs ref_logps (the reference policy's per-token log-probs)")
     for name, value in named.items():
@@ -86,7 +94,8 @@ def _clip_counts(response, token_advantages, ratio, eps_low, eps_high):
     return low, high
 
 
-def torch_forward_stats(logps, old_logps, advantages, mask, ref_logps, level, eps_low, eps_high, beta):
+def torch_forward_stats(logps, old_logps, advantages, mask, ref_logps, level, eps_low, eps_high, beta,
+                        kl_weighted_by_ratio):
     """Per-sequence statistics [B, NUM_STATS], the PyTorch twin of the Triton forward kernel."""
     dtype = _compute_dtype(logps)
     response = mask != 0
@@ -97,12 +106,12 @@ def torch_forward_stats(logps, old_logps, advantages, mask, ref_logps, level, ep
     inv_lengths = 1.0 / lengths.clamp(min=1)
     token_log_ratio = logps - old_logps
     seq_log_ratio = token_log_ratio.sum(dim=1) * inv_lengths
+    seq_ratio = torch.exp(seq_log_ratio.clamp(max=POLICY_LOG_RATIO_MAX))
     stats = torch.zeros(logps.shape[0], NUM_STATS, dtype=dtype, device=logps.device)
 
     if advantages.dim() == 1 and level != "token":
         # One advantage per sequence: every token of the sequence has the same clipped term.
         adv = advantages.to(dtype)
-        seq_ratio = torch.exp(seq_log_ratio.clamp(max=POLICY_LOG_RATIO_MAX))
         policy = -torch.minimum(seq_ratio * adv, seq_ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
         stats[:, Stat.CLIP_LOW] = torch.where((adv < 0) & (seq_ratio < 1 - eps_low), lengths, zero)
         stats[:, Stat.CLIP_HIGH] = torch.where((adv > 0) & (seq_ratio > 1 + eps_high), lengths, zero)
@@ -116,7 +125,6 @@ def torch_forward_stats(logps, old_logps, advantages, mask, ref_logps, level, ep
             ratio = torch.exp(token_log_ratio.clamp(max=POLICY_LOG_RATIO_MAX))
             stats[:, Stat.RATIO_SUM] = torch.where(response, ratio, zero).sum(dim=1)
         else:
-            seq_ratio = torch.exp(seq_log_ratio.clamp(max=POLICY_LOG_RATIO_MAX))
             ratio = seq_ratio[:, None].expand_as(logps)
             stats[:, Stat.RATIO_SUM] = torch.where(lengths > 0, seq_ratio, zero)
         token_loss = -torch.minimum(ratio * token_adv, ratio.clamp(1 - eps_low, 1 + eps_high) * token_adv)
@@ -129,7 +137,10 @@ def torch_forward_stats(logps, old_logps, advantages, mask, ref_logps, level, ep
         log_ref_ratio = (torch.where(response, ref_logps.to(dtype), zero) - logps).clamp(max=KL_LOG_RATIO_MAX)
         token_kl = torch.where(response, torch.exp(log_ref_ratio) - log_ref_ratio - 1, zero)
         stats[:, Stat.KL_SUM] = token_kl.sum(dim=1)
-        policy = policy + beta * stats[:, Stat.KL_SUM] * inv_lengths
+        kl_term = stats[:, Stat.KL_SUM]
+        if kl_weighted_by_ratio:
+            kl_term = (token_kl * ratio).sum(dim=1) if level == "token" else kl_term * seq_ratio
+        policy = policy + beta * kl_term * inv_lengths
 
     stats[:, Stat.LOSS] = torch.where(lengths > 0, policy, zero)
     stats[:, Stat.LENGTH] = lengths
@@ -137,10 +148,12 @@ def torch_forward_stats(logps, old_logps, advantages, mask, ref_logps, level, ep
     return stats
 
 
-def torch_backward_grad(logps, old_logps, advantages, mask, ref_logps, stats, level, eps_low, eps_high, beta, scale):
+def torch_backward_grad(logps, old_logps, advantages, mask, ref_logps, stats, level, eps_low, eps_high, beta,
+                        kl_weighted_by_ratio, scale):
     """d loss / d logps [B, T], the PyTorch twin of the Triton backward kernel.
 
-    `scale` is a 0-dim tensor: d(total) / d(loss) divided by the number of valid sequences.
+    `scale` is a 0-dim tensor: d(total) / d(loss) divided by the number of sequences the loss
+    averages over.
     """
     dtype = stats.dtype
     response = mask != 0
@@ -159,8 +172,18 @@ def torch_backward_grad(logps, old_logps, advantages, mask, ref_logps, stats, le
     coefficient = torch.where(passes, -token_adv * ratio, zero)
     if ref_logps is not None and beta != 0:
         log_ref_ratio = torch.where(response, ref_logps.to(dtype), zero) - torch.where(response, logps.to(dtype), zero)
-        kl_grad = 1 - torch.exp(log_ref_ratio.clamp(max=KL_LOG_RATIO_MAX))
-        coefficient = coefficient + beta * torch.where(log_ref_ratio <= KL_LOG_RATIO_MAX, kl_grad, zero)
+        clamped_ref_ratio = log_ref_ratio.clamp(max=KL_LOG_RATIO_MAX)
+        kl_coefficient = torch.where(log_ref_ratio <= KL_LOG_RATIO_MAX, 1 - torch.exp(clamped_ref_ratio), zero)
+        if kl_weighted_by_ratio:
+            # d(ratio * kl) = ratio * d kl + kl * d ratio. Through s_i every token of the sequence
+            # receives the sequence's mean KL; through a token's own ratio, that token's KL.
+            if level == "sequence":
+                kl_through_ratio = (stats[:, Stat.KL_SUM] * inv_lengths)[:, None]
+            else:
+                kl_through_ratio = torch.exp(clamped_ref_ratio) - clamped_ref_ratio - 1
+            passes_ratio = log_ratio <= POLICY_LOG_RATIO_MAX
+            kl_coefficient = ratio * (kl_coefficient + torch.where(passes_ratio, kl_through_ratio, zero))
+        coefficient = coefficient + beta * kl_coefficient
     grad = torch.where(response, coefficient * (inv_lengths[:, None] * scale.to(dtype)), zero)
     return grad.to(logps.dtype)
 
@@ -182,13 +205,17 @@ class GSPOLossFunction(torch.autograd.Function):
     """Loss and metrics from per-sequence statistics; gradient with respect to logps only."""
 
     @staticmethod
-    def forward(ctx, logps, old_logps, advantages, mask, ref_logps, level, eps_low, eps_high, beta, kernels):
-        stats = kernels.forward_stats(logps, old_logps, advantages, mask, ref_logps, level, eps_low, eps_high, beta)
+    def forward(ctx, logps, old_logps, advantages, mask, ref_logps, level, eps_low, eps_high, beta,
+                kl_weighted_by_ratio, count_empty_sequences, kernels):
+        stats = kernels.forward_stats(
+            logps, old_logps, advantages, mask, ref_logps, level, eps_low, eps_high, beta, kl_weighted_by_ratio
+        )
         totals = stats.sum(dim=0)
         lengths = stats[:, Stat.LENGTH]
         num_valid = (lengths > 0).sum().to(stats.dtype)
+        num_averaged = stats.new_tensor(float(stats.shape[0])) if count_empty_sequences else num_valid
         num_tokens = totals[Stat.LENGTH].clamp(min=1)
-        loss = totals[Stat.LOSS] / num_valid.clamp(min=1)
+        loss = totals[Stat.LOSS] / num_averaged.clamp(min=1)
         clip_low = totals[Stat.CLIP_LOW] / num_tokens
         clip_high = totals[Stat.CLIP_HIGH] / num_tokens
         ratio_denominator = num_tokens if level == "token" else num_valid.clamp(min=1)
@@ -199,20 +226,21 @@ class GSPOLossFunction(torch.autograd.Function):
             totals[Stat.RATIO_SUM] / ratio_denominator,
             totals[Stat.KL_SUM] / num_tokens,
         )
-        ctx.save_for_backward(logps, old_logps, advantages, mask, ref_logps, stats, num_valid)
-        ctx.config = (level, eps_low, eps_high, beta, kernels)
+        ctx.save_for_backward(logps, old_logps, advantages, mask, ref_logps, stats, num_averaged)
+        ctx.config = (level, eps_low, eps_high, beta, kl_weighted_by_ratio, kernels)
         ctx.mark_non_differentiable(*metrics)
         return (loss, *metrics)
 
     @staticmethod
     def backward(ctx, grad_loss, *unused_metric_grads):
-        logps, old_logps, advantages, mask, ref_logps, stats, num_valid = ctx.saved_tensors
-        level, eps_low, eps_high, beta, kernels = ctx.config
-        scale = grad_loss.to(stats.dtype) / num_valid.clamp(min=1)
+        logps, old_logps, advantages, mask, ref_logps, stats, num_averaged = ctx.saved_tensors
+        level, eps_low, eps_high, beta, kl_weighted_by_ratio, kernels = ctx.config
+        scale = grad_loss.to(stats.dtype) / num_averaged.clamp(min=1)
         grad = kernels.backward_grad(
-            logps, old_logps, advantages, mask, ref_logps, stats, level, eps_low, eps_high, beta, scale
+            logps, old_logps, advantages, mask, ref_logps, stats, level, eps_low, eps_high, beta,
+            kl_weighted_by_ratio, scale,
         )
-        return (grad,) + (None,) * 9
+        return (grad,) + (None,) * 11
 
 
 METRIC_NAMES = ("clip_frac", "clip_frac_low", "clip_frac_high", "ratio_mean", "kl")
@@ -229,6 +257,8 @@ def gspo_loss(
     eps_high: float = 4e-4,
     ref_logps: torch.Tensor | None = None,
     beta: float = 0.0,
+    kl_weighted_by_ratio: bool = False,
+    count_empty_sequences: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GSPO loss (arXiv 2507.18071) from per-token log-probs.
 
@@ -242,24 +272,34 @@ def gspo_loss(
         eps_low, eps_high: the ratio is clipped to [1 - eps_low, 1 + eps_high].
         ref_logps: [B, T] optional reference-policy log-probs for the k3 KL.
         beta: weight of the per-sequence token-mean KL in the loss.
+        kl_weighted_by_ratio: multiply each token's KL in the loss by the importance ratio of
+            `level` (s_i for the sequence levels, the token's ratio for "token"), gradient
+            included, as TRL's `use_bias_correction_kl=True` does. The `kl` metric stays
+            unweighted.
+        count_empty_sequences: average over all B sequences, those without response tokens
+            adding 0, as TRL's `loss_type="grpo"` does; by default only sequences with at
+            least one response token count.
 
     Returns:
         loss: 0-dim fp32 (fp64 for fp64 inputs) mean over sequences with at least one response
-            token; 0 with zero gradient when there are none.
+            token (over all B with count_empty_sequences); 0 with zero gradient when there are
+            none.
         metrics: detached 0-dim tensors clip_frac, clip_frac_low, clip_frac_high (fractions of
             response tokens), ratio_mean (sequence ratio over valid sequences; token ratio over
             response tokens for "token"), kl (mean per-token k3 KL, 0 without ref_logps).
     """
-    validate_loss_inputs(logps, old_logps, advantages, mask, level, eps_low, eps_high, ref_logps, beta)
+    validate_loss_inputs(logps, old_logps, advantages, mask, level, eps_low, eps_high, ref_logps, beta,
+                         kl_weighted_by_ratio, count_empty_sequences)
     backend = resolve_backend(logps)
     if backend == "reference":
         return reference.gspo_loss_reference(
             logps, old_logps, advantages, mask, level=level, eps_low=eps_low, eps_high=eps_high,
-            ref_logps=ref_logps, beta=beta,
+            ref_logps=ref_logps, beta=beta, kl_weighted_by_ratio=kl_weighted_by_ratio,
+            count_empty_sequences=count_empty_sequences,
         )
     kernels = _kernels_for(backend, logps)
     loss, *metric_values = GSPOLossFunction.apply(
         logps, old_logps.detach(), advantages.detach(), mask, None if ref_logps is None else ref_logps.detach(),
-        level, float(eps_low), float(eps_high), float(beta), kernels,
+        level, float(eps_low), float(eps_high), float(beta), kl_weighted_by_ratio, count_empty_sequences, kernels,
     )
     return loss, dict(zip(METRIC_NAMES, metric_values))

@@ -4,7 +4,8 @@ forward: one program per sequence streams its T tokens in tiles, reduces the mas
 (and, per level, the per-token clipped terms and the KL), then writes one row of per-sequence
 statistics (the columns of `gspo_kernels.loss_stats.Stat`). Per-token advantages at the sequence levels need
 s_i before the per-token terms, so those rows read their tokens twice; every other case reads
-them once.
+them once. With KL_WEIGHTED the KL of each token is multiplied by the importance ratio of the
+level (s_i, or the token's own ratio for "token") in the loss; the KL_SUM column stays unweighted.
 
 backward: one program per (sequence, tile of tokens) writes d loss / d logps for its tokens
 in a single pass from the tokens' inputs and the sequence's statistics row.
@@ -43,7 +44,7 @@ def _gspo_forward_kernel(
     logps_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, stats_ptr,
     T, stride_logps, stride_old, stride_adv, stride_mask, stride_ref,
     eps_low, eps_high, beta,
-    LEVEL: tl.constexpr, TOKEN_ADV: tl.constexpr, HAS_REF: tl.constexpr,
+    LEVEL: tl.constexpr, TOKEN_ADV: tl.constexpr, HAS_REF: tl.constexpr, KL_WEIGHTED: tl.constexpr,
     POLICY_MAX: tl.constexpr, KL_MAX: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -51,6 +52,7 @@ def _gspo_forward_kernel(
     log_ratio_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     length_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     kl_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
+    weighted_kl_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     token_loss_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     ratio_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
     low_acc = tl.zeros([BLOCK_T], dtype=tl.float32)
@@ -72,7 +74,11 @@ def _gspo_forward_kernel(
         if HAS_REF:
             ref = tl.where(response, tl.load(ref_ptr + row * stride_ref + cols, mask=in_row, other=0.0).to(tl.float32), 0.0)
             log_ref_ratio = tl.minimum(ref - logp, KL_MAX)
-            kl_acc += tl.where(response, tl.exp(log_ref_ratio) - log_ref_ratio - 1.0, 0.0)
+            token_kl = tl.where(response, tl.exp(log_ref_ratio) - log_ref_ratio - 1.0, 0.0)
+            kl_acc += token_kl
+            if KL_WEIGHTED:
+                if LEVEL == 2:
+                    weighted_kl_acc += token_kl * tl.exp(tl.minimum(log_ratio, POLICY_MAX))
         if LEVEL == 2:
             if TOKEN_ADV:
                 adv = tl.where(response, tl.load(adv_ptr + row * stride_adv + cols, mask=in_row, other=0.0).to(tl.float32), 0.0)
@@ -117,7 +123,13 @@ def _gspo_forward_kernel(
         clip_high = tl.where(is_high, length, 0.0)
 
     kl_sum = tl.sum(kl_acc, axis=0)
-    loss = tl.where(length > 0, policy + beta * kl_sum * inv_length, 0.0)
+    kl_term = kl_sum
+    if KL_WEIGHTED:
+        if LEVEL == 2:
+            kl_term = tl.sum(weighted_kl_acc, axis=0)
+        else:
+            kl_term = kl_sum * seq_ratio
+    loss = tl.where(length > 0, policy + beta * kl_term * inv_length, 0.0)
     out = stats_ptr + row * NUM_STATS
     tl.store(out + 0, loss)
     tl.store(out + 1, length)
@@ -133,7 +145,7 @@ def _gspo_backward_kernel(
     logps_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, stats_ptr, scale_ptr, grad_ptr,
     T, stride_logps, stride_old, stride_adv, stride_mask, stride_ref, stride_grad,
     eps_low, eps_high, beta,
-    LEVEL: tl.constexpr, TOKEN_ADV: tl.constexpr, HAS_KL: tl.constexpr,
+    LEVEL: tl.constexpr, TOKEN_ADV: tl.constexpr, HAS_KL: tl.constexpr, KL_WEIGHTED: tl.constexpr,
     POLICY_MAX: tl.constexpr, KL_MAX: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -162,8 +174,17 @@ def _gspo_backward_kernel(
     if HAS_KL:
         ref = tl.where(response, tl.load(ref_ptr + row * stride_ref + cols, mask=in_row, other=0.0).to(tl.float32), 0.0)
         log_ref_ratio = ref - logp
-        kl_grad = 1.0 - tl.exp(tl.minimum(log_ref_ratio, KL_MAX))
-        coefficient += beta * tl.where(log_ref_ratio <= KL_MAX, kl_grad, 0.0)
+        clamped_ref_ratio = tl.minimum(log_ref_ratio, KL_MAX)
+        kl_coefficient = tl.where(log_ref_ratio <= KL_MAX, 1.0 - tl.exp(clamped_ref_ratio), 0.0)
+        if KL_WEIGHTED:
+            # d(ratio * kl) = ratio * d kl + kl * d ratio. Through s_i every token of the sequence
+            # receives the sequence's mean KL; through a token's own ratio, that token's KL.
+            if LEVEL == 0:
+                kl_through_ratio = tl.load(stats_ptr + row * NUM_STATS + 6) / tl.maximum(length, 1.0)
+            else:
+                kl_through_ratio = tl.exp(clamped_ref_ratio) - clamped_ref_ratio - 1.0
+            kl_coefficient = ratio * (kl_coefficient + tl.where(log_ratio <= POLICY_MAX, kl_through_ratio, 0.0))
+        coefficient += beta * kl_coefficient
     grad = tl.where(response, coefficient * row_scale, 0.0)
     tl.store(grad_ptr + row * stride_grad + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
@@ -182,7 +203,7 @@ def _common(logps, old_logps, advantages, mask, ref_logps):
     return _rows(logps), _rows(old_logps), adv, _rows(mask), ref, token_adv
 
 
-def forward_stats(logps, old_logps, advantages, mask, ref_logps, level, eps_low, eps_high, beta):
+def forward_stats(logps, old_logps, advantages, mask, ref_logps, level, eps_low, eps_high, beta, kl_weighted_by_ratio):
     """Per-sequence statistics [B, NUM_STATS] fp32 from one kernel launch."""
     logps_, old, adv, mask_, ref, token_adv = _common(logps, old_logps, advantages, mask, ref_logps)
     batch, length = logps.shape
@@ -191,14 +212,15 @@ def forward_stats(logps, old_logps, advantages, mask, ref_logps, level, eps_low,
         logps_, old, adv, mask_, ref, stats,
         length, logps_.stride(0), old.stride(0), adv.stride(0) if token_adv else 0, mask_.stride(0), ref.stride(0),
         eps_low, eps_high, beta,
-        LEVEL=LEVEL_CODES[level], TOKEN_ADV=token_adv, HAS_REF=ref_logps is not None,
+        LEVEL=LEVEL_CODES[level], TOKEN_ADV=token_adv, HAS_REF=ref_logps is not None, KL_WEIGHTED=kl_weighted_by_ratio,
         POLICY_MAX=POLICY_LOG_RATIO_MAX, KL_MAX=KL_LOG_RATIO_MAX, NUM_STATS=NUM_STATS,
         BLOCK_T=min(FORWARD_BLOCK_T, triton.next_power_of_2(max(length, 16))),
     )
     return stats
 
 
-def backward_grad(logps, old_logps, advantages, mask, ref_logps, stats, level, eps_low, eps_high, beta, scale):
+def backward_grad(logps, old_logps, advantages, mask, ref_logps, stats, level, eps_low, eps_high, beta,
+                  kl_weighted_by_ratio, scale):
     """d loss / d logps [B, T] in the dtype of logps, from one kernel launch."""
     logps_, old, adv, mask_, ref, token_adv = _common(logps, old_logps, advantages, mask, ref_logps)
     batch, length = logps.shape
@@ -209,6 +231,7 @@ def backward_grad(logps, old_logps, advantages, mask, ref_logps, stats, level, e
         length, logps_.stride(0), old.stride(0), adv.stride(0) if token_adv else 0, mask_.stride(0), ref.stride(0),
         grad.stride(0), eps_low, eps_high, beta,
         LEVEL=LEVEL_CODES[level], TOKEN_ADV=token_adv, HAS_KL=ref_logps is not None and beta != 0,
+        KL_WEIGHTED=kl_weighted_by_ratio,
         POLICY_MAX=POLICY_LOG_RATIO_MAX, KL_MAX=KL_LOG_RATIO_MAX, NUM_STATS=NUM_STATS, BLOCK_T=block,
     )
     return grad

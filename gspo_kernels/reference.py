@@ -26,6 +26,8 @@ def gspo_loss_reference(
     eps_high: float = 4e-4,
     ref_logps: torch.Tensor | None = None,
     beta: float = 0.0,
+    kl_weighted_by_ratio: bool = False,
+    count_empty_sequences: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GSPO / GSPO-token / GRPO loss from per-token log-probs [B, T]; see gspo_kernels.gspo_loss."""
     response = mask.bool()
@@ -80,12 +82,15 @@ def gspo_loss_reference(
         ref_logps = torch.where(response, ref_logps.to(logps.dtype), zero)
         log_ref_ratio = (ref_logps - logps).clamp(max=KL_LOG_RATIO_MAX)
         token_kl = torch.where(response, torch.exp(log_ref_ratio) - log_ref_ratio - 1, zero)
-        per_seq_loss = per_seq_loss + beta * token_kl.sum(dim=1) / safe_lengths
+        # token_ratio carries the level's gradient: s_i's for "sequence", the token's own otherwise.
+        loss_kl = token_kl * token_ratio if kl_weighted_by_ratio else token_kl
+        per_seq_loss = per_seq_loss + beta * loss_kl.sum(dim=1) / safe_lengths
         kl = token_kl.detach().sum() / num_tokens
     else:
         kl = zero.detach().clone()
 
-    loss = torch.where(valid, per_seq_loss, zero).sum() / num_valid.clamp(min=1)
+    num_averaged = torch.tensor(logps.shape[0]) if count_empty_sequences else num_valid
+    loss = torch.where(valid, per_seq_loss, zero).sum() / num_averaged.clamp(min=1)
 
     with torch.no_grad():
         token_adv_detached = token_advantages.detach()
@@ -140,12 +145,15 @@ def fused_linear_gspo_loss_reference(
     eps_high: float = 4e-4,
     ref_logps: torch.Tensor | None = None,
     beta: float = 0.0,
+    kl_weighted_by_ratio: bool = False,
+    count_empty_sequences: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """lm_head -> full logits -> log_softmax -> gather -> GSPO loss."""
     logps = token_logprobs_reference(hidden, weight, targets, bias=bias, temperature=temperature)
     return gspo_loss_reference(
         logps, old_logps, advantages, mask, level=level, eps_low=eps_low, eps_high=eps_high,
-        ref_logps=ref_logps, beta=beta,
+        ref_logps=ref_logps, beta=beta, kl_weighted_by_ratio=kl_weighted_by_ratio,
+        count_empty_sequences=count_empty_sequences,
     )
 
 

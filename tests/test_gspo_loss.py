@@ -16,9 +16,14 @@ EPS_PAIRS = [(3e-4, 4e-4), (0.2, 0.28)]
 
 
 def independent_gspo(
-    logps, old_logps, advantages, mask, level="sequence", eps_low=3e-4, eps_high=4e-4, ref_logps=None, beta=0.0
+    logps, old_logps, advantages, mask, level="sequence", eps_low=3e-4, eps_high=4e-4, ref_logps=None, beta=0.0,
+    kl_weighted_by_ratio=False, count_empty_sequences=False,
 ):
-    """GSPO written one sequence at a time from the paper's equations (float64, autograd)."""
+    """GSPO written one sequence at a time from the paper's equations (float64, autograd).
+
+    kl_weighted_by_ratio: each token's KL times the ratio of the level (TRL's use_bias_correction_kl);
+    count_empty_sequences: the mean divides by every sequence (TRL's loss_type="grpo").
+    """
     per_sequence, clipped_low, clipped_high, ratios, kls, tokens = [], 0, 0, [], [], 0
     for i in range(logps.shape[0]):
         positions = mask[i].nonzero().flatten()
@@ -40,7 +45,7 @@ def independent_gspo(
         if ref_logps is not None:
             d = torch.clamp(ref_logps[i, positions] - logp, max=20.0)
             token_kl = torch.exp(d) - d - 1
-            term = term + beta * token_kl.mean()
+            term = term + beta * (token_kl * ratio if kl_weighted_by_ratio else token_kl).mean()
             kls.append(token_kl.detach().sum())
         per_sequence.append(term)
         r = ratio.detach()
@@ -49,7 +54,7 @@ def independent_gspo(
         ratios.append(r if level == "token" else r[:1])
     if not per_sequence:
         return logps[mask.bool()].sum() * 0, dict(clip_frac=0.0, clip_frac_low=0.0, clip_frac_high=0.0, ratio_mean=0.0, kl=0.0)
-    loss = torch.stack(per_sequence).mean()
+    loss = torch.stack(per_sequence).sum() / (logps.shape[0] if count_empty_sequences else len(per_sequence))
     metrics = dict(
         clip_frac=(clipped_low + clipped_high) / tokens,
         clip_frac_low=clipped_low / tokens,
@@ -199,6 +204,79 @@ def test_sequence_token_equals_sequence_with_sequence_advantages(backend):
         assert tok[1] == pytest.approx(seq[1], rel=1e-6, abs=1e-7)
 
 
+# TRL's conventions, each alone and both together, against the independent float64 GSPO.
+TRL_CONVENTIONS = [
+    dict(kl_weighted_by_ratio=True),
+    dict(count_empty_sequences=True),
+    dict(kl_weighted_by_ratio=True, count_empty_sequences=True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("convention", TRL_CONVENTIONS, ids=lambda c: "+".join(c))
+@pytest.mark.parametrize("seed", [20, 21])
+def test_trl_conventions_match_independent_float64(backend, level, convention, seed):
+    # Ratios well away from 1 (log-ratio spread 0.3), so that weighting the KL by them matters.
+    inputs = make_inputs(seed, batch=7, log_ratio_scale=0.3, token_advantages=level != "sequence" and seed % 2 == 1)
+    check(backend, inputs, level=level, eps_low=0.2, eps_high=0.28, beta=0.3, **convention)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", LEVELS)
+def test_kl_weighted_by_ratio_changes_the_loss_and_its_gradient(backend, level):
+    logps, old_logps, advantages, mask, ref_logps = make_inputs(22, log_ratio_scale=0.3)
+    options = dict(level=level, eps_low=0.2, eps_high=0.28, ref_logps=ref_logps, beta=0.3)
+    plain = run(backend, logps, old_logps, advantages, mask, **options)
+    weighted = run(backend, logps, old_logps, advantages, mask, kl_weighted_by_ratio=True, **options)
+    assert abs(float(weighted[0]) - float(plain[0])) > 1e-3
+    assert (weighted[2] - plain[2]).norm() > 1e-3 * plain[2].norm()
+    assert weighted[1]["kl"] == pytest.approx(plain[1]["kl"], rel=1e-6)  # the metric stays the plain k3 mean
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_count_empty_sequences_divides_by_the_batch(backend):
+    logps, old_logps, advantages, mask, ref_logps = make_inputs(23)
+    assert (mask.sum(dim=1) == 0).sum() == 1
+    options = dict(ref_logps=ref_logps, beta=0.1)
+    valid = run(backend, logps, old_logps, advantages, mask, **options)
+    every = run(backend, logps, old_logps, advantages, mask, count_empty_sequences=True, **options)
+    batch = mask.shape[0]
+    assert float(every[0]) == pytest.approx(float(valid[0]) * (batch - 1) / batch, rel=1e-6)
+    assert_close(every[2], valid[2] * (batch - 1) / batch, 1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", LEVELS)
+def test_kl_weighted_by_ratio_with_extreme_log_ratios(backend, level):
+    logps, old_logps, advantages, mask, ref_logps = make_inputs(24, batch=4, log_ratio_scale=0.0)
+    old_logps = old_logps - torch.tensor([0.0, 60.0, -60.0, 11.0], dtype=torch.float64)[:, None]
+    ref_logps = logps + torch.tensor([0.5, 40.0, 0.3, -2.0], dtype=torch.float64)[:, None]
+    check(backend, (logps, old_logps, advantages, mask, ref_logps), level=level, beta=0.01,
+          kl_weighted_by_ratio=True, count_empty_sequences=True)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_trl_conventions_over_many_tiles(backend, monkeypatch):
+    from gspo_kernels import loss_triton
+
+    monkeypatch.setattr(loss_triton, "FORWARD_BLOCK_T", 16)
+    monkeypatch.setattr(loss_triton, "BACKWARD_BLOCK_T", 16)
+    for length, level in [(16, "token"), (53, "sequence_token"), (100, "sequence")]:
+        inputs = make_inputs(length, batch=3, length=length, log_ratio_scale=0.2, token_advantages=level == "token")
+        check(backend, inputs, level=level, eps_low=0.2, eps_high=0.28, beta=0.2, kl_weighted_by_ratio=True,
+              count_empty_sequences=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_count_empty_sequences_with_an_all_masked_batch_gives_zero(backend):
+    logps, old_logps, advantages, mask, ref_logps = make_inputs(25)
+    mask = torch.zeros_like(mask)
+    loss, _, grad = run(backend, logps, old_logps, advantages, mask, ref_logps=ref_logps, beta=0.1,
+                        kl_weighted_by_ratio=True, count_empty_sequences=True)
+    assert float(loss) == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+
+
 def test_gradient_is_the_paper_equation_10():
     # Unclipped sequences: d loss / d logp_it = -(1/G) s_i A_i / |y_i| for every response token.
     logps, old_logps, advantages, mask, _ = make_inputs(8, log_ratio_scale=0.0)
@@ -236,7 +314,8 @@ def test_bfloat16_gradient_keeps_the_input_dtype():
 
 
 @pytest.mark.parametrize("level", LEVELS)
-def test_triton_writes_every_output_element(level, monkeypatch):
+@pytest.mark.parametrize("kl_weighted_by_ratio", [False, True])
+def test_triton_writes_every_output_element(level, kl_weighted_by_ratio, monkeypatch):
     from gspo_kernels import loss_triton
 
     def poisoned(*shape, dtype, device):
@@ -246,10 +325,10 @@ def test_triton_writes_every_output_element(level, monkeypatch):
     logps, old_logps, advantages, mask, ref_logps = make_inputs(10, token_advantages=level != "sequence")
     args = [t.float().to(TRITON_DEVICE) for t in (logps, old_logps, advantages)]
     mask, ref_logps = mask.to(TRITON_DEVICE), ref_logps.float().to(TRITON_DEVICE)
-    stats = loss_triton.forward_stats(*args, mask, ref_logps, level, 0.2, 0.28, 0.1)
+    stats = loss_triton.forward_stats(*args, mask, ref_logps, level, 0.2, 0.28, 0.1, kl_weighted_by_ratio)
     assert torch.isfinite(stats).all()
     scale = torch.tensor(1.0, device=TRITON_DEVICE)
-    grad = loss_triton.backward_grad(*args, mask, ref_logps, stats, level, 0.2, 0.28, 0.1, scale)
+    grad = loss_triton.backward_grad(*args, mask, ref_logps, stats, level, 0.2, 0.28, 0.1, kl_weighted_by_ratio, scale)
     assert torch.isfinite(grad).all()
 
 
@@ -292,6 +371,8 @@ class TestBadInput:
             (dict(logps=torch.randint(0, 3, (2, 5))), "logps must be a floating-point tensor"),
             (dict(logps=torch.randn(2, 5, 1)), "logps must be \\[B, T\\]"),
             (dict(old_logps=[[0.0] * 5] * 2), "old_logps must be a torch.Tensor"),
+            (dict(kl_weighted_by_ratio=1), "kl_weighted_by_ratio must be True or False"),
+            (dict(count_empty_sequences="yes"), "count_empty_sequences must be True or False"),
         ],
     )
     def test_raises_value_error(self, kwargs, message):
