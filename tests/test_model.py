@@ -74,7 +74,7 @@ def test_hidden_states_and_lm_head_weight_give_the_logits(moe_pair):
     _, model = moe_pair
     input_ids, attention_mask, position_ids = left_padded_batch()
     with torch.no_grad():
-        hidden = model.hidden_states(input_ids, attention_mask, position_ids)
+        hidden = model.forward_hidden(input_ids, attention_mask, position_ids).hidden_states
         logits = model(input_ids, attention_mask, position_ids)
     assert hidden.shape == (*input_ids.shape, model.args.hidden_size)
     assert model.lm_head_weight.shape == (VOCAB, model.args.hidden_size)

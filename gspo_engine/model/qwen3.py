@@ -132,16 +132,6 @@ class Qwen3Model(nn.Module):
             output.aux_loss = self.args.router_aux_loss_coef * torch.stack(losses).mean()
         return output
 
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        forced_experts: Sequence[torch.Tensor | None] | None = None,
-    ) -> torch.Tensor:
-        """[B, T, H] after the final norm: what the fused lm_head loss consumes."""
-        return self.forward_hidden(input_ids, attention_mask, position_ids, forced_experts).hidden_states
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -150,5 +140,5 @@ class Qwen3Model(nn.Module):
         forced_experts: Sequence[torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] in the model dtype."""
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, forced_experts)
+        hidden = self.forward_hidden(input_ids, attention_mask, position_ids, forced_experts).hidden_states
         return F.linear(hidden, self.lm_head_weight)
