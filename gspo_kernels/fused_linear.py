@@ -281,7 +281,8 @@ class _ChunkedGSPOLoss(torch.autograd.Function):
         hidden_rows, flat_targets = hidden.reshape(batch * steps, hidden_size), targets.reshape(-1)
         response = mask.reshape(batch, steps) != 0
         lengths = response.sum(dim=1).tolist()
-        num_valid = sum(length > 0 for length in lengths)
+        # The sequences the loss averages over; every chunk holds only non-empty ones.
+        num_averaged = batch if loss_options["count_empty_sequences"] else sum(length > 0 for length in lengths)
         dtype = accumulation_dtype(hidden.dtype)
         # Non-response positions are never computed; gspo_loss ignores whatever they hold.
         logps = torch.zeros((batch, steps), dtype=dtype, device=hidden.device)
@@ -300,7 +301,7 @@ class _ChunkedGSPOLoss(torch.autograd.Function):
                 logp, lse, _ = stream_stats(backend, chunk_hidden, weight, bias, chunk_targets, inv_temperature, False)
             logps.view(-1)[rows] = logp.to(dtype)
             loss_inputs = tuple(None if t is None else t[sequences] for t in (old_logps, advantages, mask, ref_logps))
-            grad = _chunk_loss_gradient(logps[sequences], loss_inputs, loss_options, len(sequences) / num_valid)
+            grad = _chunk_loss_gradient(logps[sequences], loss_inputs, loss_options, len(sequences) / num_averaged)
             grad_logp = grad[seq, step].to(lse.dtype)
             chunk_grads = Grads(
                 hidden=torch.zeros_like(chunk_hidden, dtype=grads.hidden.dtype) if needs[0] else None,
@@ -348,10 +349,13 @@ def fused_linear_gspo_loss(
     ref_logps: torch.Tensor | None = None,
     beta: float = 0.0,
     chunk_budget_mib: float | None = None,
+    kl_weighted_by_ratio: bool = False,
+    count_empty_sequences: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`gspo_loss(token_logprobs(hidden, weight, targets, ...), old_logps, ...)` without the logits.
 
-    Args are those of `token_logprobs` and `gspo_kernels.gspo_loss`; `old_logps=None` means
+    Args are those of `token_logprobs` and `gspo_kernels.gspo_loss` (`kl_weighted_by_ratio` and
+    `count_empty_sequences` are TRL's conventions, see there); `old_logps=None` means
     on-policy (old = current, detached: s_i = 1). `chunk_budget_mib` bounds the logits kept at
     once (see the module docstring; 0 recomputes them all; None: the device's default,
     `default_chunk_budget_mib`); it changes speed and memory, never the result.
@@ -367,7 +371,8 @@ def fused_linear_gspo_loss(
         chunk_budget_mib = default_chunk_budget_mib(hidden.device)
     if not chunk_budget_mib >= 0:
         raise ValueError(f"chunk_budget_mib must be >= 0 (0 keeps no logits), got {chunk_budget_mib!r}")
-    loss_options = {"level": level, "eps_low": eps_low, "eps_high": eps_high, "beta": beta}
+    loss_options = {"level": level, "eps_low": eps_low, "eps_high": eps_high, "beta": beta,
+                    "kl_weighted_by_ratio": kl_weighted_by_ratio, "count_empty_sequences": count_empty_sequences}
     backend = resolve_backend(hidden, cuda_default=CUDA_DEFAULT_BACKEND)
     if backend == "reference":
         logps = reference.token_logprobs_reference(hidden, weight, targets, bias=bias, temperature=temperature)
@@ -395,13 +400,18 @@ class LinearGSPOLoss(nn.Module):
     as Liger lays it out, because trainers index it (TRL's GRPOTrainer reads metrics[0] as the KL
     when beta != 0 and metrics[-1] as the clipped fraction): `[kl, clip_frac]` when beta != 0,
     else `[clip_frac]`. `fused_linear_gspo_loss` returns every metric by name.
+
+    `kl_weighted_by_ratio=True, count_empty_sequences=True` give TRL GRPOTrainer's loss with its
+    defaults (`use_bias_correction_kl=True`, `loss_type="grpo"`); see docs/fused_linear.md.
     """
 
     def __init__(self, level: str = "sequence", eps_low: float = 3e-4, eps_high: float = 4e-4, beta: float = 0.0,
-                 temperature: float = 1.0, chunk_budget_mib: float | None = None):
+                 temperature: float = 1.0, chunk_budget_mib: float | None = None, kl_weighted_by_ratio: bool = False,
+                 count_empty_sequences: bool = False):
         super().__init__()
         self.level, self.eps_low, self.eps_high, self.beta = level, eps_low, eps_high, beta
         self.temperature, self.chunk_budget_mib = temperature, chunk_budget_mib
+        self.kl_weighted_by_ratio, self.count_empty_sequences = kl_weighted_by_ratio, count_empty_sequences
 
     def forward(self, _input, lin_weight, selected_token_ids, attention_mask, advantages, bias=None,
                 ref_per_token_logps=None, old_per_token_logps=None):
@@ -409,11 +419,13 @@ class LinearGSPOLoss(nn.Module):
             _input, lin_weight, selected_token_ids, old_per_token_logps, advantages, attention_mask,
             bias=bias, temperature=self.temperature, level=self.level, eps_low=self.eps_low,
             eps_high=self.eps_high, ref_logps=ref_per_token_logps if self.beta != 0.0 else None,
-            beta=self.beta, chunk_budget_mib=self.chunk_budget_mib,
+            beta=self.beta, chunk_budget_mib=self.chunk_budget_mib, kl_weighted_by_ratio=self.kl_weighted_by_ratio,
+            count_empty_sequences=self.count_empty_sequences,
         )
         liger_layout = [metrics["kl"], metrics["clip_frac"]] if self.beta != 0.0 else [metrics["clip_frac"]]
         return loss, liger_layout
 
     def extra_repr(self) -> str:
         return (f"level={self.level!r}, eps_low={self.eps_low}, eps_high={self.eps_high}, beta={self.beta}, "
-                f"temperature={self.temperature}, chunk_budget_mib={self.chunk_budget_mib}")
+                f"temperature={self.temperature}, chunk_budget_mib={self.chunk_budget_mib}, "
+                f"kl_weighted_by_ratio={self.kl_weighted_by_ratio}, count_empty_sequences={self.count_empty_sequences}")

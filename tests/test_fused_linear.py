@@ -151,6 +151,74 @@ def test_fused_linear_gspo_loss_matches_float64_reference(backend, level):
     assert chunks == [([0], True), ([2], False)], "one kept and one recomputed sequence"
 
 
+TRL_CONVENTIONS = [
+    dict(kl_weighted_by_ratio=True),
+    dict(count_empty_sequences=True),
+    dict(kl_weighted_by_ratio=True, count_empty_sequences=True),
+]
+
+
+def trl_convention_case(seed, level):
+    """fused_case with old log-probs a per-sequence shift away, so that weighting the KL by s_i matters."""
+    lm_head, (old, advantages, mask, ref), options = fused_case(seed, level)
+    gen = torch.Generator().manual_seed(seed + 2000)
+    shift = 0.2 * torch.randn(old.shape[0], 1, generator=gen, dtype=torch.float64).to(DEVICE)
+    return lm_head, (fp32_exact(old + shift)[0], advantages, mask, ref), {**options, "beta": 0.3}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("convention", TRL_CONVENTIONS, ids=lambda c: "+".join(c))
+@pytest.mark.parametrize("budget_mib", [0, MIXED_BUDGET_MIB, 512], ids=["recomputed", "mixed", "kept"])
+def test_trl_conventions_match_float64_reference(backend, level, convention, budget_mib):
+    (hidden, weight, bias, targets), (old, advantages, mask, ref), options = trl_convention_case(30, level)
+    assert (mask.sum(dim=1) == 0).any(), "a sequence without response tokens"
+    exact = leaves(hidden, weight, bias, dtype=torch.float64)
+    ref_loss, _ = reference.fused_linear_gspo_loss_reference(
+        exact[0], exact[1], targets, old, advantages, mask, bias=exact[2], ref_logps=ref, **options, **convention
+    )
+    ref_grads = torch.autograd.grad(ref_loss, exact)
+    default_loss, _ = reference.fused_linear_gspo_loss_reference(
+        *(t.detach() for t in exact[:2]), targets, old, advantages, mask, bias=exact[2].detach(), ref_logps=ref,
+        **options,
+    )
+    assert abs(float(ref_loss.detach()) - float(default_loss)) > 1e-3, "the convention changes the loss"
+    inputs = leaves(hidden, weight, bias)
+    with gk.use_backend(backend):
+        loss, _ = gk.fused_linear_gspo_loss(
+            inputs[0], inputs[1], targets, old.float(), advantages.float(), mask, bias=inputs[2],
+            ref_logps=ref.float(), chunk_budget_mib=budget_mib, **options, **convention,
+        )
+        grads = torch.autograd.grad(loss, inputs)
+    assert abs(float(loss) - float(ref_loss)) < 1e-5 * max(1.0, abs(float(ref_loss)))
+    for name, grad, ref_grad in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        assert rel_err(grad, ref_grad) < 2e-5, name
+
+
+def test_linear_gspo_loss_module_takes_trl_conventions():
+    (hidden, weight, bias, targets), (old, advantages, mask, ref), options = trl_convention_case(31, "sequence")
+    convention = dict(kl_weighted_by_ratio=True, count_empty_sequences=True)
+    exact = leaves(hidden, weight, bias, dtype=torch.float64)
+    ref_loss, _ = reference.fused_linear_gspo_loss_reference(
+        exact[0], exact[1], targets, old, advantages, mask, bias=exact[2], ref_logps=ref, **options, **convention
+    )
+    ref_grads = torch.autograd.grad(ref_loss, exact)
+    module = gk.LinearGSPOLoss(level="sequence", eps_low=options["eps_low"], eps_high=options["eps_high"],
+                               beta=options["beta"], temperature=options["temperature"], **convention)
+    assert "kl_weighted_by_ratio=True, count_empty_sequences=True" in repr(module)
+    inputs = leaves(hidden, weight, bias)
+    with gk.use_backend("torch"):
+        loss, _ = module(inputs[0], inputs[1], targets, mask, advantages.float(), bias=inputs[2],
+                         ref_per_token_logps=ref.float(), old_per_token_logps=old.float())
+        grads = torch.autograd.grad(loss, inputs)
+        with torch.no_grad():
+            no_grad_loss, _ = module(hidden.float(), weight.float(), targets, mask, advantages.float(),
+                                     bias=bias.float(), ref_per_token_logps=ref.float(), old_per_token_logps=old.float())
+    assert abs(float(loss) - float(ref_loss)) < 1e-5 * max(1.0, abs(float(ref_loss)))
+    assert abs(float(no_grad_loss) - float(ref_loss)) < 1e-5 * max(1.0, abs(float(ref_loss)))
+    assert all(rel_err(g, r) < 2e-5 for g, r in zip(grads, ref_grads))
+
+
 @pytest.mark.parametrize("level", LEVELS)
 def test_float64_inputs_agree_with_reference_to_rounding(level):
     """In float64 the streamed algorithm must equal the full-logits one up to rounding, not fp32 noise."""
