@@ -91,9 +91,7 @@ class GSPOTrainer:
         config.rewards = list(self.rewards.specs)
 
         resume_from = resolve_resume(config.checkpoint.resume, self.output_dir)
-        if self.runtime.is_main:
-            self._prepare_output_dir(resume_from is not None)
-        self.runtime.barrier()
+        self._prepare_output_dir(resume_from is not None)
         self.lora = config.lora if config.lora.rank else None
         models = build_models(config, self.runtime, self.device, self.precision, self.source, resume_from)
         self.model, self.reference = models.policy, models.reference
@@ -122,20 +120,26 @@ class GSPOTrainer:
         return self.updater.skipped_updates
 
     def _prepare_output_dir(self, resuming: bool) -> None:
-        """Clear unfinished saves; never let a fresh run overwrite an earlier one unless asked to."""
-        for stale in remove_stale_staging(self.output_dir):
-            self.echo(f"removed {stale}: an unfinished save of an interrupted run")
+        """Clear unfinished saves; never let a fresh run overwrite an earlier one unless asked to.
+
+        Every rank checks (they see the same folder, so all stop together); rank 0 deletes.
+        """
         earlier = [] if resuming else earlier_run_outputs(self.output_dir)
         if earlier and not self.config.overwrite_output_dir:
             raise TrainingError(
                 f"output_dir {self.output_dir} holds an earlier run ({', '.join(p.name for p in earlier)}): continue "
                 "it with --resume, choose another --output_dir, or pass --overwrite_output_dir to replace it"
             )
-        for path in earlier:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+        self.runtime.barrier()  # every rank has looked before rank 0 deletes anything
+        if self.runtime.is_main:
+            for stale in remove_stale_staging(self.output_dir):
+                self.echo(f"removed {stale}: an unfinished save of an interrupted run")
+            for path in earlier:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+        self.runtime.barrier()
 
     def _restore(self, folder: Path) -> None:
         state = restore_run_checkpoint(folder, self.model, self.optimizer)
