@@ -38,7 +38,7 @@ setup(
     ],
     extras_require={
         # liger-kernel: the parity test against its sequence-level GRPO loss runs in CI too.
-        "test": ["pytest>=7", "pytest-benchmark>=4", "liger-kernel"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "liger-kernel", "trl"],
         "bench": ["pytest-benchmark>=4", "liger-kernel"],
     },
     entry_points={"console_scripts": ["gspo-engine=gspo_engine.cli:main"]},
