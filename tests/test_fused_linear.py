@@ -486,6 +486,33 @@ def test_matches_liger_sequence_level_grpo_loss():
     assert all(rel_err(g, r) < 1e-4 for g, r in zip(grads, liger_grads))
 
 
+@pytest.mark.parametrize("use_bias_correction_kl", [False, True])
+def test_matches_liger_with_its_conventions(use_bias_correction_kl):
+    """Liger's "grpo" with a KL and an empty sequence: count_empty_sequences and kl_weighted_by_ratio reproduce it."""
+    liger = pytest.importorskip("liger_kernel.chunked_loss")
+    hidden, weight, bias, targets = make_lm_head(17)
+    with torch.no_grad():
+        logps = reference.token_logprobs_reference(hidden, weight, targets, bias=bias)
+    old, ref, advantages, mask = make_rollout(17, logps)
+    old = old + 0.1 * torch.randn(old.shape[0], 1, generator=torch.Generator().manual_seed(17), dtype=old.dtype)
+    assert (mask.sum(dim=1) == 0).any()
+    options = dict(epsilon_low=0.2, epsilon_high=0.28, loss_type="grpo", importance_sampling_level="sequence")
+    liger_loss_fn = liger.LigerFusedLinearGRPOLoss(beta=0.2, compiled=False, use_ref_model=True,
+                                                   use_bias_correction_kl=use_bias_correction_kl, **options)
+    ours_fn = gk.LinearGSPOLoss(level="sequence", eps_low=0.2, eps_high=0.28, beta=0.2,
+                                kl_weighted_by_ratio=use_bias_correction_kl, count_empty_sequences=True)
+    results = []
+    for fn in (liger_loss_fn, ours_fn):
+        inputs = leaves(hidden, weight, bias)
+        with gk.use_backend("torch"):
+            loss, _ = fn(inputs[0], inputs[1], targets, mask, advantages.float(), bias=inputs[2],
+                         ref_per_token_logps=ref.float(), old_per_token_logps=old.float())
+        results.append((loss.detach(), torch.autograd.grad(loss, inputs)))
+    (liger_loss, liger_grads), (loss, grads) = results
+    assert abs(float(loss) - float(liger_loss)) < 1e-5
+    assert all(rel_err(g, r) < 1e-4 for g, r in zip(grads, liger_grads))
+
+
 def test_triton_kernels_write_every_element():
     pytest.importorskip("triton")
     from gspo_kernels import fused_linear_triton

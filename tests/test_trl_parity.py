@@ -9,8 +9,12 @@ and > 0, `use_bias_correction_kl` True (TRL's default) and False; the batch hold
 without completion tokens, as `mask_truncated_completions` leaves a truncated one.
 """
 
+import contextlib
+import copy
+import re
 import types
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,7 +61,9 @@ def trl_trainer(args):
         aux_loss_enabled=False,
         model=types.SimpleNamespace(training=True),
         current_gradient_accumulation_steps=1,
-        accelerator=types.SimpleNamespace(gather=identity, reduce=identity, gather_for_metrics=identity),
+        accelerator=types.SimpleNamespace(gather=identity, reduce=identity, gather_for_metrics=identity,
+                                          unwrap_model=identity, autocast=contextlib.nullcontext,
+                                          is_main_process=True),
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
     )
     return trainer
@@ -201,3 +207,64 @@ def test_trl_defaults_are_the_ones_documented(tmp_path):
     assert args.mask_truncated_completions is False
     assert (args.top_entropy_quantile, args.off_policy_mask_threshold, args.entropy_coef) == (1.0, None, 0.0)
     assert (args.loss_type, args.importance_sampling_level) == ("dapo", "token")  # GSPO needs both changed
+
+
+def documented_trainer():
+    """The definitions of docs/fused_linear.md's GRPOTrainer override, run as the page shows them."""
+    text = (Path(__file__).parent.parent / "docs" / "fused_linear.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "class GSPOTrainer" in b]
+    namespace = {}
+    exec(block, namespace)
+    return namespace["GSPOTrainer"], namespace["linear_gspo_loss_for"]
+
+
+@pytest.mark.parametrize("level, beta, bias_correction", CASES)
+def test_documented_trainer_override_matches_trl_compute_loss(tmp_path, level, beta, bias_correction):
+    """The page's `_compute_loss` on a tiny Qwen3 against TRL's own: loss and every parameter's gradient."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    gspo_trainer, linear_gspo_loss_for = documented_trainer()
+    args = trl_config(tmp_path, level, beta, bias_correction, 0.2, 0.28)
+    args.temperature = 0.8
+    torch.manual_seed(6)
+    vocab = 97
+    config = Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False)
+    model = Qwen3ForCausalLM(config).train()
+    trl_model = copy.deepcopy(model)
+    add_fused_lm_head(trl_model, temperature=args.temperature, cast_lm_head_to_fp32=args.cast_lm_head_to_fp32,
+                      outputs=("log_probs", "entropy"))
+
+    _, _, advantages, mask, _ = make_rollout(seed=7)
+    prompt_mask = torch.ones(BATCH, PROMPT, dtype=torch.long)
+    prompt_mask[1, :2] = 0  # prompts are left-padded
+    inputs = {
+        "prompt_ids": torch.randint(0, vocab, (BATCH, PROMPT)), "prompt_mask": prompt_mask,
+        "completion_ids": torch.randint(0, vocab, (BATCH, STEPS)), "completion_mask": mask,
+        "advantages": advantages.float(),
+    }
+    trainer = trl_trainer(args)
+    trainer.model, trainer.temperature = trl_model, args.temperature
+    trainer.current_gradient_accumulation_steps = 2
+    with torch.no_grad():
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(
+            trl_model, torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1),
+            torch.cat([prompt_mask, mask], dim=1), STEPS,
+        )
+    gen = torch.Generator().manual_seed(8)
+    inputs["old_per_token_logps"] = logps + 0.1 * torch.randn(BATCH, 1, generator=gen)
+    inputs["ref_per_token_logps"] = logps + 0.3 * torch.randn(BATCH, STEPS, generator=gen)
+
+    expected = trainer._compute_loss(trl_model, inputs)
+    expected_grads = torch.autograd.grad(expected, list(trl_model.parameters()))
+
+    ours = gspo_trainer.__new__(gspo_trainer)
+    ours.__dict__.update(trainer.__dict__, model=model, linear_gspo_loss=linear_gspo_loss_for(args))
+    loss = ours._compute_loss(model, inputs)
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+
+    assert float(loss.detach()) == pytest.approx(float(expected.detach()), rel=1e-5, abs=1e-6)
+    names = [name for name, _ in model.named_parameters()]
+    for name, grad, expected_grad in zip(names, grads, expected_grads):
+        assert_close(grad, expected_grad, 1e-4, name)
