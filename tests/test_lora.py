@@ -214,19 +214,24 @@ def test_grouped_expert_lora_matches_a_per_expert_reference_in_values_and_gradie
 
 
 # ------------------------------------------------------------------ PEFT files, transformers, merged export
+def saved_adapters(tmp_path, lora, **model_options):
+    """A tiny transformers checkpoint in tmp_path/base, our model on it with random adapters (saved in
+    tmp_path/adapters), and that model's logits of IDS."""
+    base = save_hf_model(build_hf_model(**model_options), tmp_path / "base")
+    model = load_pretrained(base, dtype=torch.float32)
+    add_lora(model, lora)
+    randomize_adapters(model, scale=0.3)
+    save_adapters(model, lora, tmp_path / "adapters")
+    with torch.no_grad():
+        return base, model, model(IDS)
+
+
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_peft_loads_our_adapters_and_the_merged_export_matches(tmp_path, moe):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = save_hf_model(build_hf_model(moe=moe), tmp_path / "base")
-    model = load_pretrained(base, dtype=torch.float32)
-    lora = LoraConfig(rank=4, alpha=8.0, targets=ALL_TARGETS)
-    add_lora(model, lora)
-    randomize_adapters(model, scale=0.3)
-    save_adapters(model, lora, tmp_path / "adapters")
-    with torch.no_grad():
-        ours = model(IDS)
+    base, _, ours = saved_adapters(tmp_path, LoraConfig(rank=4, alpha=8.0, targets=ALL_TARGETS), moe=moe)
 
     config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["base_model_name_or_path"] == str(base.resolve())
@@ -252,14 +257,8 @@ def test_peft_loads_our_saved_modules_and_the_merged_export_matches(tmp_path, mo
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    base = save_hf_model(build_hf_model(moe=moe, tie_word_embeddings=tied), tmp_path / "base")
-    model = load_pretrained(base, dtype=torch.float32)
     lora = LoraConfig(rank=4, alpha=8.0, targets=ALL_TARGETS, modules_to_save=saved)
-    add_lora(model, lora)
-    randomize_adapters(model, scale=0.3)
-    save_adapters(model, lora, tmp_path / "adapters")
-    with torch.no_grad():
-        ours = model(IDS)
+    base, model, ours = saved_adapters(tmp_path, lora, moe=moe, tie_word_embeddings=tied)
 
     config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
     assert config["modules_to_save"] == (["embed_tokens"] if tied else saved)
