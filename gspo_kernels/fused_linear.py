@@ -290,13 +290,15 @@ class _ChunkedGSPOLoss(torch.autograd.Function):
         element_bytes = torch.empty((), dtype=dtype).element_size()
         chunks = chunk_sequences(lengths, weight.shape[0], element_bytes, budget_mib)
         grads = _new_grads(batch * steps, hidden, weight, bias, needs, weight_contributions=len(chunks))
+        kept_rows = max((sum(lengths[index] for index in sequences) for sequences, keep in chunks if keep), default=0)
+        kept_buffer = torch.empty(kept_rows * weight.shape[0], dtype=dtype, device=hidden.device)
         for sequences, keep in chunks:
             sequences = torch.tensor(sequences, device=hidden.device)
             seq, step = response[sequences].nonzero(as_tuple=True)
             rows = sequences[seq] * steps + step
             chunk_hidden, chunk_targets = hidden_rows[rows], flat_targets[rows]
             if keep:
-                tiles, logp, lse = kept_logits(chunk_hidden, weight, bias, chunk_targets, inv_temperature)
+                tiles, logp, lse = kept_logits(chunk_hidden, weight, bias, chunk_targets, inv_temperature, kept_buffer)
             else:
                 logp, lse, _ = stream_stats(backend, chunk_hidden, weight, bias, chunk_targets, inv_temperature, False)
             logps.view(-1)[rows] = logp.to(dtype)
@@ -314,6 +316,7 @@ class _ChunkedGSPOLoss(torch.autograd.Function):
                              inv_temperature, chunk_grads)
             if needs[0]:
                 grads.hidden[rows] = chunk_grads.hidden
+        del kept_buffer
         old = logps if old_logps is None else old_logps
         loss, _ = gspo_loss(logps, old, advantages, mask, ref_logps=ref_logps, **loss_options)
         ctx.grads = (

@@ -2,7 +2,7 @@
 
 Nothing here holds more than one tile of logits [rows, vocabulary chunk] at a time, except
 `kept_logits`, which holds the logits of a group of rows on purpose (see gspo_kernels/fused_linear.py
-for when that pays). On the "triton" backend the two inner steps (statistics over the vocabulary,
+for when that pays), in a buffer its caller allocates once for every group. On the "triton" backend the two inner steps (statistics over the vocabulary,
 d logits of a tile) run as Triton kernels (gspo_kernels/fused_linear_triton.py); the matmuls that
 turn d logits into d hidden and d weight stay with the BLAS library of the device, as do the
 matmuls that fill a kept buffer.
@@ -45,9 +45,15 @@ class Grads:
     bias: torch.Tensor | None
 
 
-def logits_tile(hidden_rows, weight, bias, v0, v1, inv_temperature):
-    """z for rows [R, H] and vocabulary [v0, v1): [R, v1 - v0] in the accumulation dtype."""
-    tile = (hidden_rows @ weight[v0:v1].t()).to(accumulation_dtype(hidden_rows.dtype))
+def logits_tile(hidden_rows, weight, bias, v0, v1, inv_temperature, out=None):
+    """z for rows [R, H] and vocabulary [v0, v1): [R, v1 - v0] in the accumulation dtype, in `out` if given."""
+    weight_tile = weight[v0:v1].t()
+    if out is None:
+        tile = (hidden_rows @ weight_tile).to(accumulation_dtype(hidden_rows.dtype))
+    elif out.dtype == hidden_rows.dtype:
+        tile = torch.mm(hidden_rows, weight_tile, out=out)
+    else:
+        tile = out.copy_(hidden_rows @ weight_tile)
     if bias is not None:
         tile += bias[v0:v1].to(tile.dtype)
     if inv_temperature != 1.0:
@@ -185,15 +191,23 @@ def stream_grads(hidden_rows, weight, bias, targets, lse, entropy, grad_logp, gr
         _store_chunk(grads.bias, v0, bias_grad)
 
 
-def kept_logits(hidden_rows, weight, bias, targets, inv_temperature):
+def kept_logits(hidden_rows, weight, bias, targets, inv_temperature, buffer):
     """Every vocabulary tile of rows [R, H], kept as (exp(z - m), m [R], its first vocabulary entry):
-    (tiles, logp [R], lse [R])."""
+    (tiles, logp [R], lse [R]).
+
+    The tiles are contiguous views of `buffer`, a 1-D tensor of at least R * V elements of the
+    accumulation dtype: one allocation, reused by every kept chunk, instead of a tile's worth of
+    memory allocated and freed per tile, which the CPU allocator returned to the system only in
+    part (extra peak memory that varied from run to run).
+    """
     stats = OnlineLogSumExp(targets, accumulation_dtype(hidden_rows.dtype), with_entropy=False)
     tiles = []
+    num_rows = hidden_rows.shape[0]
     _, vocab_chunk = stream_tile(hidden_rows.device)
     for v0 in range(0, weight.shape[0], vocab_chunk):
         v1 = min(v0 + vocab_chunk, weight.shape[0])
-        tile = logits_tile(hidden_rows, weight, bias, v0, v1, inv_temperature)
+        out = buffer[num_rows * v0:num_rows * v1].view(num_rows, v1 - v0)
+        tile = logits_tile(hidden_rows, weight, bias, v0, v1, inv_temperature, out=out)
         tiles.append((tile, stats.update_(tile, v0), v0))
     logp, lse, _ = stats.result()
     return tiles, logp, lse
@@ -201,7 +215,7 @@ def kept_logits(hidden_rows, weight, bias, targets, inv_temperature):
 
 def kept_grads(tiles, hidden_rows, weight, targets, lse, grad_logp, inv_temperature, grads: Grads):
     """Turn kept tiles into d logits in place, one at a time, and add their gradients to `grads`."""
-    for index, (tile, tile_max, v0) in enumerate(tiles):
+    for tile, tile_max, v0 in tiles:
         v1 = v0 + tile.shape[1]
         # d logits = g (onehot - p) / temperature, with p = tile * exp(m - lse)
         tile.mul_((-grad_logp * torch.exp(tile_max - lse) * inv_temperature)[:, None])
@@ -212,4 +226,3 @@ def kept_grads(tiles, hidden_rows, weight, targets, lse, grad_logp, inv_temperat
             tile, hidden_rows, weight[v0:v1], grads.hidden,
             None if grads.weight is None else grads.weight[v0:v1], None if grads.bias is None else grads.bias[v0:v1],
         )
-        tiles[index] = None  # free each tile as soon as its gradients are in
