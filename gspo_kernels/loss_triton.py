@@ -22,6 +22,8 @@ import triton.language as tl
 from gspo_kernels.loss_stats import KL_LOG_RATIO_MAX, NUM_STATS, POLICY_LOG_RATIO_MAX
 
 LEVEL_CODES = {"sequence": 0, "sequence_token": 1, "token": 2}
+# BLOCK_T of a kernel: the power of two that holds a row's T tokens, from MIN_BLOCK_T up to its largest.
+MIN_BLOCK_T = 16
 FORWARD_BLOCK_T = 1024
 BACKWARD_BLOCK_T = 1024
 
@@ -189,6 +191,15 @@ def _gspo_backward_kernel(
     tl.store(grad_ptr + row * stride_grad + cols, grad.to(grad_ptr.dtype.element_ty), mask=in_row)
 
 
+def token_block(length: int, largest: int) -> int:
+    return min(largest, triton.next_power_of_2(max(length, MIN_BLOCK_T)))
+
+
+def token_blocks(largest: int) -> list[int]:
+    """Every BLOCK_T token_block can choose below `largest`."""
+    return [block for block in (1 << bit for bit in range(largest.bit_length())) if MIN_BLOCK_T <= block <= largest]
+
+
 def _rows(tensor: torch.Tensor) -> torch.Tensor:
     """A view whose last dimension is contiguous (the kernels index rows by stride)."""
     if tensor.dtype == torch.bool:
@@ -200,7 +211,9 @@ def _common(logps, old_logps, advantages, mask, ref_logps):
     token_adv = advantages.dim() == 2
     adv = _rows(advantages) if token_adv else advantages.contiguous()
     ref = _rows(ref_logps) if ref_logps is not None else logps
-    return _rows(logps), _rows(old_logps), adv, _rows(mask), ref, token_adv
+    # A 0/1 mask of another dtype becomes bool: the kernels read one byte per token, one specialisation.
+    response = mask if mask.dtype == torch.bool else mask != 0
+    return _rows(logps), _rows(old_logps), adv, _rows(response), ref, token_adv
 
 
 def forward_stats(logps, old_logps, advantages, mask, ref_logps, level, eps_low, eps_high, beta, kl_weighted_by_ratio):
@@ -212,9 +225,10 @@ def forward_stats(logps, old_logps, advantages, mask, ref_logps, level, eps_low,
         logps_, old, adv, mask_, ref, stats,
         length, logps_.stride(0), old.stride(0), adv.stride(0) if token_adv else 0, mask_.stride(0), ref.stride(0),
         eps_low, eps_high, beta,
-        LEVEL=LEVEL_CODES[level], TOKEN_ADV=token_adv, HAS_REF=ref_logps is not None, KL_WEIGHTED=kl_weighted_by_ratio,
+        LEVEL=LEVEL_CODES[level], TOKEN_ADV=token_adv, HAS_REF=ref_logps is not None,
+        KL_WEIGHTED=kl_weighted_by_ratio and ref_logps is not None,  # no KL, nothing to weight: one kernel less
         POLICY_MAX=POLICY_LOG_RATIO_MAX, KL_MAX=KL_LOG_RATIO_MAX, NUM_STATS=NUM_STATS,
-        BLOCK_T=min(FORWARD_BLOCK_T, triton.next_power_of_2(max(length, 16))),
+        BLOCK_T=token_block(length, FORWARD_BLOCK_T),
     )
     return stats
 
@@ -225,13 +239,13 @@ def backward_grad(logps, old_logps, advantages, mask, ref_logps, stats, level, e
     logps_, old, adv, mask_, ref, token_adv = _common(logps, old_logps, advantages, mask, ref_logps)
     batch, length = logps.shape
     grad = allocate_output(batch, length, dtype=logps.dtype, device=logps.device)
-    block = min(BACKWARD_BLOCK_T, triton.next_power_of_2(max(length, 16)))
+    block = token_block(length, BACKWARD_BLOCK_T)
+    has_kl = ref_logps is not None and beta != 0
     _gspo_backward_kernel[(batch, triton.cdiv(length, block))](
         logps_, old, adv, mask_, ref, stats, scale.reshape(1).to(torch.float32), grad,
         length, logps_.stride(0), old.stride(0), adv.stride(0) if token_adv else 0, mask_.stride(0), ref.stride(0),
         grad.stride(0), eps_low, eps_high, beta,
-        LEVEL=LEVEL_CODES[level], TOKEN_ADV=token_adv, HAS_KL=ref_logps is not None and beta != 0,
-        KL_WEIGHTED=kl_weighted_by_ratio,
+        LEVEL=LEVEL_CODES[level], TOKEN_ADV=token_adv, HAS_KL=has_kl, KL_WEIGHTED=kl_weighted_by_ratio and has_kl,
         POLICY_MAX=POLICY_LOG_RATIO_MAX, KL_MAX=KL_LOG_RATIO_MAX, NUM_STATS=NUM_STATS, BLOCK_T=block,
     )
     return grad
