@@ -1,8 +1,8 @@
 """Triton kernels of the streamed lm_head: log-prob statistics, and d logits of a tile.
 
 Both kernels compute logits tiles themselves: `tl.dot` of a [BLOCK_M, BLOCK_K] block of hidden
-by a [BLOCK_K, BLOCK_V] block of weight.T, in the input dtype (bf16 on the tensor cores), with an
-fp32 accumulator. Neither writes anything of size V per token except `dlogits_tile`'s output,
+by a [BLOCK_K, BLOCK_V] block of weight.T, in the input dtype (bf16 on the tensor cores, fp32 as
+tf32x3: gspo_kernels/dot_triton.py), with an fp32 accumulator; block sizes per dtype in TILE_BLOCKS. Neither writes anything of size V per token except `dlogits_tile`'s output,
 whose width is the caller's vocabulary chunk.
 
 - `logprob_stats`: one program per BLOCK_M rows sweeps the whole vocabulary with an online
@@ -17,13 +17,44 @@ Imported lazily by gspo_kernels/fused_linear.py, so gspo_kernels imports without
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
-BLOCK_M = 64
-BLOCK_V = 128
-BLOCK_K = 64
+from gspo_kernels.dot_triton import dot_precision
+
+class TileBlocks(NamedTuple):
+    """Block sizes and launch options of both kernels for one input dtype."""
+
+    BLOCK_M: int
+    BLOCK_V: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def constexprs(self) -> dict:
+        return {"BLOCK_M": self.BLOCK_M, "BLOCK_V": self.BLOCK_V, "BLOCK_K": self.BLOCK_K}
+
+    @property
+    def options(self) -> dict:
+        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
+
+
+# 8 warps: the softmax epilogue holds several fp32 [BLOCK_M, BLOCK_V] tiles, which spill from 4
+# warps' registers (sm_80 and sm_90). fp32 operands split in two for tf32x3: a K step of 16
+# keeps them in registers on sm_80 (gspo_kernels/compile_check.py checks every entry).
+TILE_BLOCKS = {
+    torch.float32: TileBlocks(64, 128, 16, num_warps=8, num_stages=3),
+    torch.bfloat16: TileBlocks(64, 128, 64, num_warps=8, num_stages=3),
+    torch.float16: TileBlocks(64, 128, 64, num_warps=8, num_stages=3),
+}
+
+
+def tile_blocks(dtype: torch.dtype) -> TileBlocks:
+    return TILE_BLOCKS[dtype]
 
 
 @triton.jit
@@ -109,13 +140,13 @@ def _dlogits_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, entr
     tl.store(out, dz.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs multiply in full fp32 ("ieee"), as torch's matmul does by default, not in TF32."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _contiguous_rows(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _token_ids(targets: torch.Tensor) -> torch.Tensor:
+    """Token ids of any integer dtype as the int64 the kernels are built for."""
+    return targets.to(torch.int64).contiguous()
 
 
 def logprob_stats(hidden_rows, weight, bias, targets, inv_temperature, with_entropy):
@@ -128,11 +159,12 @@ def logprob_stats(hidden_rows, weight, bias, targets, inv_temperature, with_entr
     entropy = torch.full((num_rows,), float("nan"), **poison) if with_entropy else lse
     if num_rows == 0:
         return logp, lse, entropy if with_entropy else None
-    _logprob_stats_kernel[(triton.cdiv(num_rows, BLOCK_M),)](
-        hidden_rows, weight, bias if bias is not None else weight, targets, logp, lse, entropy,
+    blocks = tile_blocks(hidden_rows.dtype)
+    _logprob_stats_kernel[(triton.cdiv(num_rows, blocks.BLOCK_M),)](
+        hidden_rows, weight, bias if bias is not None else weight, _token_ids(targets), logp, lse, entropy,
         num_rows, weight.shape[0], hidden_size, hidden_rows.stride(0), weight.stride(0), inv_temperature,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
-        PRECISION=dot_precision(hidden_rows.dtype), BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K,
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, PRECISION=dot_precision(hidden_rows.dtype),
+        **blocks.constexprs, **blocks.options,
     )
     return logp, lse, entropy if with_entropy else None
 
@@ -145,13 +177,14 @@ def dlogits_tile(hidden_rows, weight, bias, v0, v1, targets, lse, entropy, grad_
     if num_rows == 0:
         return out
     with_entropy = grad_entropy is not None
-    grid = (triton.cdiv(num_rows, BLOCK_M), triton.cdiv(v1 - v0, BLOCK_V))
+    blocks = tile_blocks(hidden_rows.dtype)
+    grid = (triton.cdiv(num_rows, blocks.BLOCK_M), triton.cdiv(v1 - v0, blocks.BLOCK_V))
     _dlogits_kernel[grid](
-        hidden_rows, weight, bias if bias is not None else weight, targets, lse.float().contiguous(),
+        hidden_rows, weight, bias if bias is not None else weight, _token_ids(targets), lse.float().contiguous(),
         entropy.float().contiguous() if with_entropy else lse, grad_logp.float().contiguous(),
         grad_entropy.float().contiguous() if with_entropy else lse, out,
         num_rows, v0, v1, hidden_size, hidden_rows.stride(0), weight.stride(0), out.stride(0), inv_temperature,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy,
-        PRECISION=dot_precision(hidden_rows.dtype), BLOCK_M=BLOCK_M, BLOCK_V=BLOCK_V, BLOCK_K=BLOCK_K,
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, PRECISION=dot_precision(hidden_rows.dtype),
+        **blocks.constexprs, **blocks.options,
     )
     return out
