@@ -11,7 +11,8 @@ the tile table (`_tile_table_kernel`: expert, first row, end row of every BLOCK_
 the worst case so the host never waits for the counts), so tiles never straddle two experts and
 no row of x is ever copied or padded.
 
-GEMMs (fp32 accumulation, operands in the storage dtype so bf16 runs on tensor cores):
+GEMMs (fp32 accumulation, operands in the storage dtype so bf16 runs on tensor cores; fp32 as
+tf32x3, gspo_kernels/dot_triton.py):
 - `_gate_up_kernel`: h = silu(x[token] @ Wg^T) * (x[token] @ Wu^T), x rows gathered in the loads,
   both projections in one program, SwiGLU in the epilogue; stores the pre-activations when
   backward needs them.
@@ -32,17 +33,20 @@ from the pre-activations), the per-pair rows of dx [S, H] and the partial d topk
 BLOCK_M follows the average rows per expert (16 when decoding a few tokens, up to 128 when
 training on thousands); the other block sizes, warps and stages are autotuned per (N rounded up
 to a power of two, E, H, I) from 1024 tokens up, and fixed below, where reading the weights
-dominates. Under TRITON_INTERPRET=1 the kernels run one fixed small tile.
+dominates, among the configs of GEMM_TILES for the operand size, BLOCK_M and the card's
+architecture. Under TRITON_INTERPRET=1 the kernels run one fixed small tile.
 """
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from gspo_kernels.dot_triton import dot_precision
 from gspo_kernels.expert_order import ExpertOrder
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -52,19 +56,92 @@ GROUP = 16  # columns per partial sum of d topk_weights
 # Output allocator; tests swap in one that poisons outputs with NaN to prove every element is written.
 allocate_output = torch.empty
 
-# Row-tile GEMMs: BLOCK_M comes from block_rows(); these tile the columns and the reduction.
-_GEMM_CONFIGS = [
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),  # small batches
-]
-# Weight gradients: an output tile BLOCK_M x BLOCK_N per program, BLOCK_K sorted rows per step.
-_WEIGHT_GRAD_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3),  # small batches
-]
+ARCHS = (80, 90, 100)  # the cards the configs are checked for: A100, H100 / H200, B200
+
+
+class Tile(NamedTuple):
+    """One autotune config: the block sizes it sets, its warps and stages, the archs it may run on."""
+
+    blocks: tuple  # ((name, size), ...)
+    num_warps: int
+    num_stages: int
+    archs: tuple = ARCHS
+
+    @property
+    def config(self) -> triton.Config:
+        return _CONFIGS.setdefault(self, triton.Config(dict(self.blocks), num_warps=self.num_warps,
+                                                       num_stages=self.num_stages))
+
+
+_CONFIGS: dict = {}
+
+
+def _tiles(*rows, archs=ARCHS) -> list[Tile]:
+    """Row-tile GEMM configs from (BLOCK_N, BLOCK_K, num_warps, num_stages) rows."""
+    return [Tile((("BLOCK_N", n), ("BLOCK_K", k)), warps, stages, archs) for n, k, warps, stages in rows]
+
+
+# Autotune configs per kernel, per operand size in bytes (2: bf16 / fp16, 4: fp32) and BLOCK_M
+# (from block_rows(); None for the weight gradients, whose tiles set it). The last of each list
+# runs small batches without a search; the configs of an arch are the entries that name it.
+# Every entry compiles without spilling and fits the shared memory of each arch it names
+# (gspo_kernels/compile_check.py checks them all): registers run out first, so wide tiles take 8
+# warps, and fp32 operands (split in two for tf32x3) take half the K step of bf16.
+GEMM_TILES = {
+    "_gate_up_kernel": {
+        (2, 16): _tiles((128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3)),
+        (2, 32): _tiles((128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3)),
+        (2, 64): _tiles((128, 64, 4, 4), archs=(90, 100)) + _tiles((128, 64, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3)),
+        (2, 128): _tiles((128, 64, 8, 3), (64, 64, 4, 4), archs=(90, 100)) + _tiles((64, 64, 8, 4)),
+        (4, 16): _tiles((128, 32, 8, 3), (64, 32, 4, 4), (64, 64, 4, 3)),
+        (4, 32): _tiles((128, 32, 8, 3), (64, 32, 4, 4), (64, 16, 4, 4)),
+        (4, 64): _tiles((128, 16, 8, 4)) + _tiles((64, 16, 4, 4), archs=(90, 100)) + _tiles((64, 32, 8, 3)),
+        (4, 128): _tiles((64, 16, 8, 4), archs=(90, 100)) + _tiles((32, 32, 8, 3)),
+    },
+    "_scatter_matmul_kernel": {
+        (2, 16): _tiles((128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3)),
+        (2, 32): _tiles((128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3)),
+        (2, 64): _tiles((128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3)),
+        (2, 128): _tiles((128, 64, 4, 4), archs=(90, 100)) + _tiles((128, 64, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3)),
+        (4, 16): _tiles((128, 32, 8, 3), (64, 32, 4, 4)),
+        (4, 32): _tiles((128, 32, 8, 3), (64, 32, 4, 4)),
+        (4, 64): _tiles((128, 32, 8, 3)) + _tiles((64, 64, 4, 3), archs=(90, 100)) + _tiles((64, 32, 4, 4)),
+        (4, 128): _tiles((128, 32, 8, 3), (64, 32, 4, 4), archs=(90, 100)) + _tiles((64, 32, 8, 3)),
+    },
+    "_swiglu_grad_kernel": {
+        (2, 16): _tiles((128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3)),
+        (2, 32): _tiles((128, 64, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3)),
+        (2, 64): _tiles((128, 64, 8, 3), (64, 64, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3)),
+        (2, 128): _tiles((64, 64, 8, 3), (64, 64, 8, 4), (32, 64, 4, 4)),
+        (4, 16): _tiles((128, 32, 8, 3), (64, 32, 4, 4)),
+        (4, 32): _tiles((128, 32, 8, 3), (64, 32, 4, 4)),
+        (4, 64): _tiles((64, 32, 8, 3), (32, 32, 4, 4)),
+        (4, 128): _tiles((64, 32, 8, 3), (32, 32, 8, 3), (32, 32, 4, 4)),
+    },
+    # Weight gradients: an output tile BLOCK_M x BLOCK_N per program, BLOCK_K sorted rows per step.
+    "_expert_weight_grad_kernel": {
+        (2, None): [Tile((("BLOCK_M", 128), ("BLOCK_N", 128), ("BLOCK_K", 64)), 8, 3),
+                    Tile((("BLOCK_M", 128), ("BLOCK_N", 64), ("BLOCK_K", 64)), 4, 4),
+                    Tile((("BLOCK_M", 64), ("BLOCK_N", 64), ("BLOCK_K", 32)), 4, 3)],
+        (4, None): [Tile((("BLOCK_M", 128), ("BLOCK_N", 128), ("BLOCK_K", 32)), 8, 3),
+                    Tile((("BLOCK_M", 128), ("BLOCK_N", 64), ("BLOCK_K", 32)), 4, 4, archs=(90,)),
+                    Tile((("BLOCK_M", 64), ("BLOCK_N", 64), ("BLOCK_K", 16)), 4, 3)],
+    },
+}
+
+
+def gemm_tiles(kernel_name: str, dtype: torch.dtype, block_m: int | None, arch: int) -> list[Tile]:
+    """The configs `kernel_name` may run on sm_`arch` for operands of `dtype` at BLOCK_M `block_m`."""
+    table = GEMM_TILES[kernel_name][(4 if dtype == torch.float32 else 2, block_m)]
+    return [tile for tile in table if arch in tile.archs]
+
+
+def device_arch(device: torch.device) -> int:
+    """The GEMM_TILES arch of a CUDA device; cards other than sm_9x and sm_10x take sm_80's configs."""
+    major, _ = torch.cuda.get_device_capability(device)
+    return {9: 90, 10: 100}.get(major, 80)
+
+
 # The interpreter would time every config; it runs one small tile (several steps of every loop).
 _INTERPRET_GEMM_BLOCKS = {"BLOCK_N": 32, "BLOCK_K": 32}
 _INTERPRET_WEIGHT_GRAD_BLOCKS = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}
@@ -77,25 +154,32 @@ _WEIGHT_GRAD_BLOCKS = _INTERPRET_WEIGHT_GRAD_BLOCKS if INTERPRET else {}
 SEARCH_FROM_TOKENS = 1024
 
 
-def _prune_small_batches(configs, named_args, **kwargs):
-    return configs if named_args["N_BUCKET"] >= SEARCH_FROM_TOKENS else configs[-1:]
-
-
-def _autotuned(configs, *key: str):
-    """Autotune over `configs` keyed on `key`, except in the interpreter."""
+def _autotuned(*key: str):
+    """Autotune over the kernel's GEMM_TILES keyed on `key`, except in the interpreter."""
 
     def wrap(kernel):
         if INTERPRET:
             return kernel
-        prune = {"early_config_prune": _prune_small_batches}
-        return triton.autotune(configs=configs, key=list(key), prune_configs_by=prune)(kernel)
+        name = kernel.__name__
+        configs = list(dict.fromkeys(tile.config for tiles in GEMM_TILES[name].values() for tile in tiles))
+
+        def prune(configs, named_args, **kwargs):
+            args = {**named_args, **kwargs}
+            operand = next(value for value in args.values() if isinstance(value, torch.Tensor))
+            tiles = gemm_tiles(name, operand.dtype, args.get("BLOCK_M"), device_arch(operand.device))
+            tiles = tiles if args["N_BUCKET"] >= SEARCH_FROM_TOKENS else tiles[-1:]
+            return [tile.config for tile in tiles]
+
+        return triton.autotune(configs=configs, key=list(key), prune_configs_by={"early_config_prune": prune},
+                               do_bench=_benchmark)(kernel)
 
     return wrap
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs keep fp32 products (tf32 would cost ~1e-3 relative error); others use tensor cores.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _benchmark(kernel_call, quantiles):
+    """The active driver's benchmarker, looked up at the first search: Triton before 3.4 looks it up
+    when a kernel is decorated, which fails on a machine without a GPU (gspo_kernels.compile_check)."""
+    return triton.runtime.driver.active.get_benchmarker()(kernel_call, quantiles=quantiles)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,19 +231,29 @@ def _route_topk_kernel(
     tl.store(idx_ptr + out, chosen_expert.to(tl.int64), mask=out_ok)
 
 
+def experts_pad(num_experts: int) -> int:
+    """E_PAD: the experts padded to a power of two, the width of every per-expert block."""
+    return triton.next_power_of_2(num_experts)
+
+
+def route_blocks(num_experts: int, top_k: int) -> dict:
+    """The routing kernel's block sizes: [BLOCK_T, E_PAD] logits per program, at most 4096."""
+    pad = experts_pad(num_experts)
+    return dict(TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=pad, BLOCK_T=max(1, min(64, 4096 // pad)))
+
+
 def route_topk(router_logits, top_k, norm_topk_prob, forced_experts):
     """topk_weights [N, k] fp32 and topk_idx [N, k] int64 from one kernel launch."""
     tokens, num_experts = router_logits.shape
     logits = router_logits if router_logits.stride(1) == 1 else router_logits.contiguous()
     weights = allocate_output(tokens, top_k, dtype=torch.float32, device=logits.device)
     idx = allocate_output(tokens, top_k, dtype=torch.int64, device=logits.device)
-    forced = forced_experts.contiguous() if forced_experts is not None else idx
-    experts_pad = triton.next_power_of_2(num_experts)
-    block_t = max(1, min(64, 4096 // experts_pad))
-    _route_topk_kernel[(triton.cdiv(tokens, block_t),)](
+    # Indices of any integer dtype, weights of any float dtype: the kernels read int64 and fp32 only.
+    forced = forced_experts.to(torch.int64).contiguous() if forced_experts is not None else idx
+    blocks = route_blocks(num_experts, top_k)
+    _route_topk_kernel[(triton.cdiv(tokens, blocks["BLOCK_T"]),)](
         logits, weights, idx, forced, tokens, num_experts, logits.stride(0),
-        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=experts_pad, BLOCK_T=block_t,
-        NORMALIZE=bool(norm_topk_prob), FORCED=forced_experts is not None,
+        **blocks, NORMALIZE=bool(norm_topk_prob), FORCED=forced_experts is not None,
     )
     return weights, idx
 
@@ -195,13 +289,13 @@ def _place_pairs_kernel(idx_ptr, block_base_ptr, sorted_pair_ptr, S, E, BLOCK_P:
 
 def sort_by_expert(topk_idx: torch.Tensor, num_experts: int) -> ExpertOrder:
     """The (token, slot) pairs sorted stably by expert: two kernel launches and a small cumsum."""
-    flat = topk_idx.reshape(-1).contiguous()
+    flat = topk_idx.reshape(-1).to(torch.int64).contiguous()
     pairs = flat.numel()
     blocks = triton.cdiv(pairs, PAIR_BLOCK)
     device = flat.device
     block_counts = allocate_output(blocks, num_experts, dtype=torch.int32, device=device)
     _count_experts_kernel[(blocks,)](
-        flat, block_counts, pairs, num_experts, BLOCK_P=PAIR_BLOCK, E_PAD=triton.next_power_of_2(num_experts)
+        flat, block_counts, pairs, num_experts, BLOCK_P=PAIR_BLOCK, E_PAD=experts_pad(num_experts)
     )
     counts = block_counts.sum(dim=0, dtype=torch.int32)
     starts = torch.cumsum(counts, 0, dtype=torch.int32) - counts
@@ -215,10 +309,13 @@ def sort_by_expert(topk_idx: torch.Tensor, num_experts: int) -> ExpertOrder:
 # Grouped GEMMs
 
 
+BLOCK_ROWS = (16, 32, 64, 128)
+
+
 def block_rows(pairs: int, num_experts: int) -> int:
-    """BLOCK_M of the row-tile GEMMs: about the rows an expert receives on average, 16 to 128."""
+    """BLOCK_M of the row-tile GEMMs: about the rows an expert receives on average, one of BLOCK_ROWS."""
     per_expert = pairs / num_experts
-    return next((block for block in (16, 32, 64) if per_expert <= block), 128)
+    return next((block for block in BLOCK_ROWS if per_expert <= block), BLOCK_ROWS[-1])
 
 
 @triton.jit
@@ -244,6 +341,12 @@ def _tile_table_kernel(
     tl.store(tiles_ptr + 2 * T + tile, end, mask=ok)
 
 
+def tile_table_blocks(num_experts: int) -> dict:
+    """The tile table kernel's block sizes: [BLOCK_T, E_PAD] per program, at most 4096."""
+    pad = experts_pad(num_experts)
+    return dict(E_PAD=pad, BLOCK_T=max(1, 4096 // pad))
+
+
 def tile_table(order: ExpertOrder, block_m: int) -> torch.Tensor:
     """[3, T] int32: expert, first sorted row and end row of every BLOCK_M tile of every expert.
 
@@ -253,10 +356,9 @@ def tile_table(order: ExpertOrder, block_m: int) -> torch.Tensor:
     num_experts, pairs = order.counts.numel(), order.sorted_pair.numel()
     num_tiles = pairs // block_m + min(num_experts, pairs)
     tiles = allocate_output(3, num_tiles, dtype=torch.int32, device=order.counts.device)
-    experts_pad = triton.next_power_of_2(num_experts)
-    block_t = max(1, 4096 // experts_pad)
-    _tile_table_kernel[(triton.cdiv(num_tiles, block_t),)](
-        order.counts, order.starts, tiles, num_tiles, num_experts, BLOCK_M=block_m, E_PAD=experts_pad, BLOCK_T=block_t
+    blocks = tile_table_blocks(num_experts)
+    _tile_table_kernel[(triton.cdiv(num_tiles, blocks["BLOCK_T"]),)](
+        order.counts, order.starts, tiles, num_tiles, num_experts, BLOCK_M=block_m, **blocks
     )
     return tiles
 
@@ -280,6 +382,23 @@ def _tile_rows(sorted_pair_ptr, first_row, end_row, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _sorted_row(ptr, row, row_length):
+    """A pointer to sorted row `row` of a [S, row_length] tensor, computed in 64 bits."""
+    return ptr + row.to(tl.int64) * row_length
+
+
+@triton.jit
+def _row_offsets(BLOCK_M: tl.constexpr, row_length, cols):
+    """[BLOCK_M, len(cols)] offsets of a tile's elements from its first row, in 32 bits.
+
+    A tile's sorted rows are consecutive, so one 64-bit pointer to the first (`_sorted_row`) and
+    32-bit offsets address it: 64-bit offsets for every element would double the registers the
+    epilogues hold and make them spill.
+    """
+    return tl.arange(0, BLOCK_M)[:, None] * row_length + cols[None, :]
+
+
+@triton.jit
 def _rows_times_expert(a_rows, stride_ak, w_cols, stride_wk, K, row_ok, col_ok, DOT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """fp32 [BLOCK_M, BLOCK_N] = A[:, :K] @ W[:K, :]; a_rows / w_cols point at each row of A / column of W."""
@@ -294,7 +413,7 @@ def _rows_times_expert(a_rows, stride_ak, w_cols, stride_wk, K, row_ok, col_ok, 
     return acc
 
 
-@_autotuned(_GEMM_CONFIGS, "N_BUCKET", "E", "H", "I", "BLOCK_M")
+@_autotuned("N_BUCKET", "E", "H", "I", "BLOCK_M")
 @triton.jit
 def _gate_up_kernel(
     x_ptr, w_ptr, sorted_pair_ptr, tiles_ptr, h_ptr, gate_up_ptr,
@@ -328,15 +447,15 @@ def _gate_up_kernel(
         acc_up = tl.dot(a, up_w, acc_up, input_precision=DOT_PRECISION)
     h = acc_gate * tl.sigmoid(acc_gate) * acc_up
     out_ok = row_ok[:, None] & col_ok[None, :]
-    out_rows = rows[:, None].to(tl.int64)
-    tl.store(h_ptr + out_rows * I + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=out_ok)
+    h_offsets = _row_offsets(BLOCK_M, I, cols)
+    tl.store(_sorted_row(h_ptr, first_row, I) + h_offsets, h.to(h_ptr.dtype.element_ty), mask=out_ok)
     if STORE_GATE_UP:
-        gate_up_rows = gate_up_ptr + out_rows * (2 * I) + cols[None, :]
-        tl.store(gate_up_rows, acc_gate.to(gate_up_ptr.dtype.element_ty), mask=out_ok)
-        tl.store(gate_up_rows + I, acc_up.to(gate_up_ptr.dtype.element_ty), mask=out_ok)
+        gate_up_tile = _sorted_row(gate_up_ptr, first_row, 2 * I) + _row_offsets(BLOCK_M, 2 * I, cols)
+        tl.store(gate_up_tile, acc_gate.to(gate_up_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(gate_up_tile + I, acc_up.to(gate_up_ptr.dtype.element_ty), mask=out_ok)
 
 
-@_autotuned(_GEMM_CONFIGS, "N_BUCKET", "E", "H", "I", "K", "BLOCK_M")
+@_autotuned("N_BUCKET", "E", "H", "I", "K", "BLOCK_M")
 @triton.jit
 def _scatter_matmul_kernel(
     a_ptr, w_ptr, sorted_pair_ptr, tiles_ptr, scale_ptr, out_ptr,
@@ -362,7 +481,7 @@ def _scatter_matmul_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@_autotuned(_GEMM_CONFIGS, "N_BUCKET", "E", "H", "I", "BLOCK_M")
+@_autotuned("N_BUCKET", "E", "H", "I", "BLOCK_M")
 @triton.jit
 def _swiglu_grad_kernel(
     dy_ptr, w_ptr, sorted_pair_ptr, tiles_ptr, weights_ptr, gate_up_ptr,
@@ -386,12 +505,17 @@ def _swiglu_grad_kernel(
                                 DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
     tile_ok = row_ok[:, None] & col_ok[None, :]
-    gate_up_rows = rows[:, None].to(tl.int64) * (2 * I) + cols[None, :]
-    gate = tl.load(gate_up_ptr + gate_up_rows, mask=tile_ok, other=0.0).to(tl.float32)
-    up = tl.load(gate_up_ptr + gate_up_rows + I, mask=tile_ok, other=0.0).to(tl.float32)
+    gate_up_offsets = _row_offsets(BLOCK_M, 2 * I, cols)
+    gate_up_tile = _sorted_row(gate_up_ptr, first_row, 2 * I)
+    gate = tl.load(gate_up_tile + gate_up_offsets, mask=tile_ok, other=0.0).to(tl.float32)
+    up = tl.load(gate_up_tile + gate_up_offsets + I, mask=tile_ok, other=0.0).to(tl.float32)
+    # Everything that needs only the pre-activations first, then grad_h once per product.
     sig = tl.sigmoid(gate)
     silu = gate * sig
     h = silu * up
+    h_offsets = _row_offsets(BLOCK_M, I, cols)
+    tl.store(_sorted_row(h_ptr, first_row, I) + h_offsets, h.to(h_ptr.dtype.element_ty), mask=tile_ok)
+    d_silu_up = up * sig * (1.0 + gate * (1.0 - sig))
 
     groups = tl.program_id(1) * (BLOCK_N // GROUP) + tl.arange(0, BLOCK_N // GROUP)
     partial = tl.sum(tl.reshape(grad_h * h, [BLOCK_M, BLOCK_N // GROUP, GROUP]), axis=2)
@@ -401,14 +525,13 @@ def _swiglu_grad_kernel(
     )
 
     grad_h = grad_h * tl.load(weights_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-    grad_gate = grad_h * up * sig * (1.0 + gate * (1.0 - sig))
     dtype = d_gate_up_ptr.dtype.element_ty
-    tl.store(d_gate_up_ptr + gate_up_rows, grad_gate.to(dtype), mask=tile_ok)
-    tl.store(d_gate_up_ptr + gate_up_rows + I, (grad_h * silu).to(dtype), mask=tile_ok)
-    tl.store(h_ptr + rows[:, None].to(tl.int64) * I + cols[None, :], h.to(h_ptr.dtype.element_ty), mask=tile_ok)
+    d_gate_up_tile = _sorted_row(d_gate_up_ptr, first_row, 2 * I)
+    tl.store(d_gate_up_tile + gate_up_offsets, (grad_h * d_silu_up).to(dtype), mask=tile_ok)
+    tl.store(d_gate_up_tile + gate_up_offsets + I, (grad_h * silu).to(dtype), mask=tile_ok)
 
 
-@_autotuned(_WEIGHT_GRAD_CONFIGS, "N_BUCKET", "E", "M", "N")
+@_autotuned("N_BUCKET", "E", "M", "N")
 @triton.jit
 def _expert_weight_grad_kernel(
     a_ptr, b_ptr, sorted_pair_ptr, counts_ptr, starts_ptr, scale_ptr, out_ptr,
@@ -470,7 +593,7 @@ class _Launch:
         self.block_m = block_rows(self.pairs, self.num_experts)
         self.tiles = tile_table(order, self.block_m)
         self.bucket = triton.next_power_of_2(self.tokens)
-        self.precision = _dot_precision(x.dtype)
+        self.precision = dot_precision(x.dtype)
 
     def grid(self, columns: int):
         num_tiles = self.tiles.shape[1]
@@ -489,7 +612,7 @@ def experts_forward(x, topk_weights, w_gate_up, w_down, order: ExpertOrder, keep
         STORE_GATE_UP=keep_gate_up, DOT_PRECISION=run.precision, BLOCK_M=run.block_m, **_GEMM_BLOCKS,
     )
     per_pair = allocate_output(run.pairs, run.hidden, dtype=x.dtype, device=x.device)
-    weights = topk_weights.reshape(-1).contiguous()
+    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     _scatter_matmul_kernel[run.grid(run.hidden)](
         h, w_down, order.sorted_pair, run.tiles, weights, per_pair,
         run.hidden, run.intermediate, run.num_experts, run.tiles.shape[1], run.intermediate, run.bucket,
@@ -520,7 +643,7 @@ def experts_backward(grad_y, x, topk_weights, w_gate_up, w_down, order: ExpertOr
     """(dx, d topk_weights, d w_gate_up, d w_down), None where needs_grad is False."""
     run = _Launch(x, w_gate_up, order)
     grad_y = grad_y.to(x.dtype)
-    weights = topk_weights.reshape(-1).contiguous()
+    weights = topk_weights.reshape(-1).to(torch.float32).contiguous()
     n_groups = triton.cdiv(run.intermediate, GROUP)
 
     d_gate_up = allocate_output(run.pairs, 2 * run.intermediate, dtype=x.dtype, device=x.device)
