@@ -1,11 +1,6 @@
 """moe_route and moe_experts against a float64 per-expert loop and transformers' Qwen3-MoE, on every backend."""
 
-import json
 import math
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -413,28 +408,3 @@ def test_bad_expert_arguments_raise_naming_the_argument(change, name):
 def test_bad_route_arguments_raise_naming_the_argument(kwargs, name, backend):
     with gk.use_backend(backend), pytest.raises(ValueError, match=f"^{name} "):
         gk.moe_route(**kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# GPU lowering, checked without a GPU
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(CUDA, reason="on a GPU the other tests compile and run the kernels for real")
-def test_kernels_compile_for_hopper_into_pipelined_wgmma_loops():
-    """The interpreter runs the kernels' semantics; this compiles them for sm_90 as the JIT would."""
-    root = pathlib.Path(__file__).resolve().parent.parent
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, str(root / "tests" / "moe_compile_check.py"), "90"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    kernels = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    assert len(kernels) == 9
-    gemms = [kernel for kernel in kernels if kernel["gemm"]]
-    assert len(gemms) == 5
-    for kernel in gemms:
-        assert kernel["pipelined"] and kernel["wgmma"], kernel
-        assert kernel["shared_bytes"] <= 200 * 1024, kernel
