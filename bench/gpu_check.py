@@ -1,18 +1,23 @@
-"""Driver of bench/gpu_check.sh: environment, ceilings, kernel tests on CUDA, every benchmark family, one table.
+"""Driver of bench/gpu_check.sh: environment, ceilings, the compile check, kernel tests on CUDA, every benchmark
+family, one table.
 
 Each stage runs in a subprocess with a time limit drawn from one overall budget, so that a
 failure or a hang still leaves the other stages' results and the whole check ends in time. On a
 machine without a GPU nothing is measured: every GPU row is written as "not run" and it exits 0.
 
-results.json (schema_version 2):
-    schema_version  1
+results.json (schema_version 3):
+    schema_version  3
     date            "YYYY-MM-DD HH:MM UTC"
     commit          short hash of HEAD, or "unknown"
     command         the command line that produced it
     environment     {"card", "driver", "torch", "triton", "transformers", "liger_kernel", "python"}:
                     version strings, None where absent (card and driver: None without a GPU)
     ceilings        {"copy_gb_per_s", "matmul_tflops"}: measured on the card, None without a GPU
-    tests           {"status": "passed" | "failed" | "not run", "command", "seconds", "summary"}
+    compile_check   {"status": "passed" | "failed" | "not run", "command", "seconds", "summary"}:
+                    `python -m gspo_kernels.compile_check --arch ARCH` for the card's compute capability,
+                    before the tests, so a kernel that does not build or fit on it is told apart from one
+                    that computes wrong; its summary is the check's last line
+    tests           the same keys for the kernel tests on CUDA
     training        the same keys for `gspo-engine train configs/tiny-moe.yaml` on the GPU (bf16-mixed);
                     its summary is the run's last console lines (the "done:" line when it finished)
     rows            one row per (family, case, implementation): the fields of
@@ -42,12 +47,12 @@ from gspo_engine.benchmarks import FAMILIES, ROW_FIELDS, markdown_table
 from gspo_engine.benchmarks.cases import empty_row
 from gspo_engine.benchmarks.timing import ceilings
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 TEST_WORKERS = 8
 KERNEL_TESTS = ["tests/test_gspo_loss.py", "tests/test_fused_linear.py", "tests/test_moe_kernels.py",
                 "tests/test_distributed.py::test_fsdp_trains_on_cuda_with_bf16_compute"]
-TOP_KEYS = ("schema_version", "date", "commit", "command", "environment", "ceilings", "tests", "training", "rows",
-            "seconds")
+TOP_KEYS = ("schema_version", "date", "commit", "command", "environment", "ceilings", "compile_check", "tests",
+            "training", "rows", "seconds")
 TRAIN_CONFIG = "configs/tiny-moe.yaml"
 ENVIRONMENT_KEYS = ("card", "driver", "torch", "triton", "transformers", "liger_kernel", "python")
 TEST_STATUSES = ("passed", "failed", "not run")
@@ -61,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"Comma-separated benchmark families (default: {','.join(FAMILIES)}).")
     parser.add_argument("--rounds", type=int, default=10, help="Timed calls per case, at most.")
     parser.add_argument("--budget-s", type=float, default=420, help="Time for the whole check; stages share it.")
+    parser.add_argument("--compile-timeout-s", type=float, default=120,
+                        help="At most this much for compiling every kernel for the card (gspo_kernels.compile_check).")
     parser.add_argument("--tests-timeout-s", type=float, default=120, help="At most this much for the kernel tests.")
     parser.add_argument("--train-timeout-s", type=float, default=90,
                         help=f"At most this much for training {TRAIN_CONFIG} on the GPU.")
@@ -122,6 +129,35 @@ def run_stage(name: str, command: list[str], timeout_s: float, log: pathlib.Path
     print("\n".join((stderr or stdout).splitlines()[-12:]), flush=True)
     print(f"== {name}: {status} after {seconds:.0f} s", flush=True)
     return status, stdout, seconds
+
+
+def card_arch() -> int | None:
+    """The card's compute capability as compile_check names it (90 for an H100), None without a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    major, minor = torch.cuda.get_device_capability(0)
+    return 10 * major + minor
+
+
+def compile_check(out: pathlib.Path, timeout_s: float) -> dict:
+    """Every kernel specialisation compiled for this card's architecture, as CI does without a GPU."""
+    from gspo_kernels.compile_check import SHARED_LIMIT_BYTES
+
+    arch = card_arch()
+    command = [sys.executable, "-m", "gspo_kernels.compile_check", "--arch", str(arch), "--json",
+               str(out / "compile_check.json")]
+    if arch is None:
+        return {"status": "not run", "command": None, "seconds": None, "summary": "no GPU"}
+    if arch not in SHARED_LIMIT_BYTES:
+        return {"status": "not run", "command": shlex.join(command), "seconds": None,
+                "summary": f"sm_{arch} is not an architecture compile_check knows ({sorted(SHARED_LIMIT_BYTES)})"}
+    status, output, seconds = run_stage(f"compile check for sm_{arch}", command, timeout_s,
+                                        out / "compile_check.log")
+    summary = output.strip().splitlines()[-1] if output.strip() else "no output"
+    if status == "timed out":
+        summary = f"timed out after {timeout_s:.0f} s; {summary}"
+    return {"status": "passed" if status == "ok" else "failed", "command": shlex.join(command), "seconds": seconds,
+            "summary": summary}
 
 
 def kernel_tests(out: pathlib.Path, timeout_s: float) -> dict:
@@ -192,7 +228,7 @@ def family_rows(family: str, rounds: int, timeout_s: float, out: pathlib.Path) -
 
 
 def validate_results(results: dict) -> None:
-    """Raise ValueError where `results` departs from schema version 1 (module docstring)."""
+    """Raise ValueError where `results` departs from the schema (module docstring)."""
     problems = []
     if tuple(results) != TOP_KEYS:
         problems.append(f"top-level keys {tuple(results)} != {TOP_KEYS}")
@@ -202,18 +238,19 @@ def validate_results(results: dict) -> None:
         problems.append(f"environment keys {tuple(results.get('environment', {}))}")
     if set(results.get("ceilings", {})) != {"copy_gb_per_s", "matmul_tflops"}:
         problems.append(f"ceilings keys {tuple(results.get('ceilings', {}))}")
-    for stage in ("tests", "training"):
+    for stage in ("compile_check", "tests", "training"):
         if results.get(stage, {}).get("status") not in TEST_STATUSES:
             problems.append(f"{stage} status {results.get(stage, {}).get('status')!r}")
     for index, row in enumerate(results.get("rows", [])):
         if tuple(row) != ROW_FIELDS or row["status"] not in ROW_STATUSES:
             problems.append(f"row {index}: keys {tuple(row)}, status {row.get('status')!r}")
     if problems:
-        raise ValueError("results.json does not follow schema version 1: " + "; ".join(problems))
+        raise ValueError(f"results.json does not follow schema version {SCHEMA_VERSION}: " + "; ".join(problems))
 
 
 def markdown_report(results: dict) -> list[str]:
     env, ceil, tests, training = results["environment"], results["ceilings"], results["tests"], results["training"]
+    compiled = results["compile_check"]
     lines = [f"- date: {results['date']}, commit {results['commit']}", f"- command: `{results['command']}`",
              f"- card: {env['card'] or 'none (CPU: the GPU rows are not run)'}, driver {env['driver'] or '-'}",
              f"- torch {env['torch']}, triton {env['triton'] or '-'}, transformers {env['transformers'] or '-'}, "
@@ -221,6 +258,7 @@ def markdown_report(results: dict) -> list[str]:
     if ceil["matmul_tflops"]:
         lines.append(f"- ceilings: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, "
                      f"device copy {ceil['copy_gb_per_s']:.0f} GB/s")
+    lines.append(f"- compile check for the card: {compiled['status']} ({compiled['summary']})")
     lines.append(f"- kernel tests on CUDA: {tests['status']} ({tests['summary']})")
     lines.append(f"- `gspo-engine train {TRAIN_CONFIG}` on the GPU: {training['status']} ({training['summary']})")
     return [*lines, "", *markdown_table(results["rows"])]
@@ -239,8 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ceilings: {card_ceilings}", flush=True)
     deadline = start + args.budget_s
     if args.skip_tests:
-        tests = {"status": "not run", "command": None, "seconds": None, "summary": "--skip-tests"}
+        compiled = {"status": "not run", "command": None, "seconds": None, "summary": "--skip-tests"}
+        tests = dict(compiled)
     else:
+        compiled = compile_check(out, min(args.compile_timeout_s, (deadline - time.perf_counter()) / 4))
         tests = kernel_tests(out, min(args.tests_timeout_s, (deadline - time.perf_counter()) / 3))
     training = tiny_training(out, min(args.train_timeout_s, (deadline - time.perf_counter()) / 4))
     rows = []
@@ -258,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["bash", "bench/gpu_check.sh", *(argv if argv is not None else sys.argv[1:])]),
         "environment": env,
         "ceilings": card_ceilings,
+        "compile_check": compiled,
         "tests": tests,
         "training": training,
         "rows": rows,
@@ -268,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     report = markdown_report(results)
     (out / "gpu_check.md").write_text("\n".join(report) + "\n")
     print("\n" + "\n".join(report), flush=True)
-    failed = "failed" in (tests["status"], training["status"]) or any(row["status"] == "error" for row in rows)
+    failed = "failed" in (compiled["status"], tests["status"], training["status"]) or any(
+        row["status"] == "error" for row in rows)
     return 1 if failed else 0
 
 

@@ -34,6 +34,7 @@ def test_cpu_run_exits_0_and_writes_schema_and_table_with_gpu_rows_not_run(tmp_p
     results = json.loads((tmp_path / "results.json").read_text())
     gpu_check.validate_results(results)
     assert results["environment"]["card"] is None and results["ceilings"]["matmul_tflops"] is None
+    assert results["compile_check"]["status"] == "not run"
     assert {row["kernel"] for row in results["rows"]} == set(FAMILIES)
     assert all(row["status"] == "not run" for row in results["rows"])
     table = (tmp_path / "gpu_check.md").read_text()
@@ -43,10 +44,10 @@ def test_cpu_run_exits_0_and_writes_schema_and_table_with_gpu_rows_not_run(tmp_p
 
 
 def test_schema_check_names_what_is_wrong():
-    results = {"schema_version": 2, "date": "d", "commit": "c", "command": "x",
+    results = {"schema_version": 3, "date": "d", "commit": "c", "command": "x",
                "environment": dict.fromkeys(gpu_check.ENVIRONMENT_KEYS), "ceilings": {"copy_gb_per_s": None,
-               "matmul_tflops": None}, "tests": {"status": "not run"}, "training": {"status": "not run"},
-               "rows": [], "seconds": 0.0}
+               "matmul_tflops": None}, "compile_check": {"status": "not run"}, "tests": {"status": "not run"},
+               "training": {"status": "not run"}, "rows": [], "seconds": 0.0}
     gpu_check.validate_results(results)
     case = Case(kernel="loss", name="n", unit="GB/s", work=1.0, builders={})
     with pytest.raises(ValueError, match="row 0"):
@@ -55,6 +56,10 @@ def test_schema_check_names_what_is_wrong():
         gpu_check.validate_results(dict(results, tests={"status": "green"}))
     with pytest.raises(ValueError, match="training status"):
         gpu_check.validate_results(dict(results, training={}))
+    with pytest.raises(ValueError, match="compile_check status"):
+        gpu_check.validate_results(dict(results, compile_check={"status": "ok"}))
+    with pytest.raises(ValueError, match="top-level keys"):
+        gpu_check.validate_results({key: value for key, value in results.items() if key != "compile_check"})
 
 
 def test_table_formats_throughput_fractions_ratios_and_escapes_notes():
@@ -111,6 +116,29 @@ def test_cli_bench_offers_every_family_and_prints_json_rows():
     rows = [json.loads(line) for line in result.output.splitlines()]
     assert {row["implementation"] for row in rows} == {"reference", "gspo_kernels"}
     assert all(tuple(row) == ROW_FIELDS for row in rows)
+
+
+@no_gpu
+def test_compile_check_is_not_run_without_a_gpu(tmp_path):
+    assert gpu_check.card_arch() is None
+    assert gpu_check.compile_check(tmp_path, 60) == {"status": "not run", "command": None, "seconds": None,
+                                                     "summary": "no GPU"}
+
+
+def test_compile_check_runs_for_the_cards_architecture_and_reports_its_last_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "card_arch", lambda: 90)
+    calls = []
+
+    def stage(name, command, timeout_s, log):
+        calls.append(command)
+        return "failed", "... rows\n1043 rows, 12 kernels; specialisations per arch: sm_90 917; FAILED: 1 rows\n", 7.0
+
+    monkeypatch.setattr(gpu_check, "run_stage", stage)
+    result = gpu_check.compile_check(tmp_path, 60)
+    assert calls[0][1:5] == ["-m", "gspo_kernels.compile_check", "--arch", "90"]
+    assert result["status"] == "failed" and result["summary"].endswith("FAILED: 1 rows") and result["seconds"] == 7.0
+    monkeypatch.setattr(gpu_check, "card_arch", lambda: 86)
+    assert gpu_check.compile_check(tmp_path, 60)["status"] == "not run"
 
 
 def test_json_rows_are_read_past_what_libraries_print_and_a_line_cut_short():
