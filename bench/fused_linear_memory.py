@@ -68,7 +68,7 @@ def measure_in_subprocess(name: str, shape: tuple[int, int, int, int]) -> dict:
 
 
 def side_by_side(shape, impls, repeats: int) -> dict[str, dict]:
-    """Per implementation: the largest extra memory, the median time, and every memory and time of `repeats` fresh runs."""
+    """Per implementation: the largest extra memory, the median time, and each run's memory and time."""
     runs = {name: [] for name in impls}
     for _ in range(repeats):
         for name in impls:  # interleaved, so that load from other processes hits every one alike
@@ -87,8 +87,8 @@ def side_by_side(shape, impls, repeats: int) -> dict[str, dict]:
 
 def table(results: dict[str, dict]) -> list[str]:
     ref = results.get("reference")
-    lines = ["| implementation | extra peak RSS (MiB) | memory / reference | every run, extra (MiB) | median wall time (s) "
-             "| wall / reference | every run, wall (s) | median CPU time (s) | CPU / reference |",
+    lines = ["| implementation | extra peak RSS (MiB) | memory / reference | every run, extra (MiB) "
+             "| median wall time (s) | wall / reference | every run, wall (s) | median CPU time (s) | CPU / reference |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         mem_ratio = f"{r['extra_mib'] / ref['extra_mib']:.3f}" if ref else "-"

@@ -2,10 +2,10 @@
 
 Nothing here holds more than one tile of logits [rows, vocabulary chunk] at a time, except
 `kept_logits`, which holds the logits of a group of rows on purpose (see gspo_kernels/fused_linear.py
-for when that pays), in a buffer its caller allocates once for every group. On the "triton" backend the two inner steps (statistics over the vocabulary,
-d logits of a tile) run as Triton kernels (gspo_kernels/fused_linear_triton.py); the matmuls that
-turn d logits into d hidden and d weight stay with the BLAS library of the device, as do the
-matmuls that fill a kept buffer.
+for when that pays), in a buffer its caller allocates once for every group. On the "triton"
+backend the two inner steps (statistics over the vocabulary, d logits of a tile) run as Triton
+kernels (gspo_kernels/fused_linear_triton.py); the matmuls that turn d logits into d hidden and
+d weight stay with the BLAS library of the device, as do the matmuls that fill a kept buffer.
 
 Notation: z = (hidden @ weight.T + bias) / temperature, lse = logsumexp(z), p = exp(z - lse).
     d logp(target) / d z_j = onehot_j - p_j

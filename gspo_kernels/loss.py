@@ -74,7 +74,8 @@ def validate_loss_inputs(logps, old_logps, advantages, mask, level, eps_low, eps
     for name, eps in (("eps_low", eps_low), ("eps_high", eps_high), ("beta", beta)):
         if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
             raise ValueError(f"{name} must be a finite number >= 0; got {eps!r}")
-    for name, flag in (("kl_weighted_by_ratio", kl_weighted_by_ratio), ("count_empty_sequences", count_empty_sequences)):
+    flags = {"kl_weighted_by_ratio": kl_weighted_by_ratio, "count_empty_sequences": count_empty_sequences}
+    for name, flag in flags.items():
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False; got {flag!r}")
     if beta > 0 and ref_logps is None:
