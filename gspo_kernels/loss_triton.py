@@ -24,7 +24,9 @@ from gspo_kernels.loss_stats import KL_LOG_RATIO_MAX, NUM_STATS, POLICY_LOG_RATI
 LEVEL_CODES = {"sequence": 0, "sequence_token": 1, "token": 2}
 # BLOCK_T of a kernel: the power of two that holds a row's T tokens, from MIN_BLOCK_T up to its largest.
 MIN_BLOCK_T = 16
-FORWARD_BLOCK_T = 1024
+# 512: at 1024 the forward kernel's eight accumulators take 64 registers a thread, and ptxas for
+# sm_100 spilled one of them (fp16, "token" level with a KL term).
+FORWARD_BLOCK_T = 512
 BACKWARD_BLOCK_T = 1024
 
 # Output allocator; tests swap in one that poisons outputs with NaN to prove every element is written.
