@@ -69,7 +69,10 @@ def test_every_other_kernel_compiles_for_hopper_and_every_kernel_is_listed(tmp_p
     assert listed.returncode == 0 and listed.stdout.strip() == "[]", listed.stdout + listed.stderr
 
 
+# Thousands of compiles: too long for the default run on a 2-core machine; `pytest -m compile_all` runs it,
+# as does `python -m gspo_kernels.compile_check --arch 80,90,100`.
 @pytest.mark.slow
+@pytest.mark.compile_all
 @NO_GPU
 def test_every_specialisation_compiles_for_a100_h100_and_b200(tmp_path):
     report = tmp_path / "rows.json"
