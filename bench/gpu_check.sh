@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One prepared call on a lent GPU: environment, ceilings, every kernel compiled for the card's
 # architecture (gspo_kernels.compile_check, so that a kernel which cannot build or fit there is told
-# apart from one that computes wrong), kernel tests on CUDA, every benchmark family at the issues'
-# shapes, results.json and a markdown table (bench/gpu_check.py documents both). Runs from the source tree (nothing is installed there), in under 5 minutes on an H100.
+# apart from one that computes wrong), kernel tests on CUDA, the tiny default trained on the GPU,
+# every benchmark family at its target shapes, results.json and a markdown table (bench/gpu_check.py
+# documents both). Runs from the source tree (nothing is installed there); without the compile
+# stage it took 5.5 minutes on an H200 (bench/RESULTS.md).
 # Results land in $OUT when set (the device tool's folder), else bench/out/. On a machine without
 # a GPU it measures nothing, marks every GPU row "not run" and exits 0.
 #
