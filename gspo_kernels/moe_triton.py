@@ -216,7 +216,7 @@ def _route_topk_kernel(
         else:
             score = tl.where(taken, -float("inf"), logits)
             best = tl.max(score, axis=1)
-            tied = (score == best[:, None]) & (~taken)
+            tied = (score == best[:, None]) & (taken == 0)  # not ~taken: Triton 3.3's interpreter cannot invert bools
             pick = tl.min(tl.where(tied, experts[None, :], E_PAD), axis=1)
             taken = taken | (experts[None, :] == pick[:, None])
         weight = tl.sum(tl.where(experts[None, :] == pick[:, None], probs, 0.0), axis=1)
