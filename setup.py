@@ -22,8 +22,10 @@ setup(
     packages=find_packages(include=["gspo_kernels", "gspo_kernels.*", "gspo_engine", "gspo_engine.*"]),
     package_data={"gspo_engine": ["assets/*"]},
     install_requires=[
-        "torch>=2.5",
-        "triton>=3.0; platform_system == 'Linux'",
+        # The oldest pair checked: the interpreter kernel tests and gspo_kernels.compile_check pass with
+        # torch 2.7.1 and Triton 3.3.1 (README, "Set-up").
+        "torch>=2.7",
+        "triton>=3.3; platform_system == 'Linux'",
         "transformers>=4.51",
         "tokenizers",
         "safetensors",
