@@ -10,10 +10,11 @@ This builds every specialisation the launch code can choose at run time and prin
 does not compile, spills, or needs more shared memory than the architecture gives a block.
 
 Which specialisations: each kernel's constexpr flags and levels, every float dtype the public
-functions run on the Triton path (fp32, bf16, fp16; fp64 runs the PyTorch path), and every
-block size and autotune config the launchers can pick, read from the tables the launchers
-themselves use (`moe_triton.GEMM_CONFIGS`, `loss_triton.TOKEN_BLOCKS`, ...), so a config added
-there is checked here. Scalar arguments take their values at Qwen3 shapes (dimensions and row
+functions run on the Triton path (fp32, bf16, fp16; fp64 runs the PyTorch path; the launchers
+turn indices, masks and routing weights into one dtype each), and every block size and autotune
+config the launchers can pick on each architecture, read from the tables the launchers use
+(`moe_triton.GEMM_TILES`, `loss_triton.token_blocks`, `fused_linear_triton.TILE_BLOCKS`, ...), so a
+config added there is checked here. Scalar arguments take their values at Qwen3 shapes (dimensions and row
 strides multiples of 16, unit strides of contiguous rows) and pointers are 16-byte aligned, which
 is what Triton's JIT infers from a real launch. A module-level `@triton.jit` function that no
 other kernel calls is a kernel: one without cases here is reported and fails the check.
