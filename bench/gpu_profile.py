@@ -17,14 +17,13 @@ import argparse
 import contextlib
 import json
 import pathlib
-import statistics
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import gspo_kernels as gk
 from gspo_engine.benchmarks import e2e, fused_linear
+from gspo_engine.benchmarks.timing import median_seconds
 from gspo_engine.device import synchronize
 from gspo_kernels import fused_linear_stream
 
@@ -33,23 +32,19 @@ TILES = [(512, 8192), (2048, 8192), (4096, 8192), (4096, 16384), (8192, 8192)]
 
 
 def timed(step, device: torch.device, rounds: int = 3, warmup: int = 2) -> tuple[float, float | None]:
-    """(median ms, peak MiB above what was allocated before the first call; None off a GPU)."""
+    """(median ms, peak MiB above what was allocated before the first call; None off a GPU).
+
+    Unlike the benchmark rows' peak (taken after a warm-up), this one counts the gradients the
+    step creates, as the strategies' figures in bench/RESULTS.md do.
+    """
     cuda = device.type == "cuda"
     synchronize(device)
     base = torch.cuda.memory_allocated(device) if cuda else 0
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(rounds):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    seconds = median_seconds(step, device, rounds, warmup=warmup)
     peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20 if cuda else None
-    return statistics.median(times) * 1e3, peak
+    return seconds * 1e3, peak
 
 
 @contextlib.contextmanager
