@@ -96,7 +96,10 @@ class GSPOConfig:
     num_minibatches: int = 4  # the paper splits each rollout batch in 4, so the ratio moves off 1
     advantage_scale: Literal["group", "batch", "none"] = "group"
     advantage_eps: float = 1e-6
-    micro_batch_tokens: int = 8192  # padded tokens per forward/backward; accumulation covers the rest
+    micro_batch_tokens: int = 8192  # tokens per forward/backward (padded: rows x longest row); accumulation covers the rest
+    # Micro-batches of the update and of old/ref scoring concatenate their sequences into one row
+    # with no padding (attention kept inside each sequence); false right-pads every row to the longest.
+    packing: bool = True
 
 
 @dataclass
