@@ -49,6 +49,30 @@ class TrainBatch:
         out[self.mask] = torch.cat([v.to(torch.float32) for v in per_sample]).to(self.mask.device)
         return out
 
+    # The interface the update and scoring use, shared with packing.PackedBatch.
+
+    def loss_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states [B, L, H] laid out like targets and mask: the forward's own."""
+        return hidden
+
+    def scored_rows(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hidden states and targets to score for the completions' log-probs: every position of every row."""
+        return hidden, self.targets
+
+    def split_scores(self, logps: torch.Tensor) -> list[torch.Tensor]:
+        """Per sample, its completion tokens' values from the [B, L] scores of `scored_rows`."""
+        return [logps[row][self.mask[row]] for row in range(logps.shape[0])]
+
+    def split_positions(self, per_position: torch.Tensor) -> list[torch.Tensor]:
+        """Per sample, the values [n_b, ...] of its own positions from per_position [B, L, ...]."""
+        lengths = self.real.sum(dim=1).tolist()
+        return [per_position[row, :n] for row, n in enumerate(lengths)]
+
+    @property
+    def real_tokens(self) -> torch.Tensor:
+        """bool [B * L]: which of the forward's positions hold a token."""
+        return self.real.reshape(-1)
+
 
 def collate(samples: list[Sample], pad_id: int, device: torch.device | str = "cpu") -> TrainBatch:
     length = max(sample.num_positions for sample in samples)

@@ -29,3 +29,10 @@ def replay_experts(records: list[torch.Tensor], length: int, device: torch.devic
     for row, experts in enumerate(records):
         forced[row, : experts.shape[0]] = experts
     return list(forced.to(device).unbind(dim=2))
+
+
+def replay_experts_packed(records: list[torch.Tensor], device: torch.device | str = "cpu") -> list[torch.Tensor]:
+    """Per MoE layer, int64 [1, N, k] for a packed forward: the rows' records end to end, as packing.pack lays
+    out their tokens (N = the records' positions summed)."""
+    forced = torch.cat(records).to(device=device, dtype=torch.int64)
+    return [layer[None] for layer in forced.unbind(dim=1)]

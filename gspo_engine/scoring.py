@@ -22,21 +22,21 @@ def score_samples(context: StepContext, model: Qwen3Model, samples: list[Sample]
     with torch.no_grad(), context.autocast():
         for micro in context.micro_batches(samples):
             if not micro:  # another rank has more micro-batches: join its forwards' weight gathers
-                model.forward_hidden(context.collate(samples[:1]).input_ids)
+                context.forward(model, context.collate(samples[:1]))
                 continue
             batch = context.collate(micro)
-            output = model.forward_hidden(batch.input_ids)
-            hidden, weight = context.head_inputs(output.hidden_states, model)
-            logps = gk.token_logprobs(hidden, weight, batch.targets, temperature=context.temperature)
-            experts = None
+            output = context.forward(model, batch)
+            rows, targets = batch.scored_rows(output.hidden_states)
+            hidden, weight = context.head_inputs(rows, model)
+            logps = gk.token_logprobs(hidden, weight, targets, temperature=context.temperature)
+            for sample, sample_logps in zip(micro, batch.split_scores(logps)):
+                setattr(sample, attribute, sample_logps.float().cpu())
             if record_routing and output.routing:
                 experts = stack_routing(output.routing, *batch.input_ids.shape).cpu()
-            for row, sample in enumerate(micro):
-                setattr(sample, attribute, logps[row][batch.mask[row]].float().cpu())
-                if experts is not None:
-                    sample.old_routing = experts[row, : sample.num_positions]
+                for sample, sample_experts in zip(micro, batch.split_positions(experts)):
+                    sample.old_routing = sample_experts
             # Freed before the next micro-batch's forward, not when the names are next assigned.
-            del batch, output, hidden, weight, logps
+            del batch, output, rows, hidden, weight, logps
 
 
 def score_reference(context: StepContext, model: Qwen3Model, reference: Qwen3Model | None,

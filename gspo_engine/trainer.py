@@ -100,7 +100,7 @@ class GSPOTrainer:
         # Sampling and the loss use the same temperature; greedy rollouts score at 1.
         temperature = config.rollout.temperature if config.rollout.temperature > 0 else 1.0
         self.context = StepContext(self.runtime, self.device, self.precision, pad_id, temperature,
-                                   config.gspo.micro_batch_tokens)
+                                   config.gspo.micro_batch_tokens, config.gspo.packing)
         self.updater = PolicyUpdate(self.context, self.model, self.optimizer, config.gspo, config.optim.max_grad_norm,
                                     config.model.routing_replay, config.train.max_consecutive_skips)
         self.step = 0

@@ -13,12 +13,11 @@ import math
 import torch
 
 import gspo_kernels as gk
-from gspo_engine.batching import Sample, TrainBatch, split_minibatches
+from gspo_engine.batching import Sample, split_minibatches
 from gspo_engine.config import GSPOConfig
 from gspo_engine.errors import TrainingError
 from gspo_engine.model import Qwen3Model
-from gspo_engine.routing_replay import replay_experts
-from gspo_engine.step_context import StepContext
+from gspo_engine.step_context import Batch, StepContext
 
 logger = logging.getLogger(__name__)
 
@@ -118,22 +117,18 @@ class PolicyUpdate:
             if aux_loss is not None:
                 stats["aux_loss"] += float(aux_loss.detach()) * sequence_share
             if routing:
-                imbalance.append(expert_imbalance(routing, batch, self.model.args.num_experts))
+                imbalance.append(expert_imbalance(routing, batch.real_tokens, self.model.args.num_experts))
         if imbalance:
             stats["expert_imbalance"] = imbalance
         return stats
 
-    def micro_batch_loss(self, batch: TrainBatch, micro: list[Sample]):
+    def micro_batch_loss(self, batch: Batch, micro: list[Sample]):
         """(loss, loss metrics, aux loss or None, routing) of one micro-batch; the logits are never built."""
         gspo = self.gspo
-        length = batch.input_ids.shape[1]
-        forced = None
-        if self.routing_replay:
-            forced = replay_experts([s.old_routing for s in micro], length, self.context.device)
-        # The attention mask only matters to the aux loss, which must not count padding.
-        attention_mask = batch.real.long() if self.model.args.router_aux_loss else None
-        output = self.model.forward_hidden(batch.input_ids, attention_mask=attention_mask, forced_experts=forced)
-        hidden, weight = self.context.head_inputs(output.hidden_states, self.model)
+        records = [s.old_routing for s in micro] if self.routing_replay else None
+        # The padding mask only matters to the aux loss, which must not count padding.
+        output = self.context.forward(self.model, batch, records, mask_padding=bool(self.model.args.router_aux_loss))
+        hidden, weight = self.context.head_inputs(batch.loss_hidden(output.hidden_states), self.model)
         ref = batch.scatter([s.ref_logps for s in micro]) if gspo.beta > 0 else None
         loss, metrics = gk.fused_linear_gspo_loss(
             hidden, weight, batch.targets, batch.scatter([s.old_logps for s in micro]), batch.advantages, batch.mask,
@@ -152,11 +147,14 @@ def with_aux(loss: torch.Tensor, aux_loss: torch.Tensor | None) -> torch.Tensor:
     return loss if aux_loss is None else loss + aux_loss
 
 
-def expert_imbalance(routing, batch: TrainBatch, num_experts: int) -> float:
-    """Max over MoE layers of (most tokens any expert got) / (mean tokens per expert), real tokens only."""
-    real = batch.real.reshape(-1)
+def expert_imbalance(routing, real_tokens: torch.Tensor | None, num_experts: int) -> float:
+    """Max over MoE layers of (most tokens any expert got) / (mean tokens per expert), real tokens only.
+
+    real_tokens: bool [N] marking the forward's positions that hold a token; None when all do.
+    """
     worst = 0.0
     for layer in routing:
-        counts = torch.bincount(layer.expert_indices[real].reshape(-1), minlength=num_experts)
+        experts = layer.expert_indices if real_tokens is None else layer.expert_indices[real_tokens]
+        counts = torch.bincount(experts.reshape(-1), minlength=num_experts)
         worst = max(worst, float(counts.max() / counts.float().mean().clamp(min=1e-9)))
     return worst

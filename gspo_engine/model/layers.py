@@ -8,6 +8,7 @@ from torch import nn
 
 from gspo_engine.model.args import ModelArgs
 from gspo_engine.model.kv_cache import LayerKVCache
+from gspo_engine.model.packed import PackedSequences, packed_attention
 from gspo_engine.model.rope import apply_rotary
 
 
@@ -47,8 +48,12 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None,
         kv_cache: LayerKVCache | None = None,
+        packed: PackedSequences | None = None,
     ) -> torch.Tensor:
         """x [B, T, H]; attn_mask None (plain causal) or bool [B, 1, T, T], True where a query may attend.
+
+        With packed (B = 1, several sequences end to end; model/packed.py) attention stays inside
+        each sequence, and attn_mask is None.
 
         With kv_cache (generation) the new keys and values are written into it and the queries
         attend to every cached column: attn_mask is then bool [B, 1, T, S], S the columns so far.
@@ -59,7 +64,9 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         groups = self.num_heads // self.num_kv_heads
-        if kv_cache is not None:
+        if packed is not None:
+            out = packed_attention(q, k, v, packed, groups)
+        elif kv_cache is not None:
             k, v = kv_cache.update(k, v)
             # Under autocast the cache holds autocast's dtype, while q leaves the fp32 q norm in fp32.
             out = grouped_query_attention(q.to(k.dtype), k, v, attn_mask, groups)

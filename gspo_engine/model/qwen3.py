@@ -14,6 +14,7 @@ from gspo_engine.model.args import ModelArgs
 from gspo_engine.model.kv_cache import KVCache, LayerKVCache
 from gspo_engine.model.layers import Attention, FeedForward, RMSNorm, attention_mask_4d
 from gspo_engine.model.moe import Routing, SparseMoE, switch_aux_loss
+from gspo_engine.model.packed import PackedSequences
 from gspo_engine.model.rope import rotary_cos_sin
 
 
@@ -47,8 +48,9 @@ class TransformerBlock(nn.Module):
         attn_mask: torch.Tensor | None,
         forced_experts: torch.Tensor | None,
         kv_cache: LayerKVCache | None = None,
+        packed: PackedSequences | None = None,
     ) -> tuple[torch.Tensor, Routing | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, kv_cache, packed)
         if not self.is_moe:
             return x + self.mlp(self.post_attention_layernorm(x)), None
         out, routing = self.mlp(self.post_attention_layernorm(x), forced_experts)
@@ -82,6 +84,7 @@ class Qwen3Model(nn.Module):
         position_ids: torch.Tensor | None = None,
         forced_experts: Sequence[torch.Tensor | None] | None = None,
         cache: KVCache | None = None,
+        packed: PackedSequences | None = None,
     ) -> ModelOutput:
         """The full forward up to the final norm.
 
@@ -93,8 +96,18 @@ class Qwen3Model(nn.Module):
         With a cache (generation) the T tokens follow the cache's columns: their keys and values
         are appended to it, they attend to every earlier real token, and position_ids must be
         given (the rows' positions differ once prompts are left-padded).
+
+        With packed (model/packed.py), input_ids [1, N] holds several sequences end to end with
+        no padding: attention stays inside each sequence, position_ids default to each sequence's
+        own 0..n-1, and attention_mask and cache must be None.
         """
         batch, seq = input_ids.shape
+        if packed is not None:
+            packed.check_row(input_ids)
+            if attention_mask is not None or cache is not None:
+                raise ValueError("a packed forward takes neither an attention_mask nor a cache: it holds no padding")
+            if position_ids is None:
+                position_ids = packed.position_ids()
         moe_layers = self.args.moe_layers
         if forced_experts is not None and len(forced_experts) != len(moe_layers):
             raise ValueError(f"forced_experts has {len(forced_experts)} entries for {len(moe_layers)} MoE layers")
@@ -116,10 +129,10 @@ class Qwen3Model(nn.Module):
             layer_cache = None if cache is None else cache.layers[index]
             if self.args.activation_checkpointing and torch.is_grad_enabled():
                 x, layer_routing = checkpoint(
-                    block, x, cos, sin, attn_mask, layer_forced, layer_cache, use_reentrant=False
+                    block, x, cos, sin, attn_mask, layer_forced, layer_cache, packed, use_reentrant=False
                 )
             else:
-                x, layer_routing = block(x, cos, sin, attn_mask, layer_forced, layer_cache)
+                x, layer_routing = block(x, cos, sin, attn_mask, layer_forced, layer_cache, packed)
             if layer_routing is not None:
                 routing.append(layer_routing)
         if cache is not None:
@@ -138,7 +151,10 @@ class Qwen3Model(nn.Module):
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         forced_experts: Sequence[torch.Tensor | None] | None = None,
+        packed: PackedSequences | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] in the model dtype."""
-        hidden = self.forward_hidden(input_ids, attention_mask, position_ids, forced_experts).hidden_states
+        hidden = self.forward_hidden(
+            input_ids, attention_mask, position_ids, forced_experts, packed=packed
+        ).hidden_states
         return F.linear(hidden, self.lm_head_weight)
