@@ -15,25 +15,35 @@ from gspo_engine.distributed.runtime import Runtime
 from gspo_engine.distributed.sharded_checkpoint import broadcast_full_state_dict, is_sharded_checkpoint
 from gspo_engine.errors import TrainingError
 from gspo_engine.hf_checkpoint import load_pretrained, read_config
+from gspo_engine.hub import ResolvedModel, download_model, parse_model_id
 from gspo_engine.lora import add_lora, is_adapter_folder, load_adapters
 from gspo_engine.model import Qwen3Model
 from gspo_engine.tiny import TINY_MODELS, build_tiny_checkpoint
 
 
-def model_folder(config: Config, output_dir: Path) -> Path:
-    """The checkpoint folder the run starts from; the tiny models are built there on first use."""
-    name = config.model.name_or_path
+def model_source(config: Config, output_dir: Path) -> ResolvedModel:
+    """The checkpoint folder the run starts from (with the Hub repository and commit it came from): an
+    embedded tiny model, built in output_dir on first use; a local folder; or a Hub id's snapshot in the
+    Hugging Face cache, downloaded when it is not there. A local folder wins over a Hub id of its name."""
+    name, revision = config.model.name_or_path, config.model.revision
     if name in TINY_MODELS:
         folder = output_dir / name
         if not (folder / "config.json").is_file():
             build_tiny_checkpoint(name, folder, seed=config.model.seed)
-        return folder
+        return ResolvedModel(folder)
     folder = Path(name)
-    if not (folder / "config.json").is_file():
+    local = (folder / "config.json").is_file()
+    model_id = parse_model_id(name)
+    if not local and model_id is not None and not folder.exists():
+        return download_model(model_id, revision)
+    if not local:
         raise TrainingError(
-            f"model.name_or_path: {name} is neither a model folder with config.json nor one of {', '.join(TINY_MODELS)}"
+            f"model.name_or_path: {name} is neither a model folder with config.json, nor a Hugging Face Hub id "
+            f"ORG/NAME[@REVISION], nor one of {', '.join(TINY_MODELS)}"
         )
-    return folder
+    if revision is not None:
+        raise TrainingError(f"model.revision: {revision} picks a revision of a Hub model; {name} is a local folder")
+    return ResolvedModel(folder)
 
 
 @dataclass

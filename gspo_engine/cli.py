@@ -118,8 +118,10 @@ _FLAG_KEYS = {
 @click.argument("config_path", required=False, type=click.Path(dir_okay=False))
 @click.option("--config", "config_option", type=click.Path(dir_okay=False), help="The YAML config (same as CONFIG).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key (repeatable).")
-@click.option("--model_name_or_path", help="Model folder (config.json + safetensors), or tiny-moe / tiny-dense.")
-@click.option("--dataset", help="Local JSONL / JSON / parquet file, or builtin.")
+@click.option("--model_name_or_path",
+              help="Model folder (config.json + safetensors), Hub id ORG/NAME[@REVISION], or tiny-moe / tiny-dense.")
+@click.option("--dataset", help="Local JSONL / JSON / parquet file, save_to_disk folder, Hub dataset NAME[:SPLIT], "
+                                "or builtin.")
 @click.option("--gspo_group_size", type=int, help="Completions sampled per prompt.")
 @click.option("--learning_rate", type=float, help="AdamW learning rate.")
 @click.option("--output_dir", help="Where metrics, checkpoints and the final model go.")
@@ -161,10 +163,10 @@ def train(config_path, config_option, overrides, stage, resume, dry_run, gpus, g
         from gspo_engine.config import dump_config
 
         if config.data.dataset != "builtin":
-            from gspo_engine.data import DataError, check_dataset_file
+            from gspo_engine.data import DataError, dataset_source
 
             try:
-                check_dataset_file(config.data.dataset)
+                dataset_source(config.data.dataset)  # a Hub dataset is not looked up: a dry run reads nothing
             except DataError as error:
                 raise click.ClickException(f"data.dataset: {error}") from error
         click.echo(dump_config(config).rstrip())
@@ -268,16 +270,31 @@ def generate(model_dir, prompts, chat, max_new_tokens, temperature, top_p, top_k
 @click.option("--output", required=True, type=click.Path(file_okay=False), help="Folder to write.")
 @click.option("--merge", is_flag=True, help="Fold LoRA adapters into their base: a plain Hugging Face checkpoint.")
 @click.option("--force", is_flag=True, help="Replace what --output holds (never the folder exported from).")
-def export(source, output, merge, force) -> None:
+@click.option("--push-to-hub", "push_to_hub", metavar="ORG/NAME",
+              help="Then upload the exported folder to this Hugging Face model repository (created private).")
+@click.option("--public", is_flag=True, help="With --push-to-hub: create the repository public.")
+def export(source, output, merge, force, push_to_hub, public) -> None:
     """Export the model of a checkpoint folder, or of a run folder (its final/ or latest checkpoint).
 
     A LoRA run's adapters are copied as a PEFT adapter folder, or with --merge merged into their
     base model and written as a Hugging Face checkpoint; full weights are written as one.
+    --push-to-hub uploads the result (log in first: hf auth login, or set HF_TOKEN).
     """
     from gspo_engine.export import export_model
+    from gspo_engine.hub import HubError, check_push_target, push_folder
 
+    if public and not push_to_hub:
+        raise click.UsageError("--public sets the visibility of a --push-to-hub repository; add --push-to-hub")
     try:
+        if push_to_hub:
+            check_push_target(push_to_hub)  # before the export, which may take a while
         folder = export_model(source, output, merge, force=force)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"exported {folder} to {output}")
+    if push_to_hub:
+        try:
+            url = push_folder(output, push_to_hub, private=not public)
+        except HubError as error:
+            raise click.ClickException(str(error)) from error
+        click.echo(f"pushed {output} to {push_to_hub} ({'public' if public else 'private'}): {url}")

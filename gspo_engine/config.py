@@ -23,9 +23,15 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    # A Hugging Face Qwen3 / Qwen3-MoE folder (config.json, safetensors, tokenizer files), or
+    # A Hugging Face Qwen3 / Qwen3-MoE folder (config.json, safetensors, tokenizer files), a Hub id
+    # ORG/NAME[@REVISION] (downloaded into the Hugging Face cache; a local folder of that name wins), or
     # "tiny-moe" / "tiny-dense": a small random model built on the fly with the tiny tokenizer.
     name_or_path: str = "tiny-moe"
+    # A Hub branch, tag or commit of name_or_path (or write ORG/NAME@REVISION). A run's config.yaml records
+    # the commit it read here, and the folder it read in resolved_folder, which is only a record: a run
+    # started from that config.yaml resolves name_or_path at that commit again.
+    revision: str | None = None
+    resolved_folder: str | None = None
     seed: int = 0  # initialisation of the tiny random models
     activation_checkpointing: bool = False
     # Routing replay: record the experts the rollout chose and reuse them in the update.
@@ -51,9 +57,12 @@ class BuiltinTasksConfig:
 
 @dataclass
 class DataConfig:
-    # A local JSONL / JSON / parquet file with a prompt column, or "builtin" for the generated
-    # digit tasks of the tiny default (rewarded by digit_match unless rewards says otherwise).
+    # A local JSONL / JSON / parquet file with a prompt column, a folder written by datasets'
+    # save_to_disk (FOLDER or FOLDER:SPLIT), a Hub dataset (NAME, ORG/NAME, NAME:SPLIT; split "train" by
+    # default), or "builtin" for the generated digit tasks of the tiny default (rewarded by digit_match
+    # unless rewards says otherwise).
     dataset: str = "builtin"
+    subset: str | None = None  # a Hub dataset's configuration (load_dataset's name), e.g. "main" of openai/gsm8k
     prompt_column: str = "prompt"
     max_prompt_tokens: int = 512  # longer prompts are skipped and counted, never cut
     chat_template: bool = False  # apply the tokenizer's chat template to string prompts

@@ -1,5 +1,5 @@
-"""Prompt datasets: local JSONL / JSON / parquet files (or generated rows), tokenized once, and a
-loader with a deterministic, resumable order.
+"""Prompt datasets: local JSONL / JSON / parquet files, folders written by `datasets`' save_to_disk,
+Hub datasets (or generated rows), tokenized once, and a loader with a deterministic, resumable order.
 
 Each row has a prompt column (a string, or a list of chat messages `{"role", "content"}`); every
 other column (`answer`, `tests`, ...) is kept and handed to the reward functions. Prompts longer
@@ -14,11 +14,13 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
 from gspo_engine.builtin_tasks import TaskConfig, generate_task_rows
 from gspo_engine.config import DataConfig
+from gspo_engine.hub import DatasetId, HubError, hub_dataset_rows, is_saved_dataset, parse_dataset_id, saved_dataset_rows
 from gspo_engine.tokenizer import encode_texts, render_prompt
 
 logger = logging.getLogger(__name__)
@@ -26,6 +28,7 @@ logger = logging.getLogger(__name__)
 JSON_LINES_SUFFIXES = (".jsonl", ".ndjson")
 JSON_SUFFIXES = (".json",)
 PARQUET_SUFFIXES = (".parquet", ".pq")
+FILE_SUFFIXES = JSON_LINES_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
 
 
 class DataError(ValueError):
@@ -45,10 +48,10 @@ def check_dataset_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dataset file {path} does not exist")
-    if path.suffix.lower() not in JSON_LINES_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES:
+    if path.suffix.lower() not in FILE_SUFFIXES:
         raise DataError(
             f"dataset file {path}: unknown format {path.suffix.lower()!r}; use one of "
-            f"{', '.join(JSON_LINES_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES)}"
+            f"{', '.join(FILE_SUFFIXES)}"
         )
     return path
 
@@ -62,6 +65,59 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
     if suffix in JSON_SUFFIXES:
         return _read_json(path)
     return _read_parquet(path)
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """What data.dataset names: a local file, a folder save_to_disk wrote (and a split of it), or a Hub dataset."""
+
+    kind: Literal["file", "saved", "hub"]
+    path: Path | None = None  # the file or folder
+    split: str | None = None  # of a saved DatasetDict
+    hub_id: DatasetId | None = None
+
+
+def dataset_source(spec: str) -> DatasetSource:
+    """Where the rows of `spec` come from, found without reading them; a DataError when it names nothing.
+
+    A file or a folder on this machine wins over a Hub dataset of the same name; `FOLDER:SPLIT` takes one
+    split of a saved DatasetDict, `NAME:SPLIT` one of a Hub dataset.
+    """
+    path = Path(spec)
+    if path.is_file() or path.suffix.lower() in FILE_SUFFIXES:
+        return DatasetSource("file", check_dataset_file(path))
+    candidates = [(path, None)]
+    before, colon, after = spec.rpartition(":")
+    if colon and before and after:
+        candidates.append((Path(before), after))
+    for folder, split in candidates:
+        if folder.is_dir():
+            if not is_saved_dataset(folder):
+                raise DataError(f"dataset folder {folder} was not written by datasets' save_to_disk (no state.json "
+                                f"or dataset_dict.json); give a {', '.join(FILE_SUFFIXES)} file, or such a folder")
+            return DatasetSource("saved", folder, split)
+    hub_id = parse_dataset_id(spec)
+    if hub_id is None:
+        raise DataError(f"dataset {spec}: no such file or folder, and not a Hub dataset id (NAME, ORG/NAME, "
+                        "NAME:SPLIT)")
+    return DatasetSource("hub", hub_id=hub_id)
+
+
+def dataset_rows(spec: str, subset: str | None = None) -> list[tuple[str, dict]]:
+    """Rows of data.dataset (a file, a saved folder or a Hub dataset, see dataset_source) with where each
+    comes from; `subset` (data.subset) is a Hub dataset's configuration."""
+    source = dataset_source(spec)
+    if subset is not None and source.kind != "hub":
+        raise DataError(f"data.subset: {subset!r} picks a configuration of a Hub dataset; {spec} is a local "
+                        f"{'file' if source.kind == 'file' else 'folder'}")
+    try:
+        if source.kind == "file":
+            return read_rows(source.path)
+        if source.kind == "saved":
+            return saved_dataset_rows(source.path, source.split)
+        return hub_dataset_rows(source.hub_id, subset)
+    except HubError as error:
+        raise DataError(str(error)) from error
 
 
 def _read_json_lines(path: Path, text: str) -> list[tuple[str, dict]]:
@@ -257,7 +313,8 @@ class PromptLoader:
 
 
 def build_dataset(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PromptDataset:
-    """The run's prompts: the built-in digit tasks (`data.dataset: builtin`) or a local file."""
+    """The run's prompts: the built-in digit tasks (`data.dataset: builtin`), a local file, a save_to_disk
+    folder or a Hub dataset."""
     common = dict(prompt_column=data.prompt_column, max_prompt_tokens=data.max_prompt_tokens,
                   chat_template=data.chat_template, enable_thinking=data.enable_thinking)
     if data.dataset == "builtin":
@@ -265,4 +322,4 @@ def build_dataset(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> Promp
                            max_length=data.builtin.max_length, num_digits=data.builtin.num_digits)
         rows = generate_task_rows(tasks, data.builtin.num_rows, seed=data.seed)
         return PromptDataset.from_rows(rows, tokenizer, source="builtin tasks", **common)
-    return PromptDataset.from_rows(read_rows(data.dataset), tokenizer, source=data.dataset, **common)
+    return PromptDataset.from_rows(dataset_rows(data.dataset, data.subset), tokenizer, source=data.dataset, **common)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from gspo_engine.advantages import group_advantages
 from gspo_engine.batching import Sample
-from gspo_engine.build_models import build_models, model_folder
+from gspo_engine.build_models import build_models, model_source
 from gspo_engine.config import Config, dump_config
 from gspo_engine.data import PromptLoader, build_dataset, reward_inputs
 from gspo_engine.device import peak_memory_mib, resolve_device, resolve_precision
@@ -78,10 +78,15 @@ class GSPOTrainer:
         torch.manual_seed(config.train.seed)
         check_data_parallel(config, self.runtime.world_size)
 
-        if self.runtime.is_main:  # one rank builds the embedded tiny model; the others wait for it
-            model_folder(config, self.output_dir)
+        if self.runtime.is_main:  # one rank builds the embedded tiny model or downloads a Hub one; the others wait
+            model_source(config, self.output_dir)
         self.runtime.barrier()
-        self.source = model_folder(config, self.output_dir)
+        source = model_source(config, self.output_dir)
+        self.source = source.folder
+        # config.yaml records the folder read and, for a Hub id, the commit: the same run can be started again.
+        config.model.resolved_folder = str(source.folder.resolve())
+        if source.repo_id is not None:
+            config.model.name_or_path, config.model.revision = source.repo_id, source.revision
         self.tokenizer = load_tokenizer(self.source)
         self.eos_ids = eos_token_ids(self.source, self.tokenizer)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
