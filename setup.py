@@ -35,6 +35,10 @@ setup(
         "tqdm",
         "matplotlib",
         "pyarrow",  # parquet prompt datasets
+        # Models by Hub id and their cache (gspo_engine/hub); checked with huggingface_hub 2.4 (its
+        # IncompleteSnapshotError and httpx2 client) and datasets 5.2 (save_to_disk folders, Hub datasets).
+        "huggingface_hub>=2.4",
+        "datasets>=5.2",
         "math-verify",  # the `math` reward
         "peft>=0.17",  # LoRA (lora.rank > 0); 0.17 added LoRA on parameters, which the MoE experts need
     ],
