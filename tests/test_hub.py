@@ -214,6 +214,21 @@ def test_the_planner_reads_a_cached_config_without_downloading(offline, tiny_mod
         plan_model_args("Qwen/Qwen3-14B")
 
 
+def test_a_dry_run_plans_released_shapes_and_names_a_hub_dataset_without_reading_either(offline):
+    def dry_run(model: str):
+        return CliRunner().invoke(main, [
+            "train", str(REPO / "configs" / "tiny-moe.yaml"), "--dry-run", "--model_name_or_path", model,
+            "--dataset", "openai/gsm8k:test", "--set", "rewards=[{function: math}]",
+        ])
+
+    result = dry_run("Qwen/Qwen3-8B")
+    assert result.exit_code == 0, result.output
+    assert "shapes of the released Qwen3-8B" in result.output and "dataset: openai/gsm8k:test" in result.output
+    assert not any(offline[0].iterdir()) and not offline[1].exists()  # nothing downloaded or cached
+    result = dry_run("Qwen/Qwen3-Next-7B")
+    assert result.exit_code == 1 and "Qwen/Qwen3-Next-80B-A3B-Instruct" in result.output
+
+
 def test_save_to_disk_folders_give_their_rows(tmp_path):
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "one"))
     rows = dataset_rows(str(tmp_path / "one"))
