@@ -1,30 +1,40 @@
-"""Batched sampling of completions with a static KV cache: the rollout half of a GSPO step.
+"""Sampling completions with continuous batching over a pool of KV-cache slots: the rollout half of a GSPO step.
 
-The prompts are left-padded into one batch and prefilled (in row chunks of at most
-PREFILL_TOKENS padded tokens); then every step feeds the batch's last tokens through the model
-at once, one cache column per step. Sampling, the eos test and the bookkeeping of lengths stay
-on the device, so on a GPU the loop itself only waits for the device every FINISHED_CHECK_STEPS
-steps, when it stops once every row has ended and drops the rows that have from the batch (and
-from the cache), so that they cost nothing afterwards. (The MoE layers' expert dispatch still
-checks its indices on the host, once per MoE layer and step.)
+The cache is a fixed pool of slots (model/kv_cache.py), as many as `kv_cache_gb` holds (every
+prompt at once without a budget). Prompts wait in order; whenever slots are free, the waiting
+prompts take them: they are prefilled together (right-padded, in chunks of at most PREFILL_TOKENS
+padded tokens) and draw their first token. Then every decode step feeds each slot its last token
+and draws the next (decoding/slots.decode_step): sampling, the eos test and the bookkeeping stay on
+the device, so on a GPU the loop only waits for it every FINISHED_CHECK_STEPS steps, when the
+slots whose sequences have ended are handed to waiting prompts, or, once none waits, the running
+sequences are moved into the first slots so that later steps run fewer rows. On CUDA the decode
+steps are replayed as CUDA graphs (decoding/graphs.py).
+
+Each completion's draws are keyed by its sample id and the index of the token in the completion
+(decoding/sampling.py), so its tokens depend neither on the budget nor on when it was admitted.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 from numbers import Integral
 
 import torch
-import torch.nn.functional as F
 
+from gspo_engine.decoding.graphs import DecodeRunner, graph_blocker
+from gspo_engine.decoding.sampling import keyed_uniform, mix32, row_keys, sample_next, token_keys
+from gspo_engine.decoding.slots import Completions, Sampler, SlotState, admit, decode_step
 from gspo_engine.device import synchronize
 from gspo_engine.model import Qwen3Model
-from gspo_engine.model.kv_cache import KVCache
-from gspo_engine.routing_replay import stack_routing
+from gspo_engine.model.kv_cache import KVCache, slot_bytes
 
-# Steps between two looks at which rows have finished on an accelerator; each look waits for the device.
+__all__ = ["Generation", "generate", "keyed_uniform", "mix32", "row_keys", "sample_next", "token_keys",
+           "kv_cache_slots", "FINISHED_CHECK_STEPS", "PREFILL_TOKENS"]
+
+# Steps between two looks at which slots have finished on an accelerator; each look waits for the device.
 FINISHED_CHECK_STEPS = 8
 # Padded prompt tokens per prefill forward: a whole large batch at once would hold activations
 # and a [B, 1, T, T] mask of B * T * T bytes; beyond a few thousand tokens a forward gains nothing.
@@ -49,8 +59,11 @@ class Generation:
         is the prompt and every completion token but the last (the inputs of the training forward
         that scores the completion); None otherwise. `routing_replay.replay_experts` lays them
         out for Qwen3Model.forward_hidden(forced_experts=...).
-    prefill_s: the prompts' forward and the draw of every first token; decode_s: the later steps.
+    prefill_s: the prompts' forwards and the draw of every first token; decode_s: the decode steps.
     prefill_tokens: real prompt tokens; decode_tokens: completion tokens drawn after the first.
+    slots: the sequences the KV cache holds at once; kv_cache_bytes: its size.
+    active_mean / active_min: sequences running per decode step (on a GPU, counted at the last look).
+    kv_cache_use: the mean share of the cache's columns that running sequences hold, per decode step.
     """
 
     tokens: list[list[int]]
@@ -61,6 +74,12 @@ class Generation:
     decode_s: float
     prefill_tokens: int
     decode_tokens: int
+    slots: int = 0
+    kv_cache_bytes: int = 0
+    active_mean: float = 0.0
+    active_min: int = 0
+    kv_cache_use: float = 0.0
+    decode_steps: int = 0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -71,91 +90,7 @@ class Generation:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
 
-_MASK32 = 0xFFFFFFFF
-
-
-def _mul32(values: torch.Tensor, factor: int) -> torch.Tensor:
-    """values * factor mod 2**32 for int64 values below 2**32, in two 16-bit halves so nothing overflows int64."""
-    low = values * (factor & 0xFFFF)
-    high = ((values * (factor >> 16)) & 0xFFFF) << 16
-    return (low + high) & _MASK32
-
-
-def mix32(values: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finaliser: every input bit flips about half the output bits."""
-    values = values ^ (values >> 16)
-    values = _mul32(values, 0x85EBCA6B)
-    values = values ^ (values >> 13)
-    values = _mul32(values, 0xC2B2AE35)
-    return values ^ (values >> 16)
-
-
-def row_keys(seed: int, sample_ids: list[int], device: torch.device | str = "cpu") -> torch.Tensor:
-    """One 32-bit key per row [B] int64, from the seed and the row's sample id alone."""
-    seed_key = mix32(torch.tensor([seed & _MASK32, ((seed >> 32) & _MASK32) ^ 0x5BD1E995], dtype=torch.long))
-    ids = torch.tensor(sample_ids, dtype=torch.long)
-    keys = mix32((ids & _MASK32) ^ seed_key[0]) ^ mix32(((ids >> 32) & _MASK32) ^ seed_key[1])
-    return keys.to(device)
-
-
-def keyed_uniform(keys: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, width] fp32 uniforms in (0, 1), each a hash of its row's key and its column.
-
-    The draws of a row depend on nothing else, so a row gets the same tokens whatever batch it
-    is sampled in: on one process or split across ranks.
-    """
-    columns = mix32(torch.arange(width, device=keys.device, dtype=torch.long) ^ 0x9E3779B9)
-    bits = mix32(keys[:, None] ^ columns[None, :])
-    return ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24
-
-
-def sample_next(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
-    keys: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next tokens [B] and their log-probs fp32 [B] from logits fp32 [B, V].
-
-    temperature 0 is greedy: the argmax, with its log-prob log_softmax(logits) (temperature 1,
-    nothing filtered). Otherwise, in the order transformers applies them: the logits are divided
-    by the temperature, cut to the top_k largest (0 = all), then to the smallest set of the most
-    likely tokens whose probability reaches top_p (1 = all); the token is drawn from the softmax
-    of what is left, and its log-prob is under that renormalised distribution. With top_k = 0
-    and top_p = 1 this is log_softmax(logits / temperature).
-
-    Drawn as argmax(p / q) with q ~ Exp(1) per token (gpt-fast's way): the same distribution as
-    torch.multinomial, without a wait for the device. The uniforms behind q come from `generator`,
-    or with `keys` ([B] int64, see row_keys) from a hash of each row's key and the column.
-    """
-    if temperature == 0:
-        tokens = logits.argmax(dim=-1)
-        return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
-    scaled = logits / temperature
-    # Token ids of the columns of `scaled` once it is cut down (sorted, most likely first).
-    candidates = None
-    if top_k > 0:
-        scaled, candidates = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1)
-    if top_p < 1:
-        if candidates is None:
-            scaled, candidates = scaled.sort(dim=-1, descending=True)
-        probs = scaled.softmax(dim=-1)
-        # A token is needed while the more likely ones have not reached top_p yet; the most likely always is.
-        mass_before = probs.cumsum(dim=-1) - probs
-        scaled = scaled.masked_fill(mass_before >= top_p, float("-inf"))
-    logps = scaled.log_softmax(dim=-1)
-    # q = -log(u), u ~ U[0, 1): a few times faster on the CPU than exponential_. The clamp keeps
-    # p / q finite (and 0 for a filtered token) should u ever round to 1.
-    if keys is None:
-        uniform = torch.rand(logps.shape, generator=generator, device=logps.device)
-    else:
-        uniform = keyed_uniform(keys, logps.shape[-1])
-    noise = uniform.log_().neg_()
-    choice = (logps.exp() / noise.clamp_(min=torch.finfo(noise.dtype).tiny)).argmax(dim=-1, keepdim=True)
-    chosen_logps = logps.gather(-1, choice).squeeze(-1)
-    tokens = choice if candidates is None else candidates.gather(-1, choice)
-    return tokens.squeeze(-1), chosen_logps
-
-
-def _validate(model, prompts, max_new_tokens, temperature, top_p, top_k) -> None:
+def _validate(model, prompts, max_new_tokens, temperature, top_p, top_k, kv_cache_gb) -> None:
     if not prompts:
         raise ValueError("generate needs at least one prompt")
     vocab = model.args.vocab_size
@@ -172,6 +107,8 @@ def _validate(model, prompts, max_new_tokens, temperature, top_p, top_k) -> None
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
+    if kv_cache_gb is not None and not kv_cache_gb > 0:
+        raise ValueError(f"kv_cache_gb must be > 0 (None = every prompt at once), got {kv_cache_gb}")
 
 
 def _eos_ids(eos_token_id: int | Iterable[int] | None, device: torch.device) -> torch.Tensor:
@@ -182,6 +119,32 @@ def _eos_ids(eos_token_id: int | Iterable[int] | None, device: torch.device) -> 
     else:
         ids = [int(token) for token in eos_token_id]
     return torch.tensor(ids, dtype=torch.long, device=device)
+
+
+def kv_cache_slots(args, prompts: int, capacity: int, dtype: torch.dtype, kv_cache_gb: float | None) -> int:
+    """The sequences a cache of `kv_cache_gb` decimal GB holds at `capacity` columns each, at most `prompts`."""
+    if kv_cache_gb is None:
+        return prompts
+    per_slot = slot_bytes(args, capacity, dtype)
+    slots = min(prompts, int(kv_cache_gb * 1e9 // per_slot))
+    if slots < 1:
+        raise ValueError(f"kv_cache_gb = {kv_cache_gb:g} holds no sequence: one of {capacity} columns takes "
+                         f"{per_slot / 1e9:.3g} GB")
+    return slots
+
+
+def _sampling_keys(temperature, seed, sample_ids, batch, device) -> torch.Tensor | None:
+    """Keys of every sample's draws; None when greedy (nothing is drawn)."""
+    if sample_ids is not None:
+        if seed is None:
+            raise ValueError("sample_ids needs a seed")
+        if len(sample_ids) != batch or len(set(sample_ids)) != len(sample_ids):
+            raise ValueError(f"sample_ids must hold {batch} distinct ids, one per prompt row")
+    if temperature == 0:
+        return None
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)))  # from torch's global generator
+    return row_keys(seed, list(range(batch)) if sample_ids is None else list(sample_ids), device)
 
 
 @torch.no_grad()
@@ -197,129 +160,186 @@ def generate(
     seed: int | None = None,
     sample_ids: list[int] | None = None,
     return_routing: bool = False,
+    kv_cache_gb: float | None = None,
+    cuda_graphs: bool | None = None,
 ) -> Generation:
     """Up to max_new_tokens tokens after each prompt (token ids), stopping a row at its first eos.
 
-    Runs on the model's device and dtype (or under the caller's autocast). seed draws from a
-    generator of its own (the same prompts, options and device give the same completions); None
-    draws from torch's global one. With sample_ids (one distinct integer per prompt row) and a
-    seed, a row's draws depend only on the seed, its id and the step: the same row gets the same
-    tokens in any batch, which keeps data-parallel rollouts equal to a single process's. See
-    Generation for the outputs and sample_next for temperature, top_k and top_p.
+    Runs on the model's device and dtype (or under the caller's autocast). Every draw is keyed by
+    the seed, the row's sample id (sample_ids, one distinct integer per prompt; by default its index
+    in `prompts`) and the token's index in its completion: the same row gets the same tokens in
+    any batch, under any budget, on any number of ranks. seed None draws the seed from torch's
+    global generator. kv_cache_gb (decimal GB) bounds the KV cache: as many sequences as it holds
+    run at once, the others wait for a free slot (None: every prompt at once). cuda_graphs: replay
+    the decode steps as CUDA graphs (None: on CUDA where the model allows it, see
+    decoding/graphs.graph_blocker). See Generation for the outputs and sample_next for
+    temperature, top_k and top_p.
     """
-    _validate(model, prompts, max_new_tokens, temperature, top_p, top_k)
+    _validate(model, prompts, max_new_tokens, temperature, top_p, top_k, kv_cache_gb)
     weight = model.embed_tokens.weight
     device, dtype = weight.device, weight.dtype
     if torch.is_autocast_enabled(device.type):
         # Keys and values come out of autocast's matmuls in its dtype: a cache in the weights'
         # (fp32) dtype would only double its memory and the bytes each step reads.
         dtype = torch.get_autocast_dtype(device.type)
+    blocker = graph_blocker(model, device)
+    if cuda_graphs and blocker:
+        raise ValueError(f"cuda_graphs=True cannot be honoured: {blocker}")
+    use_graphs = blocker is None if cuda_graphs is None else cuda_graphs
+
     batch = len(prompts)
-    prompt_lengths = [len(prompt) for prompt in prompts]
-    width = max(prompt_lengths)
+    capacity = max(len(p) for p in prompts) + max_new_tokens - 1  # the last token drawn is never fed back
+    slots = kv_cache_slots(model.args, batch, capacity, dtype, kv_cache_gb)
     record_routing = return_routing and bool(model.args.moe_layers)
+    routing_shape = (len(model.args.moe_layers), model.args.num_experts_per_tok) if record_routing else None
+    sampler = Sampler(temperature, top_k, top_p, _eos_ids(eos_token_id, device), max_new_tokens,
+                      _sampling_keys(temperature, seed, sample_ids, batch, device))
 
-    input_ids = torch.zeros(batch, width, dtype=torch.long)
-    attention_mask = torch.zeros(batch, width, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        attention_mask[row, width - len(prompt) :] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    eos_ids = _eos_ids(eos_token_id, device)
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    keys = None
-    if sample_ids is not None:
-        if seed is None:
-            raise ValueError("sample_ids needs a seed")
-        if len(sample_ids) != len(prompts) or len(set(sample_ids)) != len(sample_ids):
-            raise ValueError(f"sample_ids must hold {len(prompts)} distinct ids, one per prompt row")
-        keys = row_keys(seed, sample_ids, device)
-    check_every = finished_check_steps(device)
+    cache = KVCache.allocate(model.args, slots, capacity, dtype, device)
+    state = SlotState.allocate(slots, batch, device)
+    out = Completions.allocate(batch, max_new_tokens, routing_shape, device)
+    runner = DecodeRunner(lambda rows, columns: decode_step(model, cache, state, out, sampler, rows, columns),
+                          slots, capacity, use_graphs)
+    schedule = _Schedule(prompts, slots, capacity, finished_check_steps(device))
+    prompt_experts: list[torch.Tensor | None] = [None] * batch
 
-    # Indexed by the original row; `rows` maps the rows still in the batch to them.
-    tokens = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
-    logps = torch.zeros(batch, max_new_tokens, dtype=torch.float32, device=device)
-    lengths = torch.zeros(batch, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    rows = torch.arange(batch, device=device)
-
-    def record(step: int, next_tokens: torch.Tensor, next_logps: torch.Tensor) -> None:
-        # Rows past their eos still draw tokens until they are dropped; those are not counted.
-        tokens[rows, step] = next_tokens
-        logps[rows, step] = next_logps
-        lengths[rows] += ~finished[rows]
-        finished[rows] |= torch.isin(next_tokens, eos_ids)
-
-    def next_from(last_hidden: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(last_hidden, model.lm_head_weight).float()
-        step_keys = None if keys is None else mix32(keys[rows] ^ (step * 0x9E3779B9 & _MASK32))
-        return sample_next(logits, temperature, top_k, top_p, generator, step_keys)
-
-    # The last token drawn is never fed back, hence max_new_tokens - 1 decode columns.
-    cache = KVCache.allocate(model.args, batch, width + max_new_tokens - 1, dtype, device)
-    synchronize(device)
-    start = time.perf_counter()
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    chunk_rows = max(1, PREFILL_TOKENS // width)
-    last_hidden, chunk_experts = [], []
-    for first in range(0, batch, chunk_rows):
-        chunk = slice(first, first + chunk_rows)
-        output = model.forward_hidden(
-            input_ids[chunk], attention_mask[chunk], position_ids[chunk],
-            cache=cache.row_slice(chunk.start, chunk.stop),
-        )
-        # A copy, so that the chunk's hidden states [rows, width, H] can be freed.
-        last_hidden.append(output.hidden_states[:, -1].clone())
-        if record_routing:
-            chunk_experts.append(stack_routing(output.routing, output.hidden_states.shape[0], width))
-    cache.advance(width)
-    if record_routing:
-        prompt_experts = torch.cat(chunk_experts)
-        completion_experts = torch.zeros(
-            batch, max_new_tokens, *prompt_experts.shape[2:], dtype=torch.int16, device=device
-        )
-    next_tokens, next_logps = next_from(torch.cat(last_hidden), 0)
-    record(0, next_tokens, next_logps)
-    synchronize(device)
-    prefill_s = time.perf_counter() - start
+    def fill_free_slots() -> float:
+        """Admit waiting prompts into the free slots; the seconds it took."""
+        synchronize(device)
+        start = time.perf_counter()
+        for slot_ids, samples in schedule.admissions():
+            experts = admit(model, cache, state, out, sampler, slot_ids, [prompts[s] for s in samples], samples)
+            if experts is not None:
+                for sample, record in zip(samples, experts):
+                    prompt_experts[sample] = record
+        synchronize(device)
+        return time.perf_counter() - start
 
     start = time.perf_counter()
-    positions = torch.tensor(prompt_lengths, device=device)  # of the token fed next, counting real tokens only
-    for step in range(1, max_new_tokens):
-        if step % check_every == 0:
-            active = (~finished[rows]).nonzero().squeeze(-1)
-            if active.numel() == 0:
+    prefill_s = fill_free_slots()
+    while True:
+        if schedule.time_to_look():
+            schedule.release(state.done[: schedule.rows].tolist())
+            if schedule.waiting:
+                prefill_s += fill_free_slots()
+            else:
+                moves = schedule.compaction(runner.sizes)
+                if moves:
+                    source, target = (torch.tensor(side, device=device) for side in zip(*moves))
+                    cache.move(source, target, schedule.columns)
+                    state.move(source, target, out.discard_row)
+            if not schedule.running:
                 break
-            if active.numel() < rows.numel():
-                cache.keep_rows(active)
-                rows, next_tokens, positions = rows[active], next_tokens[active], positions[active]
-        output = model.forward_hidden(next_tokens[:, None], position_ids=positions[:, None], cache=cache)
-        if record_routing:
-            # The experts of the token drawn at the previous step, the one just fed.
-            experts = torch.stack([r.expert_indices for r in output.routing], dim=1)
-            completion_experts[rows, step - 1] = experts.to(torch.int16)
-        positions = positions + 1
-        next_tokens, next_logps = next_from(output.hidden_states[:, -1], step)
-        record(step, next_tokens, next_logps)
+        runner(schedule.rows, schedule.columns)
+        schedule.stepped()
     synchronize(device)
-    decode_s = time.perf_counter() - start
+    decode_s = time.perf_counter() - start - prefill_s
+    return _generation(out, prompts, prompt_experts, record_routing, prefill_s, decode_s, schedule, cache)
 
-    lengths_list = lengths.tolist()
-    tokens_cpu, logps_cpu = tokens.cpu(), logps.cpu()
+
+class _Schedule:
+    """The host's view of the slots: which sample each holds and how many columns, what waits, when to look.
+
+    It never reads the device except through `release`, which is handed the slots' ended flags.
+    """
+
+    def __init__(self, prompts: list[list[int]], slots: int, capacity: int, check_every: int):
+        self.prompts, self.capacity, self.check_every = prompts, capacity, check_every
+        self.waiting = deque(range(len(prompts)))
+        self.holder: list[int | None] = [None] * slots
+        self.held_columns = [0] * slots  # columns a running slot holds (its prompt and tokens fed)
+        self.steps = 0
+        self.active_counts: list[int] = []
+        self.column_use: list[float] = []
+
+    @property
+    def running(self) -> list[int]:
+        return [slot for slot, sample in enumerate(self.holder) if sample is not None]
+
+    @property
+    def rows(self) -> int:
+        """Slots 0..rows-1 hold every running sequence."""
+        running = self.running
+        return running[-1] + 1 if running else 1
+
+    @property
+    def columns(self) -> int:
+        """Columns the next step attends to: every running slot's, with the one it writes."""
+        return min(self.capacity, max((self.held_columns[s] + 1 for s in self.running), default=1))
+
+    def time_to_look(self) -> bool:
+        return self.steps % self.check_every == 0
+
+    def admissions(self):
+        """(slot ids, samples) per prefill forward: waiting prompts into free slots, PREFILL_TOKENS at a time."""
+        free = [slot for slot, sample in enumerate(self.holder) if sample is None]
+        group_slots, group_samples, width = [], [], 0
+        for slot in free:
+            if not self.waiting:
+                break
+            sample = self.waiting.popleft()
+            length = len(self.prompts[sample])
+            if group_samples and max(width, length) * (len(group_samples) + 1) > PREFILL_TOKENS:
+                yield group_slots, group_samples
+                group_slots, group_samples, width = [], [], 0
+            group_slots.append(slot)
+            group_samples.append(sample)
+            width = max(width, length)
+            self.holder[slot] = sample
+            self.held_columns[slot] = length
+        if group_samples:
+            yield group_slots, group_samples
+
+    def release(self, ended: list[bool]) -> None:
+        for slot, done in enumerate(ended):
+            if done:
+                self.holder[slot] = None
+
+    def compaction(self, sizes) -> list[tuple[int, int]]:
+        """(from, to) slot moves that put the running sequences in the first slots, when that shrinks the step."""
+        running = self.running
+        if not running or sizes(len(running), 1)[0] >= sizes(self.rows, 1)[0]:
+            return []
+        holes = [slot for slot in range(len(running)) if self.holder[slot] is None]
+        movers = [slot for slot in running if slot >= len(running)]
+        for source, target in zip(movers, holes):
+            self.holder[target], self.holder[source] = self.holder[source], None
+            self.held_columns[target] = self.held_columns[source]
+        return list(zip(movers, holes))
+
+    def stepped(self) -> None:
+        running = self.running
+        self.active_counts.append(len(running))
+        self.column_use.append(sum(self.held_columns[s] for s in running) / (len(self.holder) * self.capacity))
+        for slot in running:
+            self.held_columns[slot] = min(self.capacity, self.held_columns[slot] + 1)
+        self.steps += 1
+
+
+def _generation(out: Completions, prompts, prompt_experts, record_routing, prefill_s, decode_s,
+                schedule: _Schedule, cache: KVCache) -> Generation:
+    batch = len(prompts)
+    lengths = out.lengths[:batch].tolist()
+    tokens, logps = out.tokens[:batch].cpu(), out.logps[:batch].cpu()
     routing = None
     if record_routing:
-        prompt_experts_cpu, completion_experts_cpu = prompt_experts.cpu(), completion_experts.cpu()
-        routing = [
-            torch.cat((prompt_experts_cpu[row, width - prompt_lengths[row] :], completion_experts_cpu[row, : n - 1]))
-            for row, n in enumerate(lengths_list)
-        ]
+        completion_experts = out.experts[:batch].cpu()
+        routing = [torch.cat((prompt_experts[row].cpu(), completion_experts[row, : n - 1]))
+                   for row, n in enumerate(lengths)]
+    counts = schedule.active_counts
     return Generation(
-        tokens=[tokens_cpu[row, :n].tolist() for row, n in enumerate(lengths_list)],
-        logps=[logps_cpu[row, :n].clone() for row, n in enumerate(lengths_list)],
-        finished=finished.tolist(),
+        tokens=[tokens[row, :n].tolist() for row, n in enumerate(lengths)],
+        logps=[logps[row, :n].clone() for row, n in enumerate(lengths)],
+        finished=out.finished[:batch].tolist(),
         routing=routing,
         prefill_s=prefill_s,
         decode_s=decode_s,
-        prefill_tokens=sum(prompt_lengths),
-        decode_tokens=sum(lengths_list) - batch,
+        prefill_tokens=sum(len(p) for p in prompts),
+        decode_tokens=sum(lengths) - batch,
+        slots=cache.slots,
+        kv_cache_bytes=cache.nbytes,
+        active_mean=sum(counts) / len(counts) if counts else 0.0,
+        active_min=min(counts) if counts else 0,
+        kv_cache_use=sum(schedule.column_use) / len(schedule.column_use) if schedule.column_use else 0.0,
+        decode_steps=len(counts),
     )

@@ -17,6 +17,7 @@ from gspo_kernels.moe import (
     grouped_weight_grad,
     moe_experts,
     moe_route,
+    routed_experts,
     sort_by_expert,
     sum_over_slots,
     validate_expert_indices,
@@ -40,6 +41,7 @@ __all__ = [
     "STREAM_TILES",  # rows x vocabulary entries of one streamed lm_head tile, per device type
     "stream_tile",  # that tile for a device
     "ExpertOrder",  # the (token, slot) pairs sorted by expert, with per-expert counts and first rows
+    "routed_experts",  # moe_experts for moe_route's own indices: no range check, no wait for the device
     "sort_by_expert",  # topk_idx [N, k] -> its ExpertOrder
     "grouped_matmul",  # rows in expert order [S, K] times each expert's [K, M] -> [S, M]
     "grouped_weight_grad",  # per-expert sum over its rows of a^T b -> [E, M, K]

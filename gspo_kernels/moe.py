@@ -380,6 +380,27 @@ def moe_experts(
     empty batches run the PyTorch path on every device.
     """
     validate_experts_inputs(x, topk_idx, topk_weights, w_gate_up, w_down)
+    return _run_experts(x, topk_idx, topk_weights, w_gate_up, w_down)
+
+
+def routed_experts(
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+) -> torch.Tensor:
+    """moe_experts for the topk_idx that moe_route returned, which lie in [0, E) by construction (its top-k,
+    or forced experts it has checked).
+
+    Every check of moe_experts but the range of topk_idx, the one that reads values back to the host:
+    a wait for the device at every call, and an error while a CUDA graph is being captured.
+    """
+    validate_experts_shapes(x, topk_idx, topk_weights, w_gate_up, w_down)
+    return _run_experts(x, topk_idx, topk_weights, w_gate_up, w_down)
+
+
+def _run_experts(x, topk_idx, topk_weights, w_gate_up, w_down) -> torch.Tensor:
     backend = resolve_backend(x)
     if backend == "reference":
         return reference.moe_experts_reference(x, topk_idx, topk_weights, w_gate_up, w_down)

@@ -364,7 +364,7 @@ def test_the_kv_cache_is_freed_as_soon_as_generation_returns(pair):
     gc.disable()
     try:
         cache = KVCache.allocate(model.args, 2, 8, torch.float32, torch.device("cpu"))
-        keys = weakref.ref(cache.layers[0].keys)
+        keys = weakref.ref(cache.keys[0])
         del cache
         assert keys() is None
         allocated = []
@@ -372,7 +372,7 @@ def test_the_kv_cache_is_freed_as_soon_as_generation_returns(pair):
 
         def tracked(cls, *args, **kwargs):
             made = original(cls, *args, **kwargs)
-            allocated.append(weakref.ref(made.layers[0].keys))
+            allocated.append(weakref.ref(made.keys[0]))
             return made
 
         KVCache.allocate = classmethod(tracked)

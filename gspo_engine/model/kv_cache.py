@@ -1,9 +1,17 @@
-"""Static key / value cache for generation, preallocated once and written in place by column (gpt-fast style).
+"""Key / value cache for generation: a fixed pool of slots, preallocated once and written in place.
 
-A batch is left-padded, so every row writes the same cache column at each step; which columns
-hold real tokens is kept per row in `key_mask`, and padding columns are never attended to. Rows
-that have finished are dropped with `keep_rows`, which moves the remaining rows to the front of
-the same storage, so later steps only compute the rows still generating.
+Each slot holds one sequence from column 0, so a token's column is its position; `lengths`
+(int64 [slots], on the device) counts the columns a slot holds. Qwen3Model.forward_hidden reaches
+the pool through one of two views, which it uses as its `cache` (attention_mask, layers, advance):
+
+- `prefill(slots, prompt_lengths)`: right-padded prompts [n, T] written at columns 0..T-1 of the
+  given slots; each token attends to its own prompt's earlier tokens.
+- `decode(rows, columns)`: one token for each of slots 0..rows-1, written at the slot's own next
+  column; it attends to the first `columns` columns under a per-slot mask. Its shapes depend on
+  (rows, columns) alone and no value travels to the host, so a decode step can be captured as a
+  CUDA graph, and a slot can be refilled with a new sequence between two steps.
+
+`move` copies slots onto others, so that the sequences still running fill the first rows.
 """
 
 from __future__ import annotations
@@ -15,96 +23,119 @@ import torch
 from gspo_engine.model.args import ModelArgs
 
 
+def slot_bytes(args: ModelArgs, capacity: int, dtype: torch.dtype) -> int:
+    """Bytes of one slot of `capacity` columns: keys and values of every layer, and its length."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * capacity * element + 8
+
+
 class KVCache:
-    """keys / values [B, kv_heads, max_len, head_dim] per layer, key_mask bool [B, max_len].
+    """keys / values [slots, kv_heads, capacity, head_dim] per layer; lengths int64 [slots]."""
 
-    `length` columns are written; `batch_size` rows are in use (the first ones of the storage).
-    """
-
-    def __init__(self, key_mask: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]):
-        self.max_len = key_mask.shape[1]
-        self.batch_size = key_mask.shape[0]
-        self.length = 0
-        self.key_mask = key_mask
-        self.layers = [LayerKVCache(self, layer_keys, layer_values) for layer_keys, layer_values in zip(keys, values)]
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], lengths: torch.Tensor):
+        self.keys, self.values, self.lengths = keys, values, lengths
+        self.slots, self.capacity = lengths.shape[0], keys[0].shape[2]
 
     @classmethod
     def allocate(
-        cls, args: ModelArgs, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device
+        cls, args: ModelArgs, slots: int, capacity: int, dtype: torch.dtype, device: torch.device
     ) -> "KVCache":
-        shape = (batch_size, args.num_key_value_heads, max_len, args.head_dim)
+        shape = (slots, args.num_key_value_heads, capacity, args.head_dim)
         layers = range(args.num_hidden_layers)
         return cls(
-            torch.zeros(batch_size, max_len, dtype=torch.bool, device=device),
             [torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
             [torch.zeros(shape, dtype=dtype, device=device) for _ in layers],
+            torch.zeros(slots, dtype=torch.long, device=device),
         )
 
-    def row_slice(self, start: int, end: int) -> "KVCache":
-        """An empty cache over rows start..end-1 of this one's storage, to prefill those rows on their own.
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values) + self.lengths.numel() * 8
 
-        Its tensors are views: what a forward writes through it lands in this cache, whose
-        `advance` then marks the columns written once every slice is done.
-        """
-        return KVCache(
-            self.key_mask[start:end],
-            [layer.keys[start:end] for layer in self.layers],
-            [layer.values[start:end] for layer in self.layers],
-        )
+    def prefill(self, slots: torch.Tensor, prompt_lengths: torch.Tensor) -> "PrefillView":
+        """The view a forward of right-padded prompts [n, T] writes through: slots, prompt_lengths int64 [n]."""
+        return PrefillView(self, slots, prompt_lengths)
 
-    def attention_mask(self, attention_mask: torch.Tensor | None, seq: int) -> torch.Tensor:
-        """Record the padding of `seq` new columns; bool [B, 1, seq, length + seq], True where a query may attend.
+    def decode(self, rows: int, columns: int) -> "DecodeView":
+        """The view a one-token forward of slots 0..rows-1 writes through, attending to `columns` columns."""
+        if not 0 < rows <= self.slots or not 0 < columns <= self.capacity:
+            raise ValueError(f"a decode view of {rows} rows x {columns} columns does not fit "
+                             f"{self.slots} slots x {self.capacity} columns")
+        return DecodeView(self, rows, columns)
 
-        attention_mask [B, seq] (1 = token, 0 = padding) or None when every new token is real.
-        Causal over the cache columns; a padding query attends to itself only, as in
-        attention_mask_4d, so that it gives no NaN.
-        """
-        start, end = self.length, self.length + seq
-        if end > self.max_len:
-            raise ValueError(f"the cache holds {self.max_len} positions; {end} were asked for")
-        rows = self.batch_size
-        new_keys = self.key_mask[:rows, start:end]
-        if attention_mask is None:
-            new_keys.fill_(True)
-        else:
-            new_keys.copy_(attention_mask.bool())
-        query_columns = torch.arange(start, end, device=self.key_mask.device)[:, None]
-        key_columns = torch.arange(end, device=self.key_mask.device)[None, :]
-        causal = key_columns <= query_columns
-        diagonal = key_columns == query_columns
-        return (causal & self.key_mask[:rows, None, None, :end]) | diagonal
-
-    def advance(self, seq: int) -> None:
-        """Mark the `seq` columns every layer has just written as filled."""
-        self.length += seq
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (int64 indices into the rows in use), moved to the front in that order."""
-        end = self.length
-        self.key_mask[: rows.numel(), :end] = self.key_mask[rows, :end]
-        for layer in self.layers:
-            layer.keys[: rows.numel(), :, :end] = layer.keys[rows, :, :end]
-            layer.values[: rows.numel(), :, :end] = layer.values[rows, :, :end]
-        self.batch_size = rows.numel()
+    def move(self, source: torch.Tensor, target: torch.Tensor, columns: int) -> None:
+        """Copy the first `columns` columns and the lengths of slots `source` onto slots `target` [n] int64."""
+        for layer in self.keys + self.values:
+            layer[target, :, :columns] = layer[source, :, :columns]
+        self.lengths[target] = self.lengths[source]
 
 
 class LayerKVCache:
-    """One layer's share of a KVCache."""
+    """One layer's share of a view: `update(k, v)` writes the new keys and values and returns what to attend to."""
 
-    def __init__(self, cache: KVCache, keys: torch.Tensor, values: torch.Tensor):
-        # A weak reference: with a strong one, cache and layers form a cycle that only the garbage
+    def __init__(self, view, keys: torch.Tensor, values: torch.Tensor):
+        # A weak reference: with a strong one, view and layers form a cycle that only the garbage
         # collector frees, so a finished rollout's cache (gigabytes) could outlive it into the update.
-        self.cache = weakref.proxy(cache)
-        self.keys = keys
-        self.values = values
+        self.view, self.keys, self.values = weakref.proxy(view), keys, values
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, kv_heads, T, head_dim] at the next T columns.
+        return self.view.write(self.keys, self.values, k, v)
 
-        Returns all keys and values so far, [B, kv_heads, length + T, head_dim].
-        """
-        rows, start = self.cache.batch_size, self.cache.length
-        end = start + k.shape[2]
-        self.keys[:rows, :, start:end] = k
-        self.values[:rows, :, start:end] = v
-        return self.keys[:rows, :, :end], self.values[:rows, :, :end]
+
+class PrefillView:
+    """Prompts [n, T], right-padded, into columns 0..T-1 of `slots`; the slots' lengths become the prompts'."""
+
+    def __init__(self, cache: KVCache, slots: torch.Tensor, prompt_lengths: torch.Tensor):
+        self.cache, self.slots, self.prompt_lengths = cache, slots, prompt_lengths
+        self.layers = [LayerKVCache(self, k, v) for k, v in zip(cache.keys, cache.values)]
+
+    def attention_mask(self, attention_mask: torch.Tensor | None, seq: int) -> torch.Tensor:
+        """bool [n, 1, T, T]: causal over the prompt's own tokens; a padding query attends to itself only."""
+        if seq > self.cache.capacity:
+            raise ValueError(f"the cache holds {self.cache.capacity} positions; {seq} were asked for")
+        device = self.slots.device
+        columns = torch.arange(seq, device=device)
+        real = columns[None, :] < self.prompt_lengths[:, None]
+        causal = columns[None, :] <= columns[:, None]
+        diagonal = columns[None, :] == columns[:, None]
+        return (causal & real[:, None, None, :]) | diagonal
+
+    def write(self, keys, values, k, v):
+        # In the cache's dtype (autocast's), as the decode steps will read them.
+        k, v = k.to(keys.dtype), v.to(values.dtype)
+        seq = k.shape[2]
+        keys[self.slots, :, :seq] = k
+        values[self.slots, :, :seq] = v
+        return k, v
+
+    def advance(self, seq: int) -> None:
+        self.cache.lengths[self.slots] = self.prompt_lengths
+
+
+class DecodeView:
+    """One token per slot 0..rows-1, at the slot's own column; attends to columns 0..columns-1.
+
+    A slot's column is its length, clamped to the last column: a slot whose sequence has ended
+    keeps decoding until the host looks (its tokens are discarded) and must not write past the end.
+    """
+
+    def __init__(self, cache: KVCache, rows: int, columns: int):
+        self.cache, self.rows, self.columns = cache, rows, columns
+        self.layers = [LayerKVCache(self, k, v) for k, v in zip(cache.keys, cache.values)]
+        self.row_index = torch.arange(rows, device=cache.lengths.device)
+        self.column_index = cache.lengths[:rows].clamp(max=cache.capacity - 1)
+
+    def attention_mask(self, attention_mask: torch.Tensor | None, seq: int) -> torch.Tensor:
+        """bool [rows, 1, 1, columns]: the slot's columns up to and including the one written now."""
+        if seq != 1 or attention_mask is not None:
+            raise ValueError("a decode view takes one real token per row")
+        columns = torch.arange(self.columns, device=self.row_index.device)
+        return (columns[None, :] <= self.column_index[:, None])[:, None, None, :]
+
+    def write(self, keys, values, k, v):
+        keys[self.row_index, :, self.column_index] = k[:, :, 0].to(keys.dtype)
+        values[self.row_index, :, self.column_index] = v[:, :, 0].to(values.dtype)
+        return keys[: self.rows, :, : self.columns], values[: self.rows, :, : self.columns]
+
+    def advance(self, seq: int) -> None:
+        self.cache.lengths[: self.rows] = (self.column_index + 1).clamp(max=self.cache.capacity - 1)

@@ -57,7 +57,9 @@ class SparseMoE(nn.Module):
         # cast to its compute dtype here, as it would cast them for a matmul.
         device_type = flat.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else flat.dtype
-        run_experts = gk.moe_experts if self.expert_lora is None else self.expert_lora
+        # moe_route's indices are in range by construction: routed_experts skips moe_experts' range check,
+        # which waits for the device (at every decode step) and cannot run inside a CUDA graph capture.
+        run_experts = gk.routed_experts if self.expert_lora is None else self.expert_lora
         out = run_experts(flat.to(dtype), experts, weights.to(dtype), self.gate_up.to(dtype), self.down.to(dtype))
         return out.to(x.dtype).view(batch, seq, hidden), Routing(router_logits, experts)
 

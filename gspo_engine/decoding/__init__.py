@@ -1,0 +1,1 @@
+"""Generation's parts below rollout.py: keyed sampling, the slots' state and decode step, CUDA-graph replay."""
