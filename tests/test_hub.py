@@ -175,27 +175,73 @@ def test_a_released_model_missing_offline_says_what_to_download(tmp_path, offlin
 
 
 @pytest.fixture
-def mocked_hub(tmp_path, monkeypatch):
-    """The Hub's answers from a mock transport: 404 with the error code the Hub sends for a missing repository
-    (or revision, for URLs naming one); every request is recorded."""
+def hub_answers(tmp_path, monkeypatch):
+    """Online, with an empty cache, and every request huggingface_hub sends answered by the function the test
+    sets in answers[0]; the requests are recorded as "METHOD /path"."""
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    requests = []
+    answers, requests = [], []
 
     def answer(request: httpx2.Request) -> httpx2.Response:
-        requests.append(str(request.url))
+        requests.append(f"{request.method} {request.url.path}")
+        return answers[0](request)
+
+    set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(answer)))
+    yield answers, requests
+    set_client_factory(default_client_factory)
+
+
+@pytest.fixture
+def mocked_hub(hub_answers):
+    """The Hub answering 404 with the error code it sends for a missing repository (or revision, for URLs
+    naming v9)."""
+    answers, requests = hub_answers
+
+    def not_found(request: httpx2.Request) -> httpx2.Response:
         code = "RevisionNotFound" if "/revision/v9" in str(request.url) else "RepoNotFound"
         return httpx2.Response(404, headers={"X-Error-Code": code}, json={"error": "not found"}, request=request)
 
-    set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(answer)))
-    yield requests
-    set_client_factory(default_client_factory)
+    answers.append(not_found)
+    return requests
+
+
+def test_a_download_fetches_only_the_files_a_run_reads(tmp_path, hub_answers, tiny_model):
+    answers, requests = hub_answers
+    files = {path.name: path.read_bytes() for path in tiny_model.iterdir()}
+    unread = {"README.md": b"# card", "original/consolidated.pth": b"x" * 64, "pytorch_model.bin": b"y" * 64}
+    served = files | unread
+    resolve = f"/acme/tiny-moe/resolve/{COMMIT}/"
+
+    def repository(request: httpx2.Request) -> httpx2.Response:
+        path = request.url.path
+        if path == "/api/models/acme/tiny-moe/revision/main":
+            return httpx2.Response(200, json={"id": "acme/tiny-moe", "sha": COMMIT}, request=request)
+        if path == f"/api/models/acme/tiny-moe/tree/{COMMIT}":
+            return httpx2.Response(200, request=request, json=[
+                {"type": "file", "path": name, "size": len(body), "oid": hashlib.sha1(body).hexdigest()}
+                for name, body in served.items()
+            ])
+        if path.startswith(resolve):
+            body = served[path.removeprefix(resolve)]
+            headers = {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha1(body).hexdigest()}"',
+                       "Content-Length": str(len(body))}
+            return httpx2.Response(200, headers=headers, content=b"" if request.method == "HEAD" else body,
+                                   request=request)
+        return httpx2.Response(404, request=request)
+
+    answers.append(repository)
+    found = model_source(run_config(tmp_path, "acme/tiny-moe"), tmp_path)
+    assert (found.repo_id, found.revision) == ("acme/tiny-moe", COMMIT)
+    assert found.folder == tmp_path / "hf" / "hub" / "models--acme--tiny-moe" / "snapshots" / COMMIT
+    assert sorted(path.name for path in found.folder.iterdir()) == sorted(files)
+    assert not any(name in request for request in requests for name in unread)
+    assert all((found.folder / name).read_bytes() == body for name, body in files.items())
 
 
 def test_the_hubs_not_found_answer_names_released_models(tmp_path, mocked_hub):
     with pytest.raises(HubError) as failure:
         model_source(run_config(tmp_path, "Qwen/Qwen3-7B"), tmp_path)
-    assert mocked_hub and "/api/models/Qwen/Qwen3-7B" in mocked_hub[0]
+    assert "GET /api/models/Qwen/Qwen3-7B/revision/main" in mocked_hub
     message = str(failure.value)
     assert "the Hugging Face Hub has no model Qwen/Qwen3-7B" in message and "Qwen/Qwen3-8B" in message
     with pytest.raises(HubError, match=r"no model acme/missing \(a private one needs a login"):

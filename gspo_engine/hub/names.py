@@ -31,7 +31,7 @@ class ModelId:
 @dataclass(frozen=True)
 class DatasetId:
     repo_id: str  # NAME or ORG/NAME
-    split: str | None = None  # None: "train", or the only split there is
+    split: str | None = None  # None: "train" (of a save_to_disk folder with one split: that one)
 
 
 def _valid_repo(text: str, pattern: re.Pattern) -> bool:
