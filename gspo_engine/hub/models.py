@@ -57,7 +57,6 @@ def download_model(model_id: ModelId, revision: str | None = None) -> ResolvedMo
     (with huggingface_hub's progress bars). `revision` is model.revision."""
     revision = model_revision(model_id, revision)
     repo_id = model_id.repo_id
-    asked = f"{repo_id}@{revision}" if revision else repo_id
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(MODEL_FILES)))
     except RevisionNotFoundError as error:
@@ -74,15 +73,15 @@ def download_model(model_id: ModelId, revision: str | None = None) -> ResolvedMo
     except IncompleteSnapshotError as error:
         raise HubError(f"model.name_or_path: {error}") from error
     except LocalEntryNotFoundError as error:
-        raise HubError(not_cached_message(asked, revision)) from error
+        raise HubError(not_cached_message(repo_id, revision)) from error
     except HfHubHTTPError as error:
-        raise HubError(f"model.name_or_path: downloading {asked} failed: {error}") from error
-    return ResolvedModel(folder, repo_id, folder.name if folder.parent.name == "snapshots" else revision)
+        raise HubError(f"model.name_or_path: downloading {ModelId(repo_id, revision)} failed: {error}") from error
+    return ResolvedModel(folder, repo_id, folder.name)  # the cache names a snapshot folder by its commit
 
 
-def not_cached_message(asked: str, revision: str | None) -> str:
+def not_cached_message(repo_id: str, revision: str | None) -> str:
     """Why a model missing from the cache could not be downloaded, and how to get it."""
-    repo_id = asked.split("@", 1)[0]
+    asked = ModelId(repo_id, revision)
     reason = ("downloads are off (HF_HUB_OFFLINE=1)" if is_offline_mode()
               else "the Hugging Face Hub could not be reached")
     hint = released_hint(repo_id)
