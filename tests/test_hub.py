@@ -300,6 +300,10 @@ def test_a_hub_dataset_is_read_from_the_datasets_cache_offline(tmp_path, offline
     for spec in ("acme/digits", "acme/digits:train"):
         rows = dataset_rows(spec)
         assert [row for _, row in rows] == ROWS and rows[0][0] == "acme/digits:train: row 0"
+    with pytest.raises(DataError, match=r'acme/digits:dev: Unknown split "dev"'):
+        dataset_rows("acme/digits:dev")
+    with pytest.raises(DataError, match=r"\(data.subset main\): .*config 'main'"):
+        dataset_rows("acme/digits", subset="main")
     with pytest.raises(DataError, match=r"acme/nothing is not a local file or folder, nor in the datasets cache"):
         dataset_rows("acme/nothing")
     assert dataset_source("acme/nothing").kind == "hub"  # a dry run names it without looking it up
