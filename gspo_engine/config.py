@@ -79,6 +79,9 @@ class RolloutConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    # Bound on the rollout's KV cache, decimal GB: as many sequences as it holds run at once, the others
+    # wait for a free slot. None: what the memory planner leaves free after weights, states and a margin.
+    kv_cache_gb: float | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,8 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "rollout.temperature": (lambda v: v >= 0, "a number >= 0 (0 is greedy)"),
     "rollout.top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "rollout.top_k": (lambda v: v >= 0, "an integer >= 0 (0 disables it)"),
+    "rollout.kv_cache_gb": (lambda v: v is None or v > 0, "a number > 0 (decimal GB), or null for what the planner "
+                            "leaves free"),
     "data.builtin.min_length": (lambda v: v >= 1, "an integer >= 1"),
     "data.builtin.num_digits": (lambda v: 2 <= v <= 10, "an integer in 2..10"),
     "data.builtin.num_rows": (lambda v: v >= 1, "an integer >= 1"),
