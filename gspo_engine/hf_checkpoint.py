@@ -7,7 +7,9 @@ checkpoints hold one tensor per expert (`mlp.experts.{j}.{gate,up,down}_proj.wei
 copied into the grouped `gate_up [E, 2I, H]` and `down [E, H, I]` tensors, and split back on save.
 transformers' own grouped layout (`mlp.experts.gate_up_proj`, saved with
 save_original_format=False) loads as well. A checkpoint that does not fit the model is refused,
-never partly re-initialised.
+never partly re-initialised, except for tensors the model has no use for but a server does
+(CARRIED_PREFIXES: Qwen3-Next's multi-token-prediction `mtp.*`): those are copied unchanged from
+the source folder into every checkpoint saved from the model.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gspo_engine.model import ModelArgs, Qwen3Model
+from gspo_engine.model import ModelArgs, Qwen3Model, build_model
 from gspo_engine.model.args import DTYPES
 from gspo_engine.tokenizer import VOCABULARY_FILES, TokenizerError, eos_token_ids, load_tokenizer
 
@@ -41,6 +43,7 @@ COPIED_FILES = (
 )
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+CARRIED_PREFIXES = ("mtp.",)
 MAPPED_WINDOW_BYTES = 64 * 2**20
 
 
@@ -148,7 +151,8 @@ def _pieces_by_parameter(model: Qwen3Model, headers: dict[str, _Header]) -> dict
     used = {piece.hf_key for pieces in plan.values() for piece in pieces}
     # A tied checkpoint may still carry a copy of the embedding as lm_head; transformers ignores it too.
     ignored = {"lm_head.weight"} if args.tie_word_embeddings else set()
-    unexpected = sorted(set(headers) - used - ignored)
+    args.carried_keys = sorted(key for key in set(headers) - used if key.startswith(CARRIED_PREFIXES))
+    unexpected = sorted(set(headers) - used - ignored - set(args.carried_keys))
     if unexpected:
         shown = ", ".join(unexpected[:5]) + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
         raise CheckpointError(f"unexpected tensor {shown} in the checkpoint")
@@ -211,7 +215,7 @@ def load_pretrained(
     args.source_path = str(folder)
 
     with torch.device("meta"):
-        model = Qwen3Model(args)
+        model = build_model(args)
     weight_files = _weight_files(folder)
     headers = _headers(weight_files)
     pieces = _pieces_by_parameter(model, headers)
@@ -271,6 +275,7 @@ def save_pretrained(
     tensors = hf_state_dict(model)
     # The dtype the weights are in now, which may differ from the one they were loaded in.
     dtype = next(iter(tensors.values())).dtype  # the weights' dtype now, which may differ from the loaded one
+    tensors = dict(sorted({**tensors, **carried_tensors(model.args)}.items()))
     shards = _shards(tensors, max_shard_bytes)
     if len(shards) == 1:
         names = [SINGLE_FILE]
@@ -295,6 +300,23 @@ def save_pretrained(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def carried_tensors(args: ModelArgs) -> dict[str, torch.Tensor]:
+    """The tensors of args.carried_keys, read from the folder the model was loaded from, unchanged."""
+    if not args.carried_keys:
+        return {}
+    if args.source_path is None:
+        raise CheckpointError(f"cannot carry {args.carried_keys[0]} ...: the model has no source folder")
+    weight_files = _weight_files(Path(args.source_path))
+    missing = [key for key in args.carried_keys if key not in weight_files]
+    if missing:
+        raise CheckpointError(f"{missing[0]} is no longer in {args.source_path}, which the model was loaded from")
+    out = {}
+    for key in args.carried_keys:
+        with safe_open(weight_files[key], framework="pt") as f:
+            out[key] = f.get_tensor(key)
+    return out
 
 
 def write_model_files(args: ModelArgs, dtype: torch.dtype, folder: Path) -> None:

@@ -1,4 +1,5 @@
-"""Model arguments of Qwen3 dense and Qwen3-MoE, read from (and written back to) Hugging Face config.json.
+"""Model arguments of Qwen3, Qwen3-MoE and the hybrid Qwen3-Next / Qwen3.5 text models, read from (and written
+back to) Hugging Face config.json.
 
 Released checkpoints and transformers 5 name some fields differently; both spellings are read:
 
@@ -19,8 +20,24 @@ import torch
 
 DENSE_ARCHITECTURE = "Qwen3ForCausalLM"
 MOE_ARCHITECTURE = "Qwen3MoeForCausalLM"
-SUPPORTED_ARCHITECTURES = (DENSE_ARCHITECTURE, MOE_ARCHITECTURE)
-_MODEL_TYPES = {"qwen3": DENSE_ARCHITECTURE, "qwen3_moe": MOE_ARCHITECTURE}
+# Hybrid models: Gated DeltaNet (linear attention) layers between gated full-attention layers.
+NEXT_ARCHITECTURE = "Qwen3NextForCausalLM"  # fused in_proj_qkvz / in_proj_ba, MoE with a shared expert
+QWEN3_5_ARCHITECTURE = "Qwen3_5ForCausalLM"  # split in_proj_qkv / z / b / a, dense MLP
+QWEN3_5_MOE_ARCHITECTURE = "Qwen3_5MoeForCausalLM"  # split projections, MoE with a shared expert
+HYBRID_ARCHITECTURES = (NEXT_ARCHITECTURE, QWEN3_5_ARCHITECTURE, QWEN3_5_MOE_ARCHITECTURE)
+SUPPORTED_ARCHITECTURES = (DENSE_ARCHITECTURE, MOE_ARCHITECTURE, *HYBRID_ARCHITECTURES)
+_MODEL_TYPES = {
+    "qwen3": DENSE_ARCHITECTURE, "qwen3_moe": MOE_ARCHITECTURE, "qwen3_next": NEXT_ARCHITECTURE,
+    "qwen3_5_text": QWEN3_5_ARCHITECTURE, "qwen3_5_moe_text": QWEN3_5_MOE_ARCHITECTURE,
+}
+_ARCHITECTURE_TYPES = {architecture: model_type for model_type, architecture in _MODEL_TYPES.items()}
+FULL_ATTENTION, LINEAR_ATTENTION = "full_attention", "linear_attention"
+# What transformers' Qwen3NextConfig / Qwen3_5TextConfig take when config.json leaves a key out.
+_HYBRID_DEFAULTS = {
+    "full_attention_interval": 4, "partial_rotary_factor": 0.25, "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_num_key_heads": 16,
+    "linear_num_value_heads": 32,
+}
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,12 +51,15 @@ _OWN_KEYS = {
     "rope_theta", "rope_scaling", "rope_parameters", "torch_dtype", "dtype",
     "num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
     "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef",
+    "layer_types", "full_attention_interval", "partial_rotary_factor", "linear_conv_kernel_dim",
+    "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads", "linear_num_value_heads",
+    "shared_expert_intermediate_size",
 }
 _REQUIRED_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "max_position_embeddings",
+    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
 )
 _REQUIRED_MOE_KEYS = ("num_experts_per_tok", "moe_intermediate_size")
+_REQUIRED_SHARED_EXPERT_KEYS = ("num_experts", "shared_expert_intermediate_size")
 
 
 @dataclass
@@ -81,10 +101,27 @@ class ModelArgs:
     mlp_only_layers: list[int] = field(default_factory=list)
     router_aux_loss_coef: float = 0.0
 
+    # Hybrid models (architecture one of HYBRID_ARCHITECTURES). layer_types names each layer's token
+    # mixer, FULL_ATTENTION or LINEAR_ATTENTION; empty for Qwen3, whose layers are all full attention.
+    hf_architecture: str = ""  # the hybrid architecture; empty for Qwen3 / Qwen3-MoE (told apart by num_experts)
+    layer_types: list[str] = field(default_factory=list)
+    partial_rotary_factor: float = 1.0  # RoPE turns the first head_dim * factor dimensions of q and k
+    linear_conv_kernel_dim: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    shared_expert_intermediate_size: int = 0  # the sigmoid-gated shared expert beside the routed ones
+    # rope_parameters entries that only the multimodal Qwen3.5 reads (mrope_section, ...), written back.
+    rope_extra: dict[str, Any] = field(default_factory=dict)
+
     # Runtime switches, never written to config.json; the model reads them at every forward.
     activation_checkpointing: bool = False
     router_aux_loss: bool = False  # add the Switch load-balancing loss to the model output
     source_path: str | None = None  # the folder the weights were loaded from; tokenizer files are copied from it
+    # Checkpoint tensors the model does not use (mtp.*: multi-token prediction), copied from
+    # source_path into every saved checkpoint so that it still serves speculative decoding.
+    carried_keys: list[str] = field(default_factory=list)
 
     # Keys of the source config.json that the model does not interpret, written back on save.
     extra_config: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -95,7 +132,26 @@ class ModelArgs:
 
     @property
     def architecture(self) -> str:
+        if self.hf_architecture:
+            return self.hf_architecture
         return MOE_ARCHITECTURE if self.is_moe else DENSE_ARCHITECTURE
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Gated DeltaNet layers between gated attention ones (Qwen3-Next, Qwen3.5)."""
+        return self.architecture in HYBRID_ARCHITECTURES
+
+    @property
+    def rotary_dim(self) -> int:
+        """The leading dimensions of each q / k head that RoPE turns; the rest pass unchanged."""
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_linear_attention_layer(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == LINEAR_ATTENTION
+
+    @property
+    def linear_attention_layers(self) -> list[int]:
+        return [layer for layer in range(self.num_hidden_layers) if self.is_linear_attention_layer(layer)]
 
     def is_moe_layer(self, layer: int) -> bool:
         """Which layers are sparse, exactly as transformers' Qwen3MoeDecoderLayer decides."""
@@ -114,8 +170,12 @@ class ModelArgs:
         """Arguments from a config.json dict, in either key spelling; ValueError on what is not supported."""
         architecture = _architecture(config)
         missing = [key for key in _REQUIRED_KEYS if key not in config]
-        if architecture == MOE_ARCHITECTURE:
+        if architecture != QWEN3_5_MOE_ARCHITECTURE and "intermediate_size" not in config:
+            missing.append("intermediate_size")
+        if architecture in (MOE_ARCHITECTURE, NEXT_ARCHITECTURE, QWEN3_5_MOE_ARCHITECTURE):
             missing += [key for key in _REQUIRED_MOE_KEYS if key not in config]
+        if architecture in (NEXT_ARCHITECTURE, QWEN3_5_MOE_ARCHITECTURE):
+            missing += [key for key in _REQUIRED_SHARED_EXPERT_KEYS if key not in config]
         if missing:
             raise ValueError(f"config.json lacks {', '.join(missing)}")
         hidden_size = config["hidden_size"]
@@ -131,7 +191,7 @@ class ModelArgs:
         args = cls(
             vocab_size=config["vocab_size"],
             hidden_size=hidden_size,
-            intermediate_size=config["intermediate_size"],
+            intermediate_size=config.get("intermediate_size", 0),
             num_hidden_layers=config["num_hidden_layers"],
             num_attention_heads=num_heads,
             num_key_value_heads=config.get("num_key_value_heads") or num_heads,
@@ -150,6 +210,8 @@ class ModelArgs:
                 f"num_attention_heads ({num_heads}) is not a multiple of num_key_value_heads "
                 f"({args.num_key_value_heads})"
             )
+        if architecture in HYBRID_ARCHITECTURES:
+            _read_hybrid(args, architecture, config)
         if architecture == MOE_ARCHITECTURE:
             args.num_experts = config.get("num_experts", config.get("num_local_experts"))
             if not args.num_experts:
@@ -167,7 +229,7 @@ class ModelArgs:
         config: dict[str, Any] = dict(self.extra_config)
         config.update(
             architectures=[self.architecture],
-            model_type="qwen3_moe" if self.is_moe else "qwen3",
+            model_type=_ARCHITECTURE_TYPES[self.architecture],
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
             intermediate_size=self.intermediate_size,
@@ -196,7 +258,88 @@ class ModelArgs:
                 mlp_only_layers=list(self.mlp_only_layers),
                 router_aux_loss_coef=self.router_aux_loss_coef,
             )
+        if self.is_hybrid:
+            _write_hybrid(self, config)
         return dict(sorted(config.items()))
+
+
+def _read_hybrid(args: ModelArgs, architecture: str, config: dict[str, Any]) -> None:
+    """The hybrid models' keys, with transformers' defaults for those config.json leaves out."""
+    def get(key: str) -> Any:
+        return config.get(key, _HYBRID_DEFAULTS.get(key))
+
+    args.hf_architecture = architecture
+    layers = args.num_hidden_layers
+    layer_types = config.get("layer_types")
+    if layer_types is None:
+        interval = get("full_attention_interval")
+        layer_types = [FULL_ATTENTION if (i + 1) % interval == 0 else LINEAR_ATTENTION for i in range(layers)]
+    if len(layer_types) != layers or set(layer_types) - {FULL_ATTENTION, LINEAR_ATTENTION}:
+        raise ValueError(
+            f"layer_types must name {layers} layers, each {FULL_ATTENTION!r} or {LINEAR_ATTENTION!r}; got {layer_types}"
+        )
+    args.layer_types = list(layer_types)
+    rope_parameters = dict(config.get("rope_parameters") or {})
+    args.partial_rotary_factor = float(rope_parameters.get("partial_rotary_factor", get("partial_rotary_factor")))
+    known = {"rope_type", "type", "rope_theta", "partial_rotary_factor", "factor", "original_max_position_embeddings",
+             "attention_factor", "beta_fast", "beta_slow", "truncate"}
+    args.rope_extra = {key: value for key, value in rope_parameters.items() if key not in known}
+    for key in ("linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim", "linear_num_key_heads",
+                "linear_num_value_heads"):
+        setattr(args, key, get(key))
+    if args.linear_num_value_heads % args.linear_num_key_heads:
+        raise ValueError(
+            f"linear_num_value_heads ({args.linear_num_value_heads}) is not a multiple of "
+            f"linear_num_key_heads ({args.linear_num_key_heads})"
+        )
+    if architecture == QWEN3_5_ARCHITECTURE:
+        return
+    args.num_experts = config["num_experts"]
+    args.num_experts_per_tok = config["num_experts_per_tok"]
+    args.moe_intermediate_size = config["moe_intermediate_size"]
+    args.shared_expert_intermediate_size = config["shared_expert_intermediate_size"]
+    args.router_aux_loss_coef = config.get("router_aux_loss_coef", 0.001)
+    # Qwen3.5-MoE always renormalises the top-k weights and has every layer sparse.
+    args.norm_topk_prob = config.get("norm_topk_prob", True) if architecture == NEXT_ARCHITECTURE else True
+    if architecture == NEXT_ARCHITECTURE:
+        args.decoder_sparse_step = config.get("decoder_sparse_step", 1)
+        args.mlp_only_layers = list(config.get("mlp_only_layers") or [])
+
+
+def _write_hybrid(args: ModelArgs, config: dict[str, Any]) -> None:
+    """The hybrid keys, in the spelling of the released configs (rope_theta and partial_rotary_factor at the top)."""
+    config.update(
+        layer_types=list(args.layer_types),
+        partial_rotary_factor=args.partial_rotary_factor,
+        linear_conv_kernel_dim=args.linear_conv_kernel_dim,
+        linear_key_head_dim=args.linear_key_head_dim,
+        linear_value_head_dim=args.linear_value_head_dim,
+        linear_num_key_heads=args.linear_num_key_heads,
+        linear_num_value_heads=args.linear_num_value_heads,
+    )
+    if args.rope_extra:
+        rope = {"rope_type": "default", "rope_theta": args.rope_theta, **(_rope_scaling_json(args.rope_scaling) or {})}
+        config["rope_parameters"] = {**rope, "partial_rotary_factor": args.partial_rotary_factor, **args.rope_extra}
+    # A Qwen3-Next config without these would get transformers' defaults (512 experts) even when dense.
+    if args.is_moe or args.architecture == NEXT_ARCHITECTURE:
+        config.update(
+            num_experts=args.num_experts,
+            num_experts_per_tok=args.num_experts_per_tok,
+            moe_intermediate_size=args.moe_intermediate_size,
+            shared_expert_intermediate_size=args.shared_expert_intermediate_size,
+            norm_topk_prob=args.norm_topk_prob,
+            decoder_sparse_step=args.decoder_sparse_step,
+            mlp_only_layers=list(args.mlp_only_layers),
+            router_aux_loss_coef=args.router_aux_loss_coef,
+        )
+    for key in ("use_sliding_window", "sliding_window"):  # Qwen3 keys the hybrid configs do not have
+        config.pop(key, None)
+    if args.architecture == QWEN3_5_MOE_ARCHITECTURE:
+        # Keys transformers' Qwen3_5MoeTextConfig does not have (their values are implied).
+        for key in ("intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers"):
+            config.pop(key, None)
+    elif args.architecture == QWEN3_5_ARCHITECTURE:
+        config.pop("mlp_only_layers", None)
 
 
 def _architecture(config: dict[str, Any]) -> str:

@@ -15,11 +15,12 @@ from gspo_engine.model.args import ModelArgs
 
 
 def inverse_frequencies(args: ModelArgs, seq_len: int, device: torch.device) -> tuple[torch.Tensor, float]:
-    """inv_freq [head_dim / 2] in fp32 and the factor cos / sin are multiplied by (yarn), as transformers computes them.
+    """inv_freq [rotary_dim / 2] in fp32 and the factor cos / sin are multiplied by (yarn), as transformers computes them.
 
+    rotary_dim is head_dim, or its leading part in models with partial rotary embeddings (Qwen3-Next).
     seq_len is max(position_ids) + 1; only "dynamic" depends on it.
     """
-    dim = args.head_dim
+    dim = args.rotary_dim
     base = args.rope_theta
     scaling = args.rope_scaling
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).to(torch.float32) / dim
@@ -41,7 +42,7 @@ def inverse_frequencies(args: ModelArgs, seq_len: int, device: torch.device) -> 
 def _yarn(args: ModelArgs, device: torch.device) -> tuple[torch.Tensor, float]:
     """YaRN (arXiv 2309.00071): interpolate low frequencies, keep high ones, blend in between."""
     scaling = args.rope_scaling
-    dim, base, factor = args.head_dim, args.rope_theta, scaling.factor
+    dim, base, factor = args.rotary_dim, args.rope_theta, scaling.factor
     original_max = scaling.original_max_position_embeddings
     attention_factor = scaling.attention_factor
     if attention_factor is None:
@@ -70,7 +71,7 @@ def _yarn(args: ModelArgs, device: torch.device) -> tuple[torch.Tensor, float]:
 def rotary_cos_sin(
     args: ModelArgs, position_ids: torch.Tensor, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, T, head_dim] for position_ids [B, T] (or [1, T]), cast to the activations' dtype."""
+    """cos, sin [B, T, rotary_dim] for position_ids [B, T] (or [1, T]), cast to the activations' dtype."""
     seq_len = 0
     if args.rope_scaling is not None and args.rope_scaling.rope_type == "dynamic":
         seq_len = int(position_ids.max()) + 1
