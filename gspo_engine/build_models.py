@@ -17,7 +17,7 @@ from gspo_engine.errors import TrainingError
 from gspo_engine.hf_checkpoint import load_pretrained, read_config
 from gspo_engine.hub import ResolvedModel, download_model, parse_model_id
 from gspo_engine.lora import add_lora, is_adapter_folder, load_adapters
-from gspo_engine.model import Qwen3Model
+from gspo_engine.model import Qwen3Model, build_model
 from gspo_engine.tiny import TINY_MODELS, build_tiny_checkpoint
 
 
@@ -77,7 +77,7 @@ def build_models(config: Config, runtime: Runtime, device: torch.device, precisi
             args = read_config(source)
             args.dtype = torch.float32
             with torch.device("meta"):
-                model = configure(Qwen3Model(args), config, source)
+                model = configure(build_model(args), config, source)
             full_state = {}
         parallelize(model, data_parallel_mesh(runtime, device), bf16_compute=precision == "bf16-mixed",
                     reshard_after_forward=config.distributed.reshard_after_forward)

@@ -17,7 +17,7 @@ import torch
 from gspo_engine.hf_checkpoint import CONFIG_FILE, load_pretrained, read_config, save_pretrained
 from gspo_engine.distributed.sharded_checkpoint import is_sharded_checkpoint, load_sharded
 from gspo_engine.lora import export_merged, is_adapter_folder
-from gspo_engine.model import Qwen3Model
+from gspo_engine.model import Qwen3Model, build_model
 from gspo_engine.run_checkpoint import STATE_FILE, list_checkpoints
 
 
@@ -73,6 +73,6 @@ def load_sharded_model(folder: str | Path) -> Qwen3Model:
     args = read_config(folder)
     args.dtype = torch.float32
     args.source_path = str(folder)  # its tokenizer files are copied along
-    model = Qwen3Model(args)  # initialised, then overwritten: every weight is in the checkpoint
+    model = build_model(args)  # initialised, then overwritten: every weight is in the checkpoint
     load_sharded(folder, model, optimizer=None)
     return model

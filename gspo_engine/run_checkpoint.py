@@ -27,7 +27,7 @@ from gspo_engine.distributed.runtime import Runtime
 from gspo_engine.distributed.sharded_checkpoint import full_model_state_dict, is_sharded_checkpoint, load_sharded, save_sharded
 from gspo_engine.hf_checkpoint import save_pretrained, write_model_files
 from gspo_engine.lora import save_adapters
-from gspo_engine.model import Qwen3Model
+from gspo_engine.model import Qwen3Model, build_model
 
 STATE_FILE = "trainer_state.pt"
 _PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -147,7 +147,7 @@ def save_model(model: Qwen3Model, folder: Path, runtime: Runtime, lora: LoraConf
         full_state = full_model_state_dict(model)
         if runtime.is_main:
             with torch.device("meta"):
-                whole = Qwen3Model(copy.copy(model.args))
+                whole = build_model(copy.copy(model.args))
             whole.load_state_dict(full_state, assign=True)
             save_pretrained(whole, folder)
         runtime.barrier()

@@ -6,7 +6,7 @@ import torch
 
 from gspo_engine.config import Config
 from gspo_engine.lora import adapter_parameter_count
-from gspo_engine.model import Qwen3Model
+from gspo_engine.model import build_model
 from gspo_engine.planner.memory_model import GIB, Cluster, ModelSizes, memory_plan, model_sizes
 from gspo_engine.planner.released_shapes import plan_model_args
 from gspo_engine.planner.report import Plan
@@ -18,7 +18,7 @@ def make_plan(config: Config, gpus: int = 1, gpu_memory_gb: float = 80.0, device
     cluster = Cluster(gpus, gpu_memory_gb, device)
     args, source = plan_model_args(config.model.name_or_path)
     with torch.device("meta"):
-        model = Qwen3Model(args)
+        model = build_model(args)
     total = sum(p.numel() for p in model.parameters())
     expert_params = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("gate_up", "down")))
     active = total - expert_params
