@@ -22,6 +22,12 @@ class RankShare:
     update_s: float
     step_s: float
     peak_memory_mib: float
+    # The rollout's concurrency on this rank: sequences decoding per step (mean, min), its KV cache
+    # (allocated MiB) and the mean share of the cache's columns running sequences held.
+    rollout_active_mean: float = 0.0
+    rollout_active_min: int = 0
+    kv_cache_mib: float = 0.0
+    kv_cache_use: float = 0.0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,4 +64,9 @@ def combine_ranks(ranks: list[dict]) -> dict:
         "update_tokens_per_s": total("update_tokens") / slowest("update_s"),
         "tokens_per_s": (total("rollout_tokens") + total("update_tokens")) / slowest("step_s"),
         "peak_memory_mib": slowest("peak_memory_mib"),
+        # Per GPU: each rank decodes its own sequences.
+        "rollout_active_mean": total("rollout_active_mean") / len(ranks),
+        "rollout_active_min": min(rank["rollout_active_min"] for rank in ranks),
+        "kv_cache_mib": slowest("kv_cache_mib"),
+        "kv_cache_use": total("kv_cache_use") / len(ranks),
     }

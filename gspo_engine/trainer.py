@@ -37,6 +37,7 @@ from gspo_engine.errors import TrainingError, TrainingInterrupted
 from gspo_engine.lora import adapter_parameters
 from gspo_engine.metrics import MetricsLog, TrainSummary, console_line, summarize
 from gspo_engine.optim import build_optimizer, build_scheduler
+from gspo_engine.planner.rollout_budget import rollout_kv_cache_gb
 from gspo_engine.rewards import build_rewards
 from gspo_engine.rollout import Generation, generate
 from gspo_engine.run_checkpoint import (
@@ -100,6 +101,10 @@ class GSPOTrainer:
         self.lora = config.lora if config.lora.rank else None
         models = build_models(config, self.runtime, self.device, self.precision, self.source, resume_from)
         self.model, self.reference = models.policy, models.reference
+        # The rollout's KV cache budget: as many sequences decode at once as it holds.
+        self.kv_cache_gb = rollout_kv_cache_gb(config, self.runtime.world_size, self.source)
+        if self.kv_cache_gb is not None:
+            logger.info("rollout KV cache budget: %.3g GB", self.kv_cache_gb)
         self.optimizer = build_optimizer(self.model.parameters(), config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.train.steps, config.optim)
         # Sampling and the loss use the same temperature; greedy rollouts score at 1.
@@ -240,6 +245,8 @@ class GSPOTrainer:
             constant_groups=advantages.constant_groups, rollout_tokens=sum(len(t) for t in out.tokens),
             update_tokens=scored_positions, finished=sum(out.finished), rollout_s=rollout_s, update_s=update_s,
             step_s=time.perf_counter() - step_start, peak_memory_mib=peak_memory_mib(self.device),
+            rollout_active_mean=out.active_mean, rollout_active_min=out.active_min,
+            kv_cache_mib=out.kv_cache_bytes / 2**20, kv_cache_use=out.kv_cache_use,
         )
         record = combine_ranks(runtime.gather(share.as_dict())) | update
         record |= {"lr": self.scheduler.get_last_lr()[0], "skipped_updates": self.skipped_updates}
@@ -259,6 +266,7 @@ class GSPOTrainer:
                 self.model, prompts, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                 top_p=rollout.top_p, top_k=rollout.top_k, eos_token_id=self.eos_ids,
                 seed=self.config.train.seed * 1_000_003 + self.step, sample_ids=sample_ids,
+                kv_cache_gb=self.kv_cache_gb,
                 # Routing replay of the sampler's own experts when its log-probs are the old ones.
                 return_routing=self.updater.routing_replay and self.config.gspo.old_logps == "rollout",
             )

@@ -90,13 +90,12 @@ def test_block_bytes_are_what_autograd_saves(name, regime):
 def test_kv_cache_estimate_is_what_the_cache_allocates():
     config = load_config(MOE_YAML)
     args, _ = plan_model_args(config.model.name_or_path)
-    memory = make_plan(config, gpus=8).memory
-    rollout = memory.rollout
-    with torch.device("meta"):
-        cache = KVCache.allocate(args, rollout.sequences, rollout.columns, torch.bfloat16, torch.device("meta"))
-    allocated = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values)) + cache.key_mask.nbytes
-    assert rollout.kv_cache == allocated
-    assert rollout.sequences == 32 and rollout.columns == 1024 + 2048 - 1
+    for budget in ([], ["rollout.kv_cache_gb=20"]):
+        rollout = make_plan(load_config(MOE_YAML, budget), gpus=8).memory.rollout
+        cache = KVCache.allocate(args, rollout.concurrency, rollout.columns, torch.bfloat16, torch.device("meta"))
+        allocated = sum(t.nbytes for t in cache.keys + cache.values) + cache.lengths.nbytes
+        assert rollout.kv_cache == allocated == cache.nbytes
+        assert rollout.sequences == 32 and rollout.columns == 1024 + 2048 - 1
 
 
 def test_sampling_working_set_per_logit():

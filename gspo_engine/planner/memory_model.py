@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from gspo_engine.config import Config
 from gspo_engine.distributed.rules import check_data_parallel
 from gspo_engine.model import ModelArgs, Qwen3Model
 from gspo_engine.planner.activations import Compute, TokenBytes, resolve_compute, token_bytes
+from gspo_engine.model.kv_cache import slot_bytes
 from gspo_engine.rollout import PREFILL_TOKENS
 from gspo_kernels import DEFAULT_CHUNK_BUDGETS_MIB, STREAM_TILES
 
@@ -138,15 +140,38 @@ class Scoring:
 
 @dataclass(frozen=True)
 class Rollout:
-    """Generation: the gradients are freed, the weights are held whole for every decode step."""
+    """Generation: the gradients are freed, the weights are held whole for every decode step.
+
+    The KV cache is a pool of `concurrency` slots of `columns` columns each (model/kv_cache.py): as
+    many sequences decode at once, the others wait for a free slot (continuous batching).
+    """
 
     sequences: int  # per GPU: its prompts x group_size
     columns: int  # KV cache columns per sequence: longest prompt + max_new_tokens - 1
     generation_weights: float  # FSDP2: every weight gathered in bf16; autocast: its bf16 copies
-    kv_cache: float
+    kv_cache: float  # concurrency x slot_bytes
     sampling: float  # logits [rows, V] and sample_next's working set, the tokens and log-probs drawn
     prefill: float  # one prefill chunk's forward and its attention masks
     gather_output: float = 0.0  # FSDP2: the last block's all-gather output, before generation starts
+    concurrency: int = 0  # sequences decoding at once: the slots the KV cache holds
+    slot_bytes: float = 0.0  # one sequence's keys and values at `columns` columns
+    budget_gb: float | None = None  # rollout.kv_cache_gb; None: the KV cache takes what the other terms leave
+    max_new_tokens: int = 0
+
+    @property
+    def reduced(self) -> bool:
+        """Fewer sequences decode at once than the rollout holds."""
+        return self.concurrency < self.sequences
+
+    @property
+    def decode_steps(self) -> int:
+        """Decode steps when every completion runs to max_new_tokens: one wave of `concurrency` after another."""
+        return -(-self.sequences // max(1, self.concurrency)) * self.max_new_tokens
+
+    @property
+    def kv_cache_gb(self) -> float:
+        """The budget that holds `concurrency` slots, in decimal GB: what a run passes to generate."""
+        return self.budget_gb if self.budget_gb is not None else (self.concurrency + 0.5) * self.slot_bytes / 1e9
 
     def peak(self, states: States) -> float:
         # The gather's last all-gather output is freed before the first forward (a short rollout
@@ -276,26 +301,41 @@ def scoring_bytes(args: ModelArgs, sizes: ModelSizes, compute: Compute, config: 
 
 
 def rollout_bytes(args: ModelArgs, sizes: ModelSizes, compute: Compute, config: Config, per_token: TokenBytes,
-                  sequences: int) -> Rollout:
+                  sequences: int, states: States, usable: float) -> Rollout:
+    """The rollout at the concurrency rollout.kv_cache_gb allows, or without it at the most that fits `usable`."""
     rollout = config.rollout
     width = config.data.max_prompt_tokens
-    columns = width + rollout.max_new_tokens - 1  # KVCache.allocate: the last token drawn is never fed back
-    kv_cache = (2 * args.num_hidden_layers * sequences * args.num_key_value_heads * args.head_dim * columns
-                * compute.compute + sequences * columns)  # keys and values per layer, and the bool key mask
-    sampling = sequences * args.vocab_size * SAMPLING_BYTES_PER_LOGIT + sequences * rollout.max_new_tokens * 12
-    chunk_rows = min(sequences, max(1, PREFILL_TOKENS // width))
+    columns = width + rollout.max_new_tokens - 1  # the last token drawn is never fed back
+    per_slot = slot_bytes(args, columns, torch.bfloat16 if compute.compute == 2 else torch.float32)
     groups = args.num_attention_heads // args.num_key_value_heads
-    prefill = (
-        chunk_rows * width * per_token.no_grad
-        # the bool mask, its copy expanded over the query heads of a kv head, and that as an additive bias
-        + chunk_rows * width * width * (1 + groups * (1 + compute.compute))
-    )
     weights = generation_weights_bytes(sizes, compute, config)
     # FSDP2 gathers the units one at a time, the blocks last: the last block's all-gather output
     # is held while its weights are copied out, with every other weight already gathered.
     gather_output = sizes.largest_block * compute.weights if compute.sharded else 0.0
-    return Rollout(sequences, columns, weights, kv_cache, sampling, prefill, gather_output)
 
+    def at(concurrency: int) -> Rollout:
+        # Logits and sample_next's working set for the slots decoding; tokens and log-probs for every sequence.
+        sampling = concurrency * args.vocab_size * SAMPLING_BYTES_PER_LOGIT + sequences * rollout.max_new_tokens * 12
+        chunk_rows = min(concurrency, max(1, PREFILL_TOKENS // width))
+        prefill = (
+            chunk_rows * width * per_token.no_grad
+            # the bool mask, its copy expanded over the query heads of a kv head, and that as an additive bias
+            + chunk_rows * width * width * (1 + groups * (1 + compute.compute))
+        )
+        return Rollout(sequences, columns, weights, concurrency * per_slot, sampling, prefill, gather_output,
+                       concurrency, per_slot, rollout.kv_cache_gb, rollout.max_new_tokens)
+
+    if rollout.kv_cache_gb is not None:
+        return at(max(1, min(sequences, int(rollout.kv_cache_gb * 1e9 // per_slot))))
+    # The rollout's peak grows with the concurrency: the largest that fits, by bisection (at least one).
+    low, high = 1, sequences
+    while low < high:
+        middle = (low + high + 1) // 2
+        if at(middle).peak(states) <= usable:
+            low = middle
+        else:
+            high = middle - 1
+    return at(low)
 
 
 @dataclass
@@ -356,7 +396,7 @@ def memory_plan(config: Config, args: ModelArgs, sizes: ModelSizes, trainable: i
     return MemoryPlan(
         cluster=cluster, compute=compute, states=states, training=configured,
         scoring=scoring_bytes(args, sizes, compute, config, per_token, configured.micro.tokens),
-        rollout=rollout_bytes(args, sizes, compute, config, per_token, sequences),
+        rollout=rollout_bytes(args, sizes, compute, config, per_token, sequences, states, cluster.usable_bytes),
         largest=largest, largest_is_whole_minibatch=whole,
     )
 

@@ -16,6 +16,7 @@ from gspo_engine.planner.memory_model import (
     TILE_ROWS,
     TILE_VOCAB,
     MemoryPlan,
+    Rollout,
 )
 
 @dataclass
@@ -97,9 +98,11 @@ def memory_lines(memory: MemoryPlan) -> list[str]:
         _verdict("    training peak (the larger of loss and backward counts)", training.peak(states),
                  memory.usable),
         _row("  old log-prob scoring forward (no grad): peak", memory.scoring.peak(states)),
-        f"  rollout: {rollout.sequences} sequences per GPU, {rollout.columns:,} KV cache columns each",
+        f"  rollout: {rollout.sequences} sequences per GPU, {rollout.columns:,} KV cache columns each "
+        f"({rollout.slot_bytes / GIB:.3f} GiB per sequence)",
+        _concurrency_line(rollout),
         _row("    " + _generation_weights_label(memory.compute), rollout.generation_weights),
-        _row("    KV cache", rollout.kv_cache),
+        _row(f"    KV cache: {rollout.concurrency} slots", rollout.kv_cache),
         _row("    sampling: logits and their working set", rollout.sampling),
         _row("    prefill: one chunk's forward and attention masks", rollout.prefill),
         *([_row("    the gather's last all-gather output (before generation)", rollout.gather_output)]
@@ -110,6 +113,16 @@ def memory_lines(memory: MemoryPlan) -> list[str]:
     if not memory.rollout_fits:
         lines += _rollout_advice(memory)
     return lines
+
+
+def _concurrency_line(rollout: Rollout) -> str:
+    source = (f"rollout.kv_cache_gb {rollout.budget_gb:g}" if rollout.budget_gb is not None
+              else "what fits beside the weights and states; rollout.kv_cache_gb sets it")
+    if not rollout.reduced:
+        return f"    concurrency: all {rollout.sequences} sequences at once ({source})"
+    return (f"    concurrency REDUCED: {rollout.concurrency} of {rollout.sequences} sequences at once ({source}); the "
+            f"others wait for a free slot: at most {rollout.decode_steps:,} decode steps instead of "
+            f"{rollout.max_new_tokens:,}")
 
 
 def _compute_weights_label(compute: Compute) -> str:
@@ -161,6 +174,9 @@ def _rollout_advice(memory: MemoryPlan) -> list[str]:
     else:
         lines.append("  fewer prompts per step or shorter completions shrink the KV cache; more GPUs shard the "
                      "states")
+    if rollout.budget_gb is not None:
+        lines.append(f"  a smaller rollout.kv_cache_gb than {rollout.budget_gb:g} (or null: what fits) shrinks the KV "
+                     "cache; fewer sequences then decode at once")
     return lines
 
 
