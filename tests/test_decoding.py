@@ -197,3 +197,41 @@ def test_routed_experts_is_moe_experts_without_the_range_check():
         gk.routed_experts(x, experts, weights, gate_up, down[:, :4])
     with pytest.raises(ValueError, match=r"topk_idx must lie in \[0, E = 5\)"):
         gk.moe_experts(x, experts + 5, weights, gate_up, down)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("temperature", [0.0, 0.9], ids=["greedy", "sampled"])
+def test_two_ranks_under_a_budget_draw_what_one_unbounded_process_draws(model, temperature, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    prompts = make_prompts()
+    checkpoint = tmp_path / "checkpoint"
+    from gspo_engine.hf_checkpoint import save_pretrained
+
+    save_pretrained(model, checkpoint)
+    free_run = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=temperature, seed=4,
+                        sample_ids=list(range(len(prompts))))
+    eos = an_eos_mid_way(free_run.tokens)
+    single = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=temperature, seed=4,
+                      sample_ids=list(range(len(prompts))), eos_token_id=eos)
+    (tmp_path / "prompts.json").write_text(json.dumps({"prompts": prompts, "max_new_tokens": MAX_NEW, "seed": 4}))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(root / "tests" / "rollout_ranks.py"), str(checkpoint), str(tmp_path / "prompts.json"),
+         str(tmp_path / "out.pt"), str(temperature), str(eos)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    shares = torch.load(tmp_path / "out.pt")
+    assert sorted(row for share in shares for row in share["rows"]) == list(range(len(prompts)))
+    for share in shares:
+        for row, tokens, logps in zip(share["rows"], share["tokens"], share["logps"]):
+            assert tokens == single.tokens[row]
+            torch.testing.assert_close(torch.tensor(logps), single.logps[row], rtol=0, atol=1e-5)
