@@ -1,4 +1,4 @@
-"""The embedded tiny models: small random Qwen3 / Qwen3-MoE checkpoints with the digit-task tokenizer.
+"""The embedded tiny models: small random Qwen3 / Qwen3-MoE / Qwen3-Next checkpoints with the digit-task tokenizer.
 
 They are written as ordinary Hugging Face folders (config.json, model.safetensors, tokenizer
 files) and then loaded like any released checkpoint, so the tiny default trains through exactly
@@ -21,7 +21,8 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 from gspo_engine.builtin_tasks import SEPARATOR
 from gspo_engine.config import BUILTIN_TASKS
 from gspo_engine.hf_checkpoint import save_pretrained
-from gspo_engine.model import ModelArgs, Qwen3Model
+from gspo_engine.model import ModelArgs, Qwen3Model, build_model
+from gspo_engine.model.args import FULL_ATTENTION, LINEAR_ATTENTION, NEXT_ARCHITECTURE
 
 EOS, UNK = "<eos>", "<unk>"
 
@@ -33,6 +34,14 @@ TINY_MODELS: dict[str, dict] = {
     "tiny-moe": dict(_COMMON, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
                      router_aux_loss_coef=0.001),
     "tiny-dense": dict(_COMMON, tie_word_embeddings=True),
+    # Qwen3-Next's layers at tiny size: a Gated DeltaNet layer (two value heads per key head), then a
+    # gated full-attention one with partial RoPE; MoE with a shared expert on both.
+    "tiny-next": dict(
+        _COMMON, hf_architecture=NEXT_ARCHITECTURE, layer_types=[LINEAR_ATTENTION, FULL_ATTENTION],
+        partial_rotary_factor=0.25, linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+        linear_num_key_heads=2, linear_num_value_heads=4, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=32, norm_topk_prob=True, router_aux_loss_coef=0.001,
+    ),
 }
 INIT_STD = 0.02  # Qwen3's initializer_range
 
@@ -74,12 +83,21 @@ def tiny_model_args(name: str) -> ModelArgs:
 
 
 def init_weights(model: Qwen3Model, seed: int) -> None:
-    """Every matrix N(0, INIT_STD), every norm weight 1, from one seeded generator (same seed, same model)."""
+    """Every matrix N(0, INIT_STD), every norm weight 1, from one seeded generator (same seed, same model).
+
+    In the hybrid models, as transformers initialises them: the zero-centred norms' weights 0 (a scale
+    of 1), dt_bias 1 and A_log = log(U(0.01, 16)), so that each value head forgets at its own rate.
+    """
     generator = torch.Generator().manual_seed(seed)
+    hybrid = model.args.is_hybrid
     with torch.no_grad():
-        for _, parameter in sorted(model.named_parameters()):
+        for name, parameter in sorted(model.named_parameters()):
             if parameter.dim() >= 2:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * INIT_STD)
+            elif hybrid and name.endswith("A_log"):
+                parameter.copy_((torch.rand(parameter.shape, generator=generator) * 15.99 + 0.01).log())
+            elif hybrid and name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+                parameter.fill_(0.0)
             else:
                 parameter.fill_(1.0)
 
@@ -87,7 +105,7 @@ def init_weights(model: Qwen3Model, seed: int) -> None:
 def build_tiny_checkpoint(name: str, folder: str | Path, seed: int = 0) -> Path:
     """Write the random tiny model `name` (with its tokenizer) as a checkpoint folder."""
     args = tiny_model_args(name)
-    model = Qwen3Model(args)
+    model = build_model(args)
     init_weights(model, seed)
     with tempfile.TemporaryDirectory() as tokenizer_folder:
         save_tiny_tokenizer(tokenizer_folder, model_max_length=args.max_position_embeddings)
