@@ -121,13 +121,16 @@ def _eos_ids(eos_token_id: int | Iterable[int] | None, device: torch.device) -> 
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
-def kv_cache_slots(args, prompts: int, capacity: int, dtype: torch.dtype, kv_cache_gb: float | None) -> int:
-    """The sequences a cache of `kv_cache_gb` decimal GB holds at `capacity` columns each, at most `prompts`."""
+def kv_cache_slots(args, prompts: int, capacity: int, dtype: torch.dtype, kv_cache_gb: float | None,
+                   at_least_one: bool = True) -> int:
+    """The sequences a cache of `kv_cache_gb` decimal GB holds at `capacity` columns each, at most `prompts`
+    (a ValueError when not even one fits, unless at_least_one is off: then 0)."""
     if kv_cache_gb is None:
         return prompts
     per_slot = slot_bytes(args, capacity, dtype)
-    slots = min(prompts, int(kv_cache_gb * 1e9 // per_slot))
-    if slots < 1:
+    # The tolerance keeps a budget of exactly n slots, computed in floating point, at n.
+    slots = min(prompts, int(kv_cache_gb * 1e9 / per_slot + 1e-6))
+    if slots < 1 and at_least_one:
         raise ValueError(f"kv_cache_gb = {kv_cache_gb:g} holds no sequence: one of {capacity} columns takes "
                          f"{per_slot / 1e9:.3g} GB")
     return slots

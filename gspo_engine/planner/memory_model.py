@@ -17,7 +17,7 @@ from gspo_engine.distributed.rules import check_data_parallel
 from gspo_engine.model import ModelArgs, Qwen3Model
 from gspo_engine.planner.activations import Compute, TokenBytes, resolve_compute, token_bytes
 from gspo_engine.model.kv_cache import slot_bytes
-from gspo_engine.rollout import PREFILL_TOKENS
+from gspo_engine.rollout import PREFILL_TOKENS, kv_cache_slots
 from gspo_kernels import DEFAULT_CHUNK_BUDGETS_MIB, STREAM_TILES
 
 # The planned run is on GPUs: the fused loss's CUDA defaults.
@@ -306,7 +306,8 @@ def rollout_bytes(args: ModelArgs, sizes: ModelSizes, compute: Compute, config: 
     rollout = config.rollout
     width = config.data.max_prompt_tokens
     columns = width + rollout.max_new_tokens - 1  # the last token drawn is never fed back
-    per_slot = slot_bytes(args, columns, torch.bfloat16 if compute.compute == 2 else torch.float32)
+    slot_dtype = torch.bfloat16 if compute.compute == 2 else torch.float32
+    per_slot = slot_bytes(args, columns, slot_dtype)
     groups = args.num_attention_heads // args.num_key_value_heads
     weights = generation_weights_bytes(sizes, compute, config)
     # FSDP2 gathers the units one at a time, the blocks last: the last block's all-gather output
@@ -326,7 +327,7 @@ def rollout_bytes(args: ModelArgs, sizes: ModelSizes, compute: Compute, config: 
                        concurrency, per_slot, rollout.kv_cache_gb, rollout.max_new_tokens)
 
     if rollout.kv_cache_gb is not None:
-        return at(max(1, min(sequences, int(rollout.kv_cache_gb * 1e9 // per_slot))))
+        return at(max(1, kv_cache_slots(args, sequences, columns, slot_dtype, rollout.kv_cache_gb, at_least_one=False)))
     # The rollout's peak grows with the concurrency: the largest that fits, by bisection (at least one).
     low, high = 1, sequences
     while low < high:
