@@ -4,7 +4,8 @@ The model: Qwen3-30B-A3B's widths at 4 layers (a GPU), or the same structure wit
 widths where the full ones would take minutes (CPU), random weights, all layers MoE.
 
 "gspo_engine": gspo_engine's Qwen3Model -> hidden states -> gk.fused_linear_gspo_loss ->
-backward -> AdamW; the rollout is gspo_engine.generate.
+backward -> AdamW; the rollout is gspo_engine.generate (slot-pool decoding, CUDA graphs on a GPU;
+each call captures its own graphs, and the timing includes that).
 "transformers": Qwen3MoeForCausalLM with its best experts implementation (grouped_mm where
 registered) -> logits [B, T, V] materialized -> selective_log_softmax as TRL computes it ->
 the sequence-level GSPO loss of gspo_kernels.reference -> backward -> AdamW; the rollout is
@@ -40,11 +41,11 @@ SMOKE_WIDTHS = dict(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
     head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
 )
-# widths, layers, (update batch, update length), (rollout batch, prompt length, new tokens)
+# widths, layers, (update batch, update length), (rollout batches, prompt length, new tokens)
 SCALES = {
-    "gpu": ("30b-a3b-widths", QWEN3_30B_A3B_WIDTHS, 4, (8, 1024), (64, 128, 128)),
-    "cpu": ("narrow-widths", NARROW_WIDTHS, 4, (4, 64), (4, 16, 16)),
-    "smoke": ("smoke-widths", SMOKE_WIDTHS, 2, (2, 8), (2, 4, 4)),
+    "gpu": ("30b-a3b-widths", QWEN3_30B_A3B_WIDTHS, 4, (8, 1024), ((64, 256, 512), 128, 128)),
+    "cpu": ("narrow-widths", NARROW_WIDTHS, 4, (4, 64), ((4, 16, 64), 16, 16)),
+    "smoke": ("smoke-widths", SMOKE_WIDTHS, 2, (2, 8), ((2,), 4, 4)),
 }
 
 
@@ -173,22 +174,25 @@ def rollout_step(implementation: str, model: dict, batch: int, prompt: int, new:
 
 def cases(device: torch.device, scale: str) -> list[Case]:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    label, widths, layers, (batch, length), (rollout_batch, prompt, new) = SCALES[scale]
+    label, widths, layers, (batch, length), (rollout_batches, prompt, new) = SCALES[scale]
     model = model_dict(widths, layers)
     dtype_name = str(dtype).removeprefix("torch.")
     shape = f"{label} {layers} layers {dtype_name}"
-    return [
-        Case(
-            kernel="e2e", name=f"update B={batch} T={length} {shape}", unit="tokens/s", work=batch * length,
-            flops=update_flops(model, batch, length), max_rounds=3, baseline=COMMON,
-            builders={name: (lambda name=name: update_step(name, model, batch, length, device, dtype))
-                      for name in (COMMON, OURS)},
-        ),
+    update = Case(
+        kernel="e2e", name=f"update B={batch} T={length} {shape}", unit="tokens/s", work=batch * length,
+        flops=update_flops(model, batch, length), max_rounds=3, baseline=COMMON,
+        builders={name: (lambda name=name: update_step(name, model, batch, length, device, dtype))
+                  for name in (COMMON, OURS)},
+    )
+    rollouts = [
         Case(
             kernel="e2e", name=f"rollout B={rollout_batch} prompt={prompt} new={new} {shape}", unit="tokens/s",
             work=rollout_batch * new, flops=rollout_flops(model, rollout_batch, prompt, new), max_rounds=2,
             baseline=COMMON,
-            builders={name: (lambda name=name: rollout_step(name, model, rollout_batch, prompt, new, device, dtype))
+            builders={name: (lambda name=name, rows=rollout_batch: rollout_step(name, model, rows, prompt, new,
+                                                                                device, dtype))
                       for name in (COMMON, OURS)},
-        ),
+        )
+        for rollout_batch in rollout_batches
     ]
+    return [update, *rollouts]
