@@ -6,14 +6,20 @@ from typing import Callable, Iterator
 
 import torch
 
-from gspo_engine.benchmarks import e2e, fused_linear, loss, moe
+from gspo_engine.benchmarks import e2e, e2e_spread, fused_linear, loss, moe
 from gspo_engine.benchmarks.cases import Case, run_case
+
+
+def e2e_cases(device: torch.device, scale: str) -> list[Case]:
+    """The update and rollout at fixed lengths, then the update at spread lengths (packed / padded)."""
+    return e2e.cases(device, scale) + e2e_spread.cases(device, scale)
+
 
 FAMILIES: dict[str, Callable[[torch.device, str], list[Case]]] = {
     "loss": loss.cases,
     "fused-linear": fused_linear.cases,
     "moe": moe.cases,
-    "e2e": e2e.cases,
+    "e2e": e2e_cases,
 }
 
 

@@ -136,12 +136,12 @@ def packed_attention(
 
 
 def _segments(q, k, v, packed: PackedSequences, groups: int) -> torch.Tensor:
-    outputs = []
-    for start, length in zip(packed.starts, packed.lengths):
-        span = slice(start, start + length)
-        outputs.append(F.scaled_dot_product_attention(
-            q[:, :, span], k[:, :, span], v[:, :, span], is_causal=True, enable_gqa=groups > 1
-        ))
+    # split, not slicing: the backward of a slice writes into a zeroed copy of the whole row, once
+    # per sequence (quadratic in the sequences per row); split's backward is one concatenation.
+    outputs = [
+        F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=True, enable_gqa=groups > 1)
+        for q_i, k_i, v_i in zip(*(t.split(packed.lengths, dim=2) for t in (q, k, v)))
+    ]
     return torch.cat(outputs, dim=2)
 
 
