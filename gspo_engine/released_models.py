@@ -48,6 +48,16 @@ _MOE_30B = dict(
     max_position_embeddings=40960, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
     norm_topk_prob=True, torch_dtype="bfloat16",
 )
+# Hybrid: 48 layers, every 4th gated full attention, the others Gated DeltaNet; 512 experts, top-10, a shared expert.
+_NEXT_80B = dict(
+    architectures=["Qwen3NextForCausalLM"], vocab_size=_QWEN3_VOCAB, hidden_size=2048, intermediate_size=5120,
+    num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+    max_position_embeddings=262144, rope_theta=10000000, partial_rotary_factor=0.25, full_attention_interval=4,
+    linear_conv_kernel_dim=4, linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16,
+    linear_num_value_heads=32, num_experts=512, num_experts_per_tok=10, moe_intermediate_size=512,
+    shared_expert_intermediate_size=512, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+    tie_word_embeddings=False, torch_dtype="bfloat16",
+)
 # Shapes of released checkpoints, as their config.json files publish them.
 RELEASED_SHAPES: dict[str, dict] = {
     "Qwen3-4B": _DENSE_4B,
@@ -60,6 +70,8 @@ RELEASED_SHAPES: dict[str, dict] = {
         hidden_size=4096, intermediate_size=12288, num_hidden_layers=94, num_attention_heads=64,
         moe_intermediate_size=1536,
     ),
+    "Qwen3-Next-80B-A3B-Instruct": _NEXT_80B,
+    "Qwen3-Next-80B-A3B-Thinking": _NEXT_80B,
 }
 
 
