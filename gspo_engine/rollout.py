@@ -241,34 +241,38 @@ def generate(
 
 
 class _Schedule:
-    """The host's view of the slots: which sample each holds and how many columns, what waits, when to look.
+    """The host's view of the slots: which sample each holds, the columns it holds, what waits, when to look.
 
-    It never reads the device except through `release`, which is handed the slots' ended flags.
+    It never reads the device except through `release`, which is handed the slots' ended flags. A
+    running slot holds its prompt's columns plus one per step since it was admitted; what a step
+    needs (rows, columns) is kept up to date when slots change hands, so a step costs O(1) here.
     """
 
     def __init__(self, prompts: list[list[int]], slots: int, capacity: int, check_every: int):
         self.prompts, self.capacity, self.check_every = prompts, capacity, check_every
         self.waiting = deque(range(len(prompts)))
         self.holder: list[int | None] = [None] * slots
-        self.held_columns = [0] * slots  # columns a running slot holds (its prompt and tokens fed)
+        self.offset = [0] * slots  # a running slot holds offset + steps columns
         self.steps = 0
+        self.running: list[int] = []
+        self._offsets = (0, 0)  # the largest and the sum of the running slots' offsets
         self.active_counts: list[int] = []
         self.column_use: list[float] = []
 
-    @property
-    def running(self) -> list[int]:
-        return [slot for slot, sample in enumerate(self.holder) if sample is not None]
+    def _changed(self) -> None:
+        self.running = [slot for slot, sample in enumerate(self.holder) if sample is not None]
+        offsets = [self.offset[slot] for slot in self.running]
+        self._offsets = (max(offsets, default=0), sum(offsets))
 
     @property
     def rows(self) -> int:
         """Slots 0..rows-1 hold every running sequence."""
-        running = self.running
-        return running[-1] + 1 if running else 1
+        return self.running[-1] + 1 if self.running else 1
 
     @property
     def columns(self) -> int:
         """Columns the next step attends to: every running slot's, with the one it writes."""
-        return min(self.capacity, max((self.held_columns[s] + 1 for s in self.running), default=1))
+        return max(1, min(self.capacity, self._offsets[0] + self.steps + 1))
 
     def time_to_look(self) -> bool:
         return self.steps % self.check_every == 0
@@ -289,7 +293,8 @@ class _Schedule:
             group_samples.append(sample)
             width = max(width, length)
             self.holder[slot] = sample
-            self.held_columns[slot] = length
+            self.offset[slot] = length - self.steps
+        self._changed()
         if group_samples:
             yield group_slots, group_samples
 
@@ -297,6 +302,7 @@ class _Schedule:
         for slot, done in enumerate(ended):
             if done:
                 self.holder[slot] = None
+        self._changed()
 
     def compaction(self, sizes) -> list[tuple[int, int]]:
         """(from, to) slot moves that put the running sequences in the first slots, when that shrinks the step."""
@@ -307,15 +313,15 @@ class _Schedule:
         movers = [slot for slot in running if slot >= len(running)]
         for source, target in zip(movers, holes):
             self.holder[target], self.holder[source] = self.holder[source], None
-            self.held_columns[target] = self.held_columns[source]
+            self.offset[target] = self.offset[source]
+        self._changed()
         return list(zip(movers, holes))
 
     def stepped(self) -> None:
-        running = self.running
-        self.active_counts.append(len(running))
-        self.column_use.append(sum(self.held_columns[s] for s in running) / (len(self.holder) * self.capacity))
-        for slot in running:
-            self.held_columns[slot] = min(self.capacity, self.held_columns[slot] + 1)
+        count = len(self.running)
+        self.active_counts.append(count)
+        held = self._offsets[1] + count * self.steps
+        self.column_use.append(held / (len(self.holder) * self.capacity))
         self.steps += 1
 
 

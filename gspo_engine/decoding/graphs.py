@@ -29,6 +29,8 @@ def graph_blocker(model: Qwen3Model, device: torch.device) -> str | None:
     scaling = model.args.rope_scaling
     if scaling is not None and scaling.rope_type == "dynamic":
         return "dynamic RoPE scaling reads the largest position back to the host every step"
+    if scaling is not None and scaling.rope_type == "yarn":
+        return "YaRN's frequencies are built on the host and copied to the device every step"
     if any(isinstance(m, SparseMoE) and m.expert_lora is not None for m in model.modules()):
         return "LoRA adapters on the experts read the per-expert counts back to the host"
     from torch.distributed.fsdp import FSDPModule
