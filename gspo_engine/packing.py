@@ -39,12 +39,19 @@ class PackedBatch:
     # The interface of batching.TrainBatch that the update and scoring use.
 
     def loss_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[B, C, H] from the packed hidden states [1, N, H]: each sample's completion-predicting positions."""
-        return hidden[0][self.completion_index]
+        """[B, C, H] from the packed hidden states [1, N, H]: each sample's completion-predicting positions, 0 past them.
+
+        Only the real rows are gathered (index_select: its backward is one index_add_ over them),
+        then placed; gathering the padding too would add its zero gradients into one row, serially.
+        """
+        rows = hidden[0].index_select(0, self.completion_index[self.mask])
+        out = rows.new_zeros((*self.mask.shape, hidden.shape[-1]))
+        out[self.mask] = rows
+        return out
 
     def scored_rows(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hidden states [1, M, H] and targets [1, M] of the M completion tokens, samples in order, no padding."""
-        return hidden[:, self.completion_index[self.mask]], self.targets[self.mask][None]
+        return hidden[0].index_select(0, self.completion_index[self.mask])[None], self.targets[self.mask][None]
 
     def split_scores(self, logps: torch.Tensor) -> list[torch.Tensor]:
         """Per sample, its completion tokens' values from the [1, M] scores of `scored_rows`."""

@@ -181,3 +181,14 @@ def test_packed_scoring_and_update_equal_the_padded_ones(model):
     for (name, p), q in zip(packed_policy.named_parameters(), padded_policy.parameters()):
         assert p.grad is not None, name
         torch.testing.assert_close(p.grad, q.grad, atol=1e-4 * float(q.grad.abs().max()), rtol=1e-4, msg=name)
+
+
+def test_spread_lengths_are_log_normal_within_their_range():
+    from gspo_engine.benchmarks.e2e_spread import spread_lengths
+
+    lengths = spread_lengths(4000, 16, 4096)
+    assert min(lengths) >= 16 and max(lengths) <= 4096
+    assert lengths == spread_lengths(4000, 16, 4096)
+    # Median at the ends' geometric mean; about 2.3% beyond each two-sigma end, clipped onto it.
+    assert 230 < sorted(lengths)[2000] < 285
+    assert 0.01 < lengths.count(4096) / 4000 < 0.04 and 0.01 < lengths.count(16) / 4000 < 0.04

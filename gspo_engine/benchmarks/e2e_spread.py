@@ -36,10 +36,14 @@ from gspo_engine.update import PolicyUpdate
 from gspo_kernels import reference
 
 PACKED, PADDED, COMMON = "packed", "padded", "transformers"
-# widths, layers, sequences, prompt tokens, (shortest, longest completion), micro-batch tokens
+# widths, layers, sequences, prompt tokens, (shortest, longest completion), micro-batch tokens.
+# 8 layers, not the 4 of the fixed-length cases: with 4 the lm_head outweighs the layers (at the
+# 30B-A3B widths 311M head weights against 226M a token passes in 4 layers), while in the released
+# 48-layer model the layers are 9 parts in 10; the head's work is on completion tokens only, the
+# same packed or padded, so a shallow model understates what padding costs.
 SCALES = {
-    "gpu": ("30b-a3b-widths", QWEN3_30B_A3B_WIDTHS, 4, 32, 128, (16, 4096), 16384),
-    "cpu": ("narrow-widths", NARROW_WIDTHS, 4, 24, 16, (8, 512), 2048),
+    "gpu": ("30b-a3b-widths", QWEN3_30B_A3B_WIDTHS, 8, 32, 128, (16, 4096), 16384),
+    "cpu": ("narrow-widths", NARROW_WIDTHS, 8, 24, 32, (16, 1024), 4096),
     "smoke": ("smoke-widths", SMOKE_WIDTHS, 2, 6, 4, (2, 24), 48),
 }
 
