@@ -46,6 +46,11 @@ def bucket(size: int, limit: int, smallest: int = 1) -> int:
     return min(rounded, limit)
 
 
+def graph_sizes(rows: int, columns: int, slots: int, capacity: int) -> tuple[int, int]:
+    """The (rows, columns) a captured step runs for `rows` slots attending to `columns` columns."""
+    return bucket(rows, slots), bucket(columns, capacity, min(SMALLEST_COLUMN_BUCKET, capacity))
+
+
 class DecodeRunner:
     """Calls step(rows, columns), eagerly or as replayed CUDA graphs; `sizes` says which sizes it runs."""
 
@@ -58,8 +63,7 @@ class DecodeRunner:
         """The (rows, columns) a step for `rows` slots attending to `columns` columns runs at."""
         if not self.use_graphs:
             return rows, columns
-        return (bucket(rows, self.slots),
-                bucket(columns, self.capacity, min(SMALLEST_COLUMN_BUCKET, self.capacity)))
+        return graph_sizes(rows, columns, self.slots, self.capacity)
 
     def __call__(self, rows: int, columns: int) -> None:
         rows, columns = self.sizes(rows, columns)
