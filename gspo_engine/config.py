@@ -160,8 +160,12 @@ class DistributedConfig:
     reshard_after_forward: bool = True
 
 
-# Names of the weights LoRA can adapt (gspo_engine/lora): attention, dense MLP, MoE router, grouped MoE experts.
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "router", "experts")
+# Names of the weights LoRA can adapt (gspo_engine/lora): attention, dense MLP (and the shared expert of
+# Qwen3-Next / Qwen3.5 MoE layers, whose projections have the same names), MoE router, grouped MoE experts,
+# and the Gated DeltaNet projections of the hybrid models: Qwen3-Next's fused in_proj_qkvz / in_proj_ba,
+# Qwen3.5's in_proj_qkv / in_proj_z / in_proj_b / in_proj_a, and out_proj. A target the model lacks is skipped.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "router", "experts",
+                "in_proj_qkvz", "in_proj_ba", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
 # Modules LoRA can train whole beside the adapters (PEFT's modules_to_save).
 LORA_MODULES_TO_SAVE = ("embed_tokens", "lm_head")
 
@@ -174,9 +178,12 @@ class LoraConfig:
     alpha: float | None = None  # the update is scaled by alpha / rank; None: 2 x rank, as LLaMA-Factory does
     dropout: float = 0.0  # on the input of the nn.Linear adapters (attention, dense MLP, router), not the experts
     # "experts" adapts both grouped MoE tensors (gate_up and down) with per-expert factors; the
-    # router is left out by default: changing the routing is rarely what an RL run wants.
+    # router is left out by default: changing the routing is rarely what an RL run wants. So are the
+    # Gated DeltaNet's per-head gates (in_proj_ba, in_proj_b, in_proj_a: its decay and write strength),
+    # for the same reason; its q / k / v / z and output projections are adapted.
     targets: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts"]
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts",
+                                 "in_proj_qkvz", "in_proj_qkv", "in_proj_z", "out_proj"]
     )
     base_bf16: bool = False  # keep the frozen base weights in bf16 (half their memory); needs bf16-mixed
     # Modules trained whole (fp32 copies) beside the adapters, as PEFT's modules_to_save: the

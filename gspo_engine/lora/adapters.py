@@ -1,7 +1,9 @@
 """Add LoRA adapters to a Qwen3Model, switch them off, fold them into the base weights.
 
 PEFT adapts the plain nn.Linear projections (`peft.inject_adapter_in_model` with a `peft.LoraConfig`):
-attention q / k / v / o, the dense MLP gate / up / down and, when targeted, the MoE router. The grouped
+attention q / k / v / o, the dense MLP gate / up / down (in Qwen3-Next / Qwen3.5 MoE layers also those of
+the shared expert), the Gated DeltaNet's input and output projections of the hybrid models and, when
+targeted, the MoE router. The grouped
 MoE expert tensors are not nn.Linear modules; our ExpertLoRA (experts.py) adapts them. The modules of
 lora.modules_to_save (embed_tokens, lm_head) are trained whole: PEFT's ModulesToSaveWrapper keeps the
 frozen original and a trainable copy, and switching the adapters off switches back to the original.

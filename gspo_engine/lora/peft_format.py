@@ -48,6 +48,7 @@ from gspo_engine.lora.adapters import (
     saved_module_names,
 )
 from gspo_engine.model import Qwen3Model
+from gspo_engine.model.args import NEXT_ARCHITECTURE
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -55,6 +56,7 @@ _PREFIX = "base_model.model.model."
 _LM_HEAD_KEY = "base_model.model.lm_head.weight"
 _EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 _ROUTER_PARAMETER = "mlp.gate.weight"
+_MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def is_adapter_folder(folder: str | os.PathLike) -> bool:
@@ -106,6 +108,14 @@ def _peft_config(model: Qwen3Model, lora: LoraConfig, base_path: str):
     linear = linear_targets(model, lora.targets)
     modules = [name for name in linear if name != "router"]
     parameters = []
+    if model.args.architecture == NEXT_ARCHITECTURE:
+        # PEFT reads a Qwen3-Next adapter's target_modules gate_proj / up_proj / down_proj as the per-expert
+        # projections of transformers 4 and retargets them at the grouped experts (doubling the rank). The
+        # shared expert's (and dense layers') projections are therefore named as parameters, which PEFT
+        # adapts alike (ParamWrapper, the same lora_A / lora_B keys) and leaves as they are.
+        mlp = [name for name in modules if name in _MLP_PROJECTIONS]
+        modules = [name for name in modules if name not in _MLP_PROJECTIONS]
+        parameters += [f"{name}.weight" for name in mlp]
     if "router" in linear:
         parameters.append(_ROUTER_PARAMETER)
     if "experts" in lora.targets and model.args.is_moe:
@@ -149,6 +159,7 @@ def read_lora_config(folder: str | os.PathLike) -> tuple[LoraConfig, Path]:
     config = json.loads((Path(folder) / ADAPTER_CONFIG).read_text())
     targets = list(config.get("target_modules") or [])
     parameters = config.get("target_parameters") or []
+    targets += [name for name in _MLP_PROJECTIONS if f"{name}.weight" in parameters]  # Qwen3-Next's, see _peft_config
     if _ROUTER_PARAMETER in parameters:
         targets.append("router")
     if _EXPERT_PARAMETERS[0] in parameters:
