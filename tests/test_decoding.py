@@ -3,6 +3,8 @@ the shapes a CUDA graph runs (checked eagerly here), and on CUDA the captured de
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from tiny_checkpoints import VOCAB, build_hf_model, save_hf_model
@@ -238,3 +240,54 @@ def test_two_ranks_under_a_budget_draw_what_one_unbounded_process_draws(model, t
         for row, tokens, logps in zip(share["rows"], share["tokens"], share["logps"]):
             assert tokens == single.tokens[row]
             torch.testing.assert_close(torch.tensor(logps), single.logps[row], rtol=0, atol=1e-5)
+
+
+def test_the_one_pass_keyed_sampling_kernel_draws_what_sample_next_draws():
+    """gspo_engine/decoding/sampling_triton.py (the CUDA path of keyed draws), here in Triton's interpreter."""
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs Triton's interpreter or a GPU")
+    from gspo_engine.decoding.sampling import row_keys, sample_next, token_keys
+    from gspo_engine.decoding.sampling_triton import keyed_sample
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator().manual_seed(0)
+    rows, vocab = 24, 4099  # a vocabulary that ends mid-block
+    logits = (torch.randn(rows, vocab, generator=generator) * 4).to(device)
+    logits[0, 100:] = float("-inf")  # only 100 candidates
+    logits[1] = 0.0  # a flat row: the draw is the noise's alone
+    keys = token_keys(row_keys(9, list(range(rows)), device), torch.arange(rows, device=device))
+    for temperature in (0.6, 1.0, 1.7):
+        expected_tokens, expected_logps = sample_next(logits.cpu(), temperature, 0, 1.0, None, keys.cpu())
+        tokens, logps = keyed_sample(logits, temperature, keys)
+        assert torch.equal(tokens.cpu(), expected_tokens)
+        torch.testing.assert_close(logps.cpu(), expected_logps, rtol=0, atol=1e-5)
+    assert tokens[0] < 100
+
+
+def test_the_keyed_sampling_kernel_compiles_for_every_gpu_architecture():
+    """Compiled ahead of time with gspo_kernels.compile_check's compiler call (no GPU needed), in a process
+    without TRITON_INTERPRET (the real JIT): it builds for sm_80, sm_90 and sm_100 without spills."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    script = """
+import torch
+from gspo_kernels.compile_check import Specialisation, compile_row
+from gspo_engine.decoding.sampling_triton import BLOCK_V, _keyed_sample_kernel
+spec = Specialisation(_keyed_sample_kernel, "fp32", dict(
+    logits_ptr=torch.float32, keys_ptr=torch.int64, tokens_ptr=torch.int64, logps_ptr=torch.float32,
+    V=151936, stride_row=151936, inv_temperature=1.25), dict(BLOCK_V=BLOCK_V))
+for arch in (80, 90, 100):
+    row = compile_row(spec, arch)
+    assert row.ok, row
+    print(arch, row.registers, row.spill_bytes)
+"""
+    root = Path(__file__).resolve().parents[1]
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    assert [line.split()[0] for line in result.stdout.splitlines()] == ["80", "90", "100"]

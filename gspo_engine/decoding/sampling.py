@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from gspo_kernels.backend import triton_available
+
 _MASK32 = 0xFFFFFFFF
 _GOLDEN32 = 0x9E3779B9
 
@@ -68,11 +70,17 @@ def sample_next(
 
     Drawn as argmax(p / q) with q ~ Exp(1) per token (gpt-fast's way): the same distribution as
     torch.multinomial, without a wait for the device. The uniforms behind q come from `generator`,
-    or with `keys` ([B] int64, see token_keys) from a hash of each row's key and the column.
+    or with `keys` ([B] int64, see token_keys) from a hash of each row's key and the column. On CUDA,
+    keyed draws without top-k / top-p run a Triton kernel that draws the same token in one pass.
     """
     if temperature == 0:
         tokens = logits.argmax(dim=-1)
         return tokens, logits.log_softmax(dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+    if keys is not None and top_k == 0 and top_p == 1 and logits.is_cuda and triton_available():
+        # The same draw in one pass over the logits, the hashing in registers (decoding/sampling_triton.py).
+        from gspo_engine.decoding.sampling_triton import keyed_sample
+
+        return keyed_sample(logits.float(), temperature, keys)
     scaled = logits / temperature
     # Token ids of the columns of `scaled` once it is cut down (sorted, most likely first).
     candidates = None
