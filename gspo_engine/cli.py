@@ -16,7 +16,7 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--kernel", "families", multiple=True, type=click.Choice(["loss", "fused-linear", "moe", "e2e"]),
+@click.option("--kernel", "families", multiple=True, type=click.Choice(["loss", "fused-linear", "moe", "gated-deltanet", "e2e"]),
               help="Family to compare (repeatable; default: all).")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
 @click.option("--rounds", default=10, show_default=True, type=click.IntRange(1), help="Timed calls per case (at most).")

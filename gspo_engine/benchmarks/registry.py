@@ -6,7 +6,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from gspo_engine.benchmarks import e2e, e2e_spread, fused_linear, loss, moe
+from gspo_engine.benchmarks import e2e, e2e_spread, fused_linear, gated_deltanet, loss, moe
 from gspo_engine.benchmarks.cases import Case, run_case
 
 
@@ -19,6 +19,7 @@ FAMILIES: dict[str, Callable[[torch.device, str], list[Case]]] = {
     "loss": loss.cases,
     "fused-linear": fused_linear.cases,
     "moe": moe.cases,
+    "gated-deltanet": gated_deltanet.cases,
     "e2e": e2e_cases,
 }
 

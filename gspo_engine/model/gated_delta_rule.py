@@ -233,10 +233,11 @@ def _chunked(
     pair_decay = (log_decay[..., :, None] - log_decay[..., None, :]).masked_fill(~lower, float("-inf")).exp()
     system = (beta[..., None] * (k @ k.transpose(-1, -2)) * pair_decay).masked_fill(~strictly_lower, 0.0)
     system = system + torch.eye(size, dtype=q.dtype, device=q.device)
-    # U = U_in - W S_0: the new values of the chunk before (U_in) and as read from the entering state (W).
-    u_in = torch.linalg.solve_triangular(system, v * beta[..., None], upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(
-        system, k * (beta * log_decay.exp())[..., None], upper=False, unitriangular=True
+    # U = U_in - W S_0: the new values of the chunk before (U_in) and as read from the entering state (W),
+    # both from one triangular solve.
+    right = torch.cat((v * beta[..., None], k * (beta * log_decay.exp())[..., None]), dim=-1)
+    u_in, w = torch.linalg.solve_triangular(system, right, upper=False, unitriangular=True).split(
+        [v.shape[-1], k.shape[-1]], dim=-1
     )
     intra = (q @ k.transpose(-1, -2)) * pair_decay
     q_decayed = q * log_decay.exp()[..., None]
