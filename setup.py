@@ -46,6 +46,9 @@ setup(
         # liger-kernel: the parity test against its sequence-level GRPO loss runs in CI too.
         "test": ["pytest>=7", "pytest-benchmark>=4", "liger-kernel", "trl"],
         "bench": ["pytest-benchmark>=4", "liger-kernel"],
+        # flash-linear-attention's kernels for the Gated DeltaNet layers of Qwen3-Next / Qwen3.5 on CUDA
+        # (gspo_engine/model/fla_backend.py, checked against 0.6.0); CPUs run our PyTorch path without it.
+        "next": ["fla-core>=0.6.0,<0.7"],
     },
     entry_points={"console_scripts": ["gspo-engine=gspo_engine.cli:main"]},
 )

@@ -11,16 +11,18 @@
 #   bash bench/gpu_check.sh                          # everything
 #   bash bench/gpu_check.sh --families loss,moe      # some families; --help for the rest
 #
-# Peers the GPU image lacks (liger-kernel) travel as wheels. Once, here, in the repository root:
+# Peers and kernels the GPU image lacks (liger-kernel; fla-core, the flash-linear-attention kernels
+# of the Qwen3-Next / Qwen3.5 layers) travel as wheels. Once, here, in the repository root:
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl liger-kernel==0.8.5
-# (liger-kernel needs only torch and triton, both in the image.) Then the device call names `.whl`
-# in carry and runs:
+#       -d .whl liger-kernel==0.8.5 fla-core==0.6.0
+# (liger-kernel needs only torch and triton, fla-core also einops: all three are in the image.) Then
+# the device call names `.whl` in carry and runs:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #       .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash bench/gpu_check.sh
-# Without the wheel the Liger rows are "skipped: liger-kernel not installed"; the rest still runs.
+# Without the wheels the Liger rows are "skipped: liger-kernel not installed", tests/test_qwen3_next_cuda.py
+# is skipped and the gated-deltanet rows of ours fail naming the missing extra; the rest still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1

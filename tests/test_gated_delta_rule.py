@@ -276,3 +276,17 @@ def test_conv_equals_transformers_fallbacks():
     ours, next_state = causal_conv1d(step, weight, initial_state=state, output_final_state=True)
     torch.testing.assert_close(ours, theirs)
     torch.testing.assert_close(next_state, their_state[..., 1:])
+
+
+def test_the_cuda_backend_without_fla_core_names_the_extra():
+    import importlib.util
+
+    from gspo_engine.model.fla_backend import MissingFlashLinearAttention
+
+    if importlib.util.find_spec("fla") is not None:
+        pytest.skip("fla-core is installed here")
+    q, k, v, g, beta = random_inputs(5, 1, 1, 4, 4)
+    with pytest.raises(MissingFlashLinearAttention, match=r"gspo-engine\[next\]"):
+        gated_delta_rule(q, k, v, g, beta, backend="fla")
+    with pytest.raises(MissingFlashLinearAttention, match="fla-core"):
+        causal_conv1d(v[0].float(), torch.randn(4, 4), backend="fla")
