@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gspo_engine.model import ModelArgs, Qwen3Model, build_model
+from gspo_engine.model import ModelArgs, Qwen3Model, build_model, fla_backend
 from gspo_engine.model.args import DTYPES
 from gspo_engine.tokenizer import VOCABULARY_FILES, TokenizerError, eos_token_ids, load_tokenizer
 
@@ -211,6 +211,8 @@ def load_pretrained(
     if dtype not in DTYPES.values():
         raise CheckpointError(f"unsupported dtype {dtype}; supported: {', '.join(DTYPES)}")
     device = torch.device(device or "cpu")
+    if args.is_hybrid and device.type == "cuda":
+        fla_backend.require()  # said now, before gigabytes are read, rather than at the first forward
     args.dtype = dtype
     args.source_path = str(folder)
 

@@ -190,3 +190,14 @@ def test_unknown_tensors_are_still_refused(checkpoints, tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="unexpected tensor model.layers.0.linear_attn.extra.weight"):
         load_pretrained(tmp_path)
+
+
+def test_loading_onto_cuda_without_fla_core_names_the_extra(checkpoints):
+    import importlib.util
+
+    from gspo_engine.model.fla_backend import MissingFlashLinearAttention
+
+    if importlib.util.find_spec("fla") is not None:
+        pytest.skip("fla-core is installed here")
+    with pytest.raises(MissingFlashLinearAttention, match=r"pip install 'gspo-engine\[next\]'"):
+        load_pretrained(checkpoints["qwen3.5"][1], device="cuda")

@@ -27,6 +27,12 @@ def _import(module: str):
         ) from error
 
 
+def require() -> None:
+    """Raise MissingFlashLinearAttention unless flash-linear-attention can be imported (before a model is loaded onto CUDA)."""
+    _import("fla.ops.gated_delta_rule")
+    _import("fla.modules.causal_conv1d")
+
+
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
