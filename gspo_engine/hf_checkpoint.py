@@ -28,7 +28,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gspo_engine.model import ModelArgs, Qwen3Model, build_model, fla_backend
+from gspo_engine.model import ModelArgs, Qwen3Model, build_model
+from gspo_engine.model.fla_backend import require as require_flash_linear_attention
 from gspo_engine.model.args import DTYPES
 from gspo_engine.tokenizer import VOCABULARY_FILES, TokenizerError, eos_token_ids, load_tokenizer
 
@@ -212,7 +213,7 @@ def load_pretrained(
         raise CheckpointError(f"unsupported dtype {dtype}; supported: {', '.join(DTYPES)}")
     device = torch.device(device or "cpu")
     if args.is_hybrid and device.type == "cuda":
-        fla_backend.require()  # said now, before gigabytes are read, rather than at the first forward
+        require_flash_linear_attention()  # said now, before gigabytes are read, rather than at the first forward
     args.dtype = dtype
     args.source_path = str(folder)
 

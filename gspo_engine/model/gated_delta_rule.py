@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gspo_engine.model import fla_backend
+from gspo_engine.model.fla_backend import chunk_gated_delta_rule as fla_chunk_gated_delta_rule
 
 DEFAULT_CHUNK_SIZE = 64
 L2NORM_EPS = 1e-6  # what transformers' and flash-linear-attention's l2norm add under the square root
@@ -62,7 +62,7 @@ def gated_delta_rule(
     """
     backend = backend or ("fla" if q.is_cuda else "torch")
     if backend == "fla":
-        return fla_backend.chunk_gated_delta_rule(
+        return fla_chunk_gated_delta_rule(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
             cu_seqlens=cu_seqlens, qk_l2norm=qk_l2norm,
         )

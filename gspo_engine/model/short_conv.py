@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from gspo_engine.model import fla_backend
+from gspo_engine.model.fla_backend import causal_conv1d as fla_causal_conv1d
 
 ACTIVATIONS = {"silu": F.silu, None: lambda x: x}
 
@@ -38,7 +38,7 @@ def causal_conv1d(
     if backend == "fla":
         if initial_state is not None:
             raise ValueError("the fla backend runs without an initial_state; decode steps take backend 'torch'")
-        y = fla_backend.causal_conv1d(x, weight, activation, cu_seqlens)
+        y = fla_causal_conv1d(x, weight, activation, cu_seqlens)
     elif backend != "torch":
         raise ValueError(f"backend must be 'fla' or 'torch', got {backend!r}")
     elif cu_seqlens is None:
