@@ -291,3 +291,12 @@ for arch in (80, 90, 100):
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr[-3000:]
     assert [line.split()[0] for line in result.stdout.splitlines()] == ["80", "90", "100"]
+
+
+def test_keyed_uniforms_hashed_in_int32_are_the_int64_formula():
+    from gspo_engine.decoding.sampling import keyed_uniform, mix32, row_keys, token_keys
+
+    keys = token_keys(row_keys(5, list(range(37))), torch.arange(37) * 1000)
+    columns = mix32(torch.arange(3001, dtype=torch.long) ^ 0x9E3779B9)
+    expected = ((mix32(keys[:, None] ^ columns[None, :]) >> 8).to(torch.float32) + 0.5) * 2.0**-24
+    assert torch.equal(keyed_uniform(keys, 3001), expected)

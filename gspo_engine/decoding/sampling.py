@@ -44,15 +44,32 @@ def token_keys(keys: torch.Tensor, token_index: torch.Tensor) -> torch.Tensor:
     return mix32(keys ^ ((token_index * _GOLDEN32) & _MASK32))
 
 
+def _as_int32(value: int) -> int:
+    """The int32 whose bits are those of the uint32 `value`."""
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def _mix32_bits(x: torch.Tensor) -> torch.Tensor:
+    """mix32 on int32 tensors that hold uint32 bits, in place: int32 products wrap mod 2**32 as uint32 ones
+    do, and a right shift is made logical by masking the bits an arithmetic shift copies in."""
+    x.bitwise_xor_((x >> 16) & 0xFFFF)
+    x.mul_(_as_int32(0x85EBCA6B))
+    x.bitwise_xor_((x >> 13) & 0x7FFFF)
+    x.mul_(_as_int32(0xC2B2AE35))
+    return x.bitwise_xor_((x >> 16) & 0xFFFF)
+
+
 def keyed_uniform(keys: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, width] fp32 uniforms in (0, 1), each a hash of its row's key and its column.
+    """[B, width] fp32 uniforms in (0, 1), each a hash of its row's key and its column:
+    ((mix32(key ^ mix32(column ^ 0x9E3779B9)) >> 8) + 0.5) / 2**24.
 
     The draws of a row depend on nothing else, so a row gets the same tokens whatever batch it
-    is sampled in: on one process or split across ranks.
+    is sampled in: on one process or split across ranks. Hashed in int32 (half the bytes of
+    int64, and no masking after each product).
     """
-    columns = mix32(torch.arange(width, device=keys.device, dtype=torch.long) ^ _GOLDEN32)
-    bits = mix32(keys[:, None] ^ columns[None, :])
-    return ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24
+    columns = _mix32_bits(torch.arange(width, device=keys.device, dtype=torch.int32) ^ _as_int32(_GOLDEN32))
+    bits = _mix32_bits(keys.to(torch.int32)[:, None] ^ columns[None, :])
+    return (((bits >> 8) & 0xFFFFFF).to(torch.float32) + 0.5) * 2.0**-24
 
 
 def sample_next(
