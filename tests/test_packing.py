@@ -103,11 +103,13 @@ def model(request, tmp_path_factory):
     return load_pretrained(save_hf_model(hf, tmp_path_factory.mktemp("hf") / "model"))
 
 
-def test_packed_forward_equals_each_sequence_on_its_own(model):
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "recomputed"])
+def test_packed_forward_equals_each_sequence_on_its_own(model, checkpointing, monkeypatch):
     torch.manual_seed(0)
     lengths = [5, 1, 9, 3]
     sequences = [torch.randint(0, VOCAB, (n,)) for n in lengths]
     packed = PackedSequences.from_lengths(lengths)
+    monkeypatch.setattr(model.args, "activation_checkpointing", checkpointing)
     hidden = model.forward_hidden(torch.cat(sequences)[None], packed=packed).hidden_states[0]
     separate = torch.cat([model.forward_hidden(s[None]).hidden_states[0] for s in sequences])
     torch.testing.assert_close(hidden, separate, atol=1e-5, rtol=1e-5)
