@@ -91,3 +91,6 @@ def test_the_tiny_model_on_cuda_matches_transformers_and_generates_its_greedy_to
         out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                                 eos_token_id=None, pad_token_id=VOCAB)
         assert tokens == out[0, len(prompt):].tolist()
+    # Decode steps replayed as CUDA graphs carry the conv and recurrent states in place like eager ones.
+    graphed = generate(model, prompts, max_new_tokens=8, temperature=0, cuda_graphs=True)
+    assert graphed.tokens == generation.tokens
