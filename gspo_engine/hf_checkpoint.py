@@ -8,8 +8,10 @@ copied into the grouped `gate_up [E, 2I, H]` and `down [E, H, I]` tensors, and s
 transformers' own grouped layout (`mlp.experts.gate_up_proj`, saved with
 save_original_format=False) loads as well. A checkpoint that does not fit the model is refused,
 never partly re-initialised, except for tensors the model has no use for but a server does
-(CARRIED_PREFIXES: Qwen3-Next's multi-token-prediction `mtp.*`): those are copied unchanged from
-the source folder into every checkpoint saved from the model.
+(CARRIED_PREFIXES: the multi-token-prediction `mtp.*` of Qwen3-Next and Qwen3.5, the vision tower
+`model.visual.*` of the released Qwen3.5 image-text checkpoints, whose language model sits under
+`model.language_model.`): those are copied unchanged from the source folder into every checkpoint
+saved from the model.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ COPIED_FILES = (
 )
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
-CARRIED_PREFIXES = ("mtp.",)
+CARRIED_PREFIXES = ("mtp.", "model.visual.")
 MAPPED_WINDOW_BYTES = 64 * 2**20
 
 
@@ -68,9 +70,9 @@ def hf_pieces(name: str, tensor: torch.Tensor, args: ModelArgs, grouped_experts:
     match = _GROUPED_EXPERTS.fullmatch(name)
     if match is None:
         hf = name.replace(".mlp.router.", ".mlp.gate.")
-        return [Piece(hf if hf == "lm_head.weight" else f"model.{hf}", ())]
+        return [Piece(hf if hf == "lm_head.weight" else f"{args.hf_prefix}{hf}", ())]
     layer, kind = match.groups()
-    prefix = f"model.layers.{layer}.mlp.experts"
+    prefix = f"{args.hf_prefix}layers.{layer}.mlp.experts"
     if grouped_experts:
         return [Piece(f"{prefix}.{kind}_proj", ())]
     inter = args.moe_intermediate_size

@@ -12,6 +12,7 @@ from gspo_engine.hf_checkpoint import CheckpointError, hf_pieces, load_pretraine
 from gspo_engine.model import ModelArgs, PackedSequences, Qwen3NextModel
 from tiny_hybrid_checkpoints import (
     MTP_TENSORS,
+    MULTIMODAL,
     VARIANTS,
     VOCAB,
     build_hybrid_model,
@@ -201,3 +202,30 @@ def test_loading_onto_cuda_without_fla_core_names_the_extra(checkpoints):
         pytest.skip("fla-core is installed here")
     with pytest.raises(MissingFlashLinearAttention, match=r"pip install 'gspo-engine\[next\]'"):
         load_pretrained(checkpoints["qwen3.5"][1], device="cuda")
+
+
+@pytest.mark.parametrize("variant", list(MULTIMODAL))
+def test_released_image_text_qwen3_5_trains_its_language_model_and_keeps_the_rest(variant, tmp_path):
+    """Qwen3.5 as released: text_config, tensors under model.language_model., a vision tower carried as it is."""
+    hf_model = build_hybrid_model(variant, seed=5)
+    folder = save_hybrid_checkpoint(hf_model, tmp_path / "source", mtp=True)
+    model = load_pretrained(folder, dtype=torch.float32)
+    assert model.args.architecture in ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM")
+    assert any(key.startswith("model.visual.") for key in model.args.carried_keys)
+    input_ids, attention_mask, position_ids = padded_batch(seed=9)
+    real = attention_mask.bool()
+    with torch.no_grad():
+        expected = hf_model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = model(input_ids, attention_mask, position_ids)
+    assert expected.abs().max() > 1.0
+    torch.testing.assert_close(logits[real], expected[real], rtol=0, atol=LOGIT_TOLERANCE)
+
+    save_pretrained(model, tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert config["architectures"] == [type(hf_model).__name__] and "vision_config" in config
+    reloaded = type(hf_model).from_pretrained(tmp_path / "saved", dtype=torch.float32)
+    expected_weights = hf_model.state_dict()
+    for key, tensor in reloaded.state_dict().items():  # the vision tower's too
+        assert torch.equal(tensor, expected_weights[key]), key
+    for key, tensor in mtp_tensors(folder).items():
+        assert torch.equal(mtp_tensors(tmp_path / "saved")[key], tensor), key

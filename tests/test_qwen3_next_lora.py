@@ -23,6 +23,8 @@ EVERY_TARGET = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
     ("qwen3.5", EVERY_TARGET, ["linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.in_proj_b",
                                "linear_attn.in_proj_a", "linear_attn.out_proj", "mlp.gate_proj"]),
     ("qwen3.5-moe", EVERY_TARGET, ["linear_attn.in_proj_qkv", "mlp.router", "mlp.shared_expert.down_proj"]),
+    # the released image-text Qwen3.5: adapters on its language model, under model.language_model.
+    ("qwen3.5-moe-vl", None, ["linear_attn.in_proj_qkv", "mlp.shared_expert.up_proj", "mlp.expert_lora"]),
 ])
 def test_peft_loads_our_hybrid_adapters_and_the_merged_export_matches(tmp_path, variant, targets, adapted):
     from peft import PeftModel
@@ -45,11 +47,12 @@ def test_peft_loads_our_hybrid_adapters_and_the_merged_export_matches(tmp_path, 
     save_adapters(model, lora, tmp_path / "adapters")
     config = json.loads((tmp_path / "adapters" / "adapter_config.json").read_text())
     assert {"out_proj"} <= set(config["target_modules"])
-    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), tmp_path / "adapters").eval()
+    base_class = type(build_hybrid_model(variant)) if variant.endswith("-vl") else AutoModelForCausalLM
+    peft_model = PeftModel.from_pretrained(base_class.from_pretrained(base), tmp_path / "adapters").eval()
     with torch.no_grad():
         torch.testing.assert_close(peft_model(IDS).logits, ours, atol=2e-4, rtol=0)
         torch.testing.assert_close(load_adapted(tmp_path / "adapters")(IDS), ours, atol=0, rtol=0)
     export_merged(tmp_path / "adapters", tmp_path / "merged")
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    merged = base_class.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(IDS).logits, ours, atol=2e-4, rtol=0)

@@ -8,8 +8,18 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
-from transformers.models.qwen3_5 import Qwen3_5ForCausalLM, Qwen3_5TextConfig
-from transformers.models.qwen3_5_moe import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+from transformers.models.qwen3_5 import (
+    Qwen3_5Config,
+    Qwen3_5ForCausalLM,
+    Qwen3_5ForConditionalGeneration,
+    Qwen3_5TextConfig,
+)
+from transformers.models.qwen3_5_moe import (
+    Qwen3_5MoeConfig,
+    Qwen3_5MoeForCausalLM,
+    Qwen3_5MoeForConditionalGeneration,
+    Qwen3_5MoeTextConfig,
+)
 
 VOCAB = 96
 COMMON = dict(
@@ -40,14 +50,30 @@ VARIANTS = {
     "qwen3.5": (Qwen3_5TextConfig, Qwen3_5ForCausalLM, dict(intermediate_size=40, tie_word_embeddings=True)),
     "qwen3.5-moe": (Qwen3_5MoeTextConfig, Qwen3_5MoeForCausalLM, dict(**MOE)),
 }
+# Released Qwen3.5 checkpoints are image-text models: the language model above inside, a (tiny) vision tower beside.
+MULTIMODAL = {
+    "qwen3.5-vl": (Qwen3_5Config, Qwen3_5ForConditionalGeneration, "qwen3.5"),
+    "qwen3.5-moe-vl": (Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration, "qwen3.5-moe"),
+}
+VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32, patch_size=4,
+              num_position_embeddings=16)
 MTP_TENSORS = ("mtp.fc.weight", "mtp.norm.weight", "mtp.layers.0.mlp.experts.0.up_proj.weight")
 
 
 def build_hybrid_model(variant: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A random fp32 transformers model in eval mode; norms, A_log and dt_bias randomised too so that every weight matters."""
-    config_class, model_class, extra = VARIANTS[variant]
     torch.manual_seed(seed)
-    model = model_class(config_class(**(COMMON | extra | overrides)))
+    if variant in MULTIMODAL:
+        config_class, model_class, text_variant = MULTIMODAL[variant]
+        text = COMMON | VARIANTS[text_variant][2] | overrides
+        model = model_class(config_class(text_config=text, vision_config=VISION, tie_word_embeddings=False))
+        with torch.no_grad():  # the image-text model initialises from its own config's defaults
+            for param in model.parameters():
+                if param.dim() >= 2:
+                    param.normal_(0, text["initializer_range"])
+    else:
+        config_class, model_class, extra = VARIANTS[variant]
+        model = model_class(config_class(**(COMMON | extra | overrides)))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.dim() == 1:
@@ -91,7 +117,11 @@ def save_hybrid_checkpoint(
 def mtp_tensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
-    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    index_path = path / "model.safetensors.index.json"
+    if index_path.exists():
+        index = json.loads(index_path.read_text())["weight_map"]
+    else:
+        index = dict.fromkeys(MTP_TENSORS, "model.safetensors")
     out = {}
     for key in MTP_TENSORS:
         with safe_open(path / index[key], framework="pt") as f:

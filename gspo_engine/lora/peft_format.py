@@ -52,7 +52,7 @@ from gspo_engine.model.args import NEXT_ARCHITECTURE
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PREFIX = "base_model.model.model."
+_PEFT_ROOT = "base_model.model."  # PEFT's wrapper around the transformers model; its language model follows
 _LM_HEAD_KEY = "base_model.model.lm_head.weight"
 _EXPERT_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 _ROUTER_PARAMETER = "mlp.gate.weight"
@@ -72,30 +72,36 @@ def _expert_factor(kind: str) -> tuple[Callable, Callable]:
             lambda t, shape: t.reshape(shape[1], shape[2], shape[0]).permute(2, 0, 1))
 
 
-def _peft_name(name: str) -> tuple[str, Callable, Callable]:
+def _prefix(model: Qwen3Model) -> str:
+    """PEFT's prefix of the language model's modules: base_model.model.model. (model.language_model. inside an
+    image-text Qwen3.5)."""
+    return _PEFT_ROOT + model.args.hf_prefix
+
+
+def _peft_name(name: str, prefix: str) -> tuple[str, Callable, Callable]:
     """PEFT's key of our adapter parameter `name`, with the layout conversions both ways."""
     identity = (lambda t: t, lambda t, shape: t)
     if ".modules_to_save." in name:
         module, _, leaf = name.partition(".modules_to_save.")
         key = f"{module}.{leaf.partition('.')[2]}"  # "lm_head.modules_to_save.default.weight" -> "lm_head.weight"
-        return ("base_model.model." if module == "lm_head" else _PREFIX) + key, *identity
+        return (_PEFT_ROOT if module == "lm_head" else prefix) + key, *identity
     if ".expert_lora." in name:
         module, _, leaf = name.rpartition(".expert_lora.")
         tensor, kind = leaf.rsplit("_", 1)  # "gate_up_A" -> ("gate_up", "A")
         wrapper = "experts.base_layer" if tensor == "gate_up" else "experts"
-        return (f"{_PREFIX}{module}.{wrapper}.lora_{kind}.weight", *_expert_factor(kind))
+        return (f"{prefix}{module}.{wrapper}.lora_{kind}.weight", *_expert_factor(kind))
     key = name.replace(".default.", ".").replace(".mlp.router.", ".mlp.gate.")
-    return (_PREFIX + key, *identity)
+    return (prefix + key, *identity)
 
 
 def adapter_state_dict(model: Qwen3Model) -> dict[str, torch.Tensor]:
     """PEFT key -> adapter tensor (CPU, contiguous), in PEFT's layout."""
     out = {}
     for name, parameter in named_adapter_parameters(model):
-        key, to_peft, _ = _peft_name(name)
+        key, to_peft, _ = _peft_name(name, _prefix(model))
         out[key] = to_peft(parameter.detach()).to("cpu").contiguous()
     if _ties_saved_embedding(model):
-        out[_LM_HEAD_KEY] = out[_PREFIX + "embed_tokens.weight"].clone()  # safetensors stores no shared tensors
+        out[_LM_HEAD_KEY] = out[_prefix(model) + "embed_tokens.weight"].clone()  # safetensors stores no shared tensors
     return dict(sorted(out.items()))
 
 
@@ -176,7 +182,7 @@ def load_adapters(model: Qwen3Model, folder: str | os.PathLike) -> None:
     path = Path(folder) / ADAPTER_WEIGHTS
     expected = {}
     for name, parameter in named_adapter_parameters(model):
-        key, _, from_peft = _peft_name(name)
+        key, _, from_peft = _peft_name(name, _prefix(model))
         expected[key] = (parameter, from_peft)
     with safe_open(path, framework="pt") as f:
         found = set(f.keys())

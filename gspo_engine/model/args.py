@@ -13,6 +13,7 @@ Released checkpoints and transformers 5 name some fields differently; both spell
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,10 +26,18 @@ NEXT_ARCHITECTURE = "Qwen3NextForCausalLM"  # fused in_proj_qkvz / in_proj_ba, M
 QWEN3_5_ARCHITECTURE = "Qwen3_5ForCausalLM"  # split in_proj_qkv / z / b / a, dense MLP
 QWEN3_5_MOE_ARCHITECTURE = "Qwen3_5MoeForCausalLM"  # split projections, MoE with a shared expert
 HYBRID_ARCHITECTURES = (NEXT_ARCHITECTURE, QWEN3_5_ARCHITECTURE, QWEN3_5_MOE_ARCHITECTURE)
-SUPPORTED_ARCHITECTURES = (DENSE_ARCHITECTURE, MOE_ARCHITECTURE, *HYBRID_ARCHITECTURES)
+# Released Qwen3.5 checkpoints are image-text models: their language model (config.json's text_config,
+# tensors under model.language_model.) is what is trained; the vision tower's tensors (model.visual.*)
+# are carried through unchanged, and the rest of config.json with them.
+MULTIMODAL_ARCHITECTURES = {
+    "Qwen3_5ForConditionalGeneration": QWEN3_5_ARCHITECTURE,
+    "Qwen3_5MoeForConditionalGeneration": QWEN3_5_MOE_ARCHITECTURE,
+}
+SUPPORTED_ARCHITECTURES = (DENSE_ARCHITECTURE, MOE_ARCHITECTURE, *HYBRID_ARCHITECTURES, *MULTIMODAL_ARCHITECTURES)
 _MODEL_TYPES = {
     "qwen3": DENSE_ARCHITECTURE, "qwen3_moe": MOE_ARCHITECTURE, "qwen3_next": NEXT_ARCHITECTURE,
     "qwen3_5_text": QWEN3_5_ARCHITECTURE, "qwen3_5_moe_text": QWEN3_5_MOE_ARCHITECTURE,
+    "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
 }
 _ARCHITECTURE_TYPES = {architecture: model_type for model_type, architecture in _MODEL_TYPES.items()}
 FULL_ATTENTION, LINEAR_ATTENTION = "full_attention", "linear_attention"
@@ -114,6 +123,9 @@ class ModelArgs:
     shared_expert_intermediate_size: int = 0  # the sigmoid-gated shared expert beside the routed ones
     # rope_parameters entries that only the multimodal Qwen3.5 reads (mrope_section, ...), written back.
     rope_extra: dict[str, Any] = field(default_factory=dict)
+    # The config.json of a released image-text model (MULTIMODAL_ARCHITECTURES) around this language model,
+    # less its text_config; empty for a text-only checkpoint.
+    multimodal_config: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # Runtime switches, never written to config.json; the model reads them at every forward.
     activation_checkpointing: bool = False
@@ -135,6 +147,11 @@ class ModelArgs:
         if self.hf_architecture:
             return self.hf_architecture
         return MOE_ARCHITECTURE if self.is_moe else DENSE_ARCHITECTURE
+
+    @property
+    def hf_prefix(self) -> str:
+        """Where the language model's tensors sit in the checkpoint (lm_head.weight aside)."""
+        return "model.language_model." if self.multimodal_config else "model."
 
     @property
     def is_hybrid(self) -> bool:
@@ -169,6 +186,8 @@ class ModelArgs:
     def from_hf_config(cls, config: dict[str, Any]) -> "ModelArgs":
         """Arguments from a config.json dict, in either key spelling; ValueError on what is not supported."""
         architecture = _architecture(config)
+        if architecture in MULTIMODAL_ARCHITECTURES:
+            return cls._from_multimodal_config(architecture, config)
         missing = [key for key in _REQUIRED_KEYS if key not in config]
         if architecture != QWEN3_5_MOE_ARCHITECTURE and "intermediate_size" not in config:
             missing.append("intermediate_size")
@@ -224,8 +243,28 @@ class ModelArgs:
             args.router_aux_loss_coef = config.get("router_aux_loss_coef", 0.001)
         return args
 
+    @classmethod
+    def _from_multimodal_config(cls, architecture: str, config: dict[str, Any]) -> "ModelArgs":
+        """The language model of a released image-text checkpoint, from its text_config."""
+        if not isinstance(config.get("text_config"), dict):
+            raise ValueError(f"a {architecture} config.json needs a text_config")
+        text = dict(config["text_config"], architectures=[MULTIMODAL_ARCHITECTURES[architecture]])
+        # The outer config decides what the whole model does: tied embeddings, the weights' dtype.
+        for key in ("tie_word_embeddings", "dtype", "torch_dtype"):
+            if key in config:
+                text[key] = config[key]
+        args = cls.from_hf_config(text)
+        args.multimodal_config = {key: value for key, value in config.items() if key != "text_config"}
+        return args
+
     def to_hf_config(self) -> dict[str, Any]:
         """config.json in the released spelling, with the source's other keys kept."""
+        if self.multimodal_config:
+            text = dataclasses.replace(self, multimodal_config={}).to_hf_config()
+            del text["architectures"]
+            config = dict(self.multimodal_config, text_config=text, tie_word_embeddings=self.tie_word_embeddings)
+            config["dtype" if "dtype" in config else "torch_dtype"] = _dtype_name(self.dtype)
+            return dict(sorted(config.items()))
         config: dict[str, Any] = dict(self.extra_config)
         config.update(
             architectures=[self.architecture],
