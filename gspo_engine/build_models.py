@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 
 from gspo_engine.config import Config
+from gspo_engine.distributed.expert_sharding import expert_mesh, shard_experts
 from gspo_engine.distributed.parallel import data_parallel_mesh, parallelize
+from gspo_engine.distributed.rules import check_expert_parallel
 from gspo_engine.distributed.runtime import Runtime
 from gspo_engine.distributed.sharded_checkpoint import broadcast_full_state_dict, is_sharded_checkpoint
 from gspo_engine.errors import TrainingError
@@ -63,6 +65,10 @@ def build_models(config: Config, runtime: Runtime, device: torch.device, precisi
         held = "LoRA adapters" if lora is None else "full weights, not LoRA adapters"
         raise TrainingError(f"{resume_from} holds {held}; resume it with the lora settings it was trained with")
     resume_sharded = resume_from is not None and is_sharded_checkpoint(resume_from)
+    expert_parallel = config.distributed.expert_parallel
+    if expert_parallel > 1:
+        args = read_config(source)
+        check_expert_parallel(config, runtime.world_size, args.num_experts, args.is_moe)
 
     def load(folder: Path, dtype: torch.dtype = torch.float32, on: torch.device = device) -> Qwen3Model:
         return configure(load_pretrained(folder, dtype=dtype, device=on), config, source)
@@ -79,6 +85,8 @@ def build_models(config: Config, runtime: Runtime, device: torch.device, precisi
             with torch.device("meta"):
                 model = configure(build_model(args), config, source)
             full_state = {}
+        if expert_parallel > 1:  # each rank keeps its block of experts; FSDP2 shards the rest
+            shard_experts(model, expert_mesh(runtime.world_size, expert_parallel, device))
         parallelize(model, data_parallel_mesh(runtime, device), bf16_compute=precision == "bf16-mixed",
                     reshard_after_forward=config.distributed.reshard_after_forward)
         model.to_empty(device=device)

@@ -158,6 +158,10 @@ class DistributedConfig:
     # FSDP2: free each block's gathered weights after its forward (and gather them again for the
     # backward). Off keeps them to the backward: less traffic, more memory.
     reshard_after_forward: bool = True
+    # Expert parallelism (MoE models): the ranks form groups of this many, which split every MoE
+    # layer's experts between them (E / N each, with their optimizer states); tokens travel to their
+    # experts' ranks and back. A divisor of the number of ranks and of the experts; 1 is off.
+    expert_parallel: int = 1
 
 
 # Names of the weights LoRA can adapt (gspo_engine/lora): attention, dense MLP (and the shared expert of
@@ -254,6 +258,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "train.cpu_threads": (lambda v: v >= 0, "an integer >= 0 (0 keeps torch's default)"),
     "checkpoint.every": (lambda v: v >= 0, "an integer >= 0"),
     "distributed.timeout_s": (lambda v: v > 0, "a number of seconds > 0"),
+    "distributed.expert_parallel": (lambda v: v >= 1, "an integer >= 1 (ranks sharing out the experts; 1 is off)"),
     "checkpoint.keep_last": (lambda v: v >= 1, "an integer >= 1"),
     "logging.every": (lambda v: v >= 1, "an integer >= 1"),
     "logging.sample_every": (lambda v: v >= 0, "an integer >= 0"),

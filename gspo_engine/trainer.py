@@ -30,6 +30,7 @@ from gspo_engine.build_models import build_models, model_source
 from gspo_engine.config import Config, dump_config
 from gspo_engine.data import PromptLoader, build_dataset, reward_inputs
 from gspo_engine.device import peak_memory_mib, resolve_device, resolve_precision
+from gspo_engine.distributed.expert_sharding import finish_in_step
 from gspo_engine.distributed.parallel import gathered_weights
 from gspo_engine.distributed.rules import check_data_parallel
 from gspo_engine.distributed.runtime import Runtime, init_runtime
@@ -262,7 +263,7 @@ class GSPOTrainer:
         self.model.eval()
         with torch.no_grad(), self.context.autocast(), \
                 gathered_weights(self.model, self.config.distributed.reshard_after_forward):
-            return generate(
+            out = generate(
                 self.model, prompts, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                 top_p=rollout.top_p, top_k=rollout.top_k, eos_token_id=self.eos_ids,
                 seed=self.config.train.seed * 1_000_003 + self.step, sample_ids=sample_ids,
@@ -270,6 +271,9 @@ class GSPOTrainer:
                 # Routing replay of the sampler's own experts when its log-probs are the old ones.
                 return_routing=self.updater.routing_replay and self.config.gspo.old_logps == "rollout",
             )
+            # Expert parallelism: this rank's experts serve the peers still generating.
+            finish_in_step(self.model)
+        return out
 
     # ------------------------------------------------------------ outputs
     def save_checkpoint(self) -> Path:
@@ -294,6 +298,8 @@ class GSPOTrainer:
             f", LoRA rank {self.lora.rank}: {sum(p.numel() for p in adapter_parameters(self.model)) / 1e6:.3f}M trained"
         )
         ranks = f" x {self.runtime.world_size} ranks (FSDP2)" if self.runtime.distributed else ""
+        if self.config.distributed.expert_parallel > 1:
+            ranks += f", experts split over groups of {self.config.distributed.expert_parallel}"
         return (
             f"model {self.source} ({total / 1e6:.2f}M parameters{trained}, "
             f"{'MoE' if self.model.args.is_moe else 'dense'}) on {self.device}{ranks}, precision {self.precision}; "

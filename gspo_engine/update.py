@@ -15,6 +15,7 @@ import torch
 import gspo_kernels as gk
 from gspo_engine.batching import Sample, split_minibatches
 from gspo_engine.config import GSPOConfig
+from gspo_engine.distributed.grad_norm import clip_grad_norm
 from gspo_engine.errors import TrainingError
 from gspo_engine.model import Qwen3Model
 from gspo_engine.step_context import Batch, StepContext
@@ -64,8 +65,7 @@ class PolicyUpdate:
         # Listed after the backward: FSDP2 swaps its units' gathered parameters for the sharded
         # ones (which hold the gradients) only once their gradients are reduced.
         params = [p for p in self.model.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        grad_norm = clip_grad_norm(params, self.max_grad_norm)  # also across meshes (expert parallelism)
         if math.isfinite(loss) and math.isfinite(grad_norm):
             self.optimizer.step()
             self.consecutive_skips = 0

@@ -23,10 +23,16 @@ gradients reach x, the routing weights and the local expert weights; an expert w
 sums the pairs of every rank's tokens. Every rank of the group must call `expert_parallel_moe`
 (and, in training, its backward) the same number of times in the same order, even with no
 tokens: the collectives pair up.
+
+The count exchange also carries one flag per rank (`ExchangeFlags`): whether the rank still has
+work of its own. A rank whose generation has ended keeps joining its peers' exchanges with no
+tokens of its own until every rank's flag is down (`expert_sharding.finish_in_step`), at no
+extra collective.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -72,14 +78,30 @@ def plan_dispatch(topk_idx: torch.Tensor, num_experts: int, ep: int) -> Dispatch
     return DispatchPlan(order.sorted_pair, order.counts.view(ep, num_experts // ep), topk_idx.shape[1])
 
 
-def exchange_counts(send_counts: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+@dataclass
+class ExchangeFlags:
+    """busy: sent with every exchange (this rank still has tokens of its own to run);
+    any_busy: what the last exchange received (some rank of the group, this one included, was busy)."""
+
+    busy: bool = True
+    any_busy: bool = True
+
+
+def exchange_counts(send_counts: torch.Tensor, group: dist.ProcessGroup | None = None,
+                    flags: ExchangeFlags | None = None) -> torch.Tensor:
     """All-to-all of the [ep, E/ep] count matrices: recv_counts [ep, E/ep], row s = rows from rank s.
 
     recv_counts[s, e] is the number of pairs source rank s sends to this rank's local expert e.
+    With flags, a last column carries each rank's `busy` flag and `flags.any_busy` is set from
+    the received ones (the same on every rank of the group).
     """
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts.contiguous(), group=group)
-    return recv_counts
+    busy = 1 if flags is None or flags.busy else 0
+    send = torch.cat((send_counts, torch.full_like(send_counts[:, :1], busy)), dim=1)
+    received = torch.empty_like(send)
+    dist.all_to_all_single(received, send.contiguous(), group=group)
+    if flags is not None:
+        flags.any_busy = bool(received[:, -1].any())
+    return received[:, :-1].contiguous()
 
 
 def received_local_experts(recv_counts: torch.Tensor) -> torch.Tensor:
@@ -96,6 +118,7 @@ def expert_parallel_moe(
     local_gate_up: torch.Tensor,
     local_down: torch.Tensor,
     group: dist.ProcessGroup | None = None,
+    flags: ExchangeFlags | None = None,
 ) -> torch.Tensor:
     """The MoE experts' output y [n, H] for this rank's tokens, computed by the ranks that own the experts.
 
@@ -111,7 +134,7 @@ def expert_parallel_moe(
     group = group if group is not None else dist.group.WORLD
     ep = dist.get_world_size(group)
     plan = plan_dispatch(topk_idx, local_gate_up.shape[0] * ep, ep)
-    recv_counts = exchange_counts(plan.send_counts, group)
+    recv_counts = exchange_counts(plan.send_counts, group, flags)
     send_splits, recv_splits = plan.send_splits, recv_counts.sum(dim=1).tolist()
 
     token = plan.sorted_pair // plan.top_k

@@ -3,7 +3,9 @@
 Each decoder block becomes one FSDP unit (its weights are all-gathered just before it runs and
 freed after), then the root takes what is left: the embedding, the final norm and the lm_head.
 The model code does not change: `forward_hidden` is registered as a forward method, so the
-trainer's and the sampler's calls gather the root's weights like `forward` does.
+trainer's and the sampler's calls gather the root's weights like `forward` does. Experts that
+expert parallelism has split over ranks (expert_sharding.shard_experts, run first) are left out:
+FSDP2 neither gathers nor reduces them, so generation gathers every weight but those.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+from gspo_engine.distributed.expert_sharding import expert_parameters
 from gspo_engine.distributed.runtime import Runtime
 from gspo_engine.model import Qwen3Model
 
@@ -34,11 +37,13 @@ def parallelize(model: Qwen3Model, mesh: DeviceMesh, *, bf16_compute: bool, resh
     """
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16_compute \
         else MixedPrecisionPolicy()
+    experts = expert_parameters(model)
     for block in model.layers:
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward,
+                    ignored_params={p for p in block.parameters() if p in experts} or None)
     # The root's weights are needed again right after the forward (the fused loss reads the
     # lm_head weight, the backward starts at the final norm): FSDP2 keeps them gathered.
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=experts or None)
     for unit in [model, *model.layers]:
         unit.set_gradient_divide_factor(1.0)
         unit.set_force_sum_reduction_for_comms(True)  # plain sums: gloo has no pre-scaled reduction

@@ -24,3 +24,20 @@ def check_data_parallel(config: Config, world_size: int) -> None:
     if per_rank < config.gspo.num_minibatches:
         raise ConfigError(f"{where}: each rank holds {per_rank} completions, fewer than gspo.num_minibatches "
                           f"({config.gspo.num_minibatches}); raise rollout.prompts_per_step")
+
+
+def check_expert_parallel(config: Config, world_size: int, num_experts: int, is_moe: bool) -> None:
+    """distributed.expert_parallel divides the ranks (GPUs) and the experts of every MoE layer, on a MoE model."""
+    ep = config.distributed.expert_parallel
+    if ep == 1:
+        return
+    key = f"distributed.expert_parallel ({ep})"
+    if not is_moe:
+        raise ConfigError(f"{key}: expert parallelism splits the experts of a MoE model; "
+                          f"{config.model.name_or_path} has none (set it to 1)")
+    if world_size % ep:
+        raise ConfigError(f"{key} must divide the number of ranks/GPUs ({world_size}): the ranks form groups of "
+                          f"{ep} that split the experts (launch with torchrun --nproc_per_node a multiple of {ep})")
+    if num_experts % ep:
+        raise ConfigError(f"{key} must divide the number of experts ({num_experts}): every rank of a group holds "
+                          "the same number of them")

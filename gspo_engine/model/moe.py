@@ -36,6 +36,9 @@ class SparseMoE(nn.Module):
         # Per-expert LoRA on gate_up and down (gspo_engine.lora.experts.ExpertLoRA), set when LoRA
         # targets the experts; it runs the experts in place of the fused kernel.
         self.expert_lora: nn.Module | None = None
+        # Set by distributed.expert_sharding.shard_experts under expert parallelism: this rank holds
+        # a block of the experts (gate_up / down are DTensors) and the tokens travel to their owners.
+        self.expert_exchange = None
 
     def forward(self, x: torch.Tensor, forced_experts: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
         """x [B, T, H] -> [B, T, H]; forced_experts [B, T, k] or [N, k] replays a recorded routing.
@@ -60,6 +63,8 @@ class SparseMoE(nn.Module):
         # moe_route's indices are in range by construction: routed_experts skips moe_experts' range check,
         # which waits for the device (at every decode step) and cannot run inside a CUDA graph capture.
         run_experts = gk.routed_experts if self.expert_lora is None else self.expert_lora
+        if self.expert_exchange is not None:
+            run_experts = self.expert_exchange
         out = run_experts(flat.to(dtype), experts, weights.to(dtype), self.gate_up.to(dtype), self.down.to(dtype))
         return out.to(x.dtype).view(batch, seq, hidden), Routing(router_logits, experts)
 
