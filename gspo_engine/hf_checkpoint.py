@@ -11,7 +11,9 @@ never partly re-initialised, except for tensors the model has no use for but a s
 (CARRIED_PREFIXES: the multi-token-prediction `mtp.*` of Qwen3-Next and Qwen3.5, the vision tower
 `model.visual.*` of the released Qwen3.5 image-text checkpoints, whose language model sits under
 `model.language_model.`): those are copied unchanged from the source folder into every checkpoint
-saved from the model.
+saved from the model. Qwen3-VL models hold their vision tower (`model.visual.*`, read and written like the
+rest); Qwen3-VL-MoE checkpoints hold fused experts transposed (`gate_up_proj [E, H, 2I]`), transformers'
+saves hold them untransposed: the orientation is told by shape on load, and saves write the released one.
 """
 
 from __future__ import annotations
@@ -56,10 +58,30 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class Piece:
-    """One Hugging Face tensor and where it sits inside one of our tensors (index () = the whole tensor)."""
+    """One Hugging Face tensor and where it sits inside one of our tensors (index () = the whole tensor).
+
+    transposed: the Hugging Face tensor is ours with dimensions 1 and 2 swapped (the fused experts of released
+    Qwen3-VL-MoE checkpoints: gate_up_proj [E, H, 2I], down_proj [E, I, H]).
+    """
 
     hf_key: str
     index: tuple
+    transposed: bool = False
+
+    def shape(self, tensor: torch.Tensor) -> list[int]:
+        """The Hugging Face tensor's shape, for our tensor `tensor`."""
+        shape = list(tensor[self.index].shape)
+        if self.transposed:
+            shape[1], shape[2] = shape[2], shape[1]
+        return shape
+
+    def to_hf(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Our tensor's part as the Hugging Face tensor (a view)."""
+        part = tensor[self.index]
+        return part.transpose(1, 2) if self.transposed else part
+
+    def from_hf(self, value: torch.Tensor) -> torch.Tensor:
+        return value.transpose(1, 2) if self.transposed else value
 
 
 _GROUPED_EXPERTS = re.compile(r"layers\.(\d+)\.mlp\.(gate_up|down)")
@@ -67,6 +89,8 @@ _GROUPED_EXPERTS = re.compile(r"layers\.(\d+)\.mlp\.(gate_up|down)")
 
 def hf_pieces(name: str, tensor: torch.Tensor, args: ModelArgs, grouped_experts: bool = False) -> list[Piece]:
     """The Hugging Face tensors that make up our tensor `name` (shape taken from `tensor`, meta is fine)."""
+    if name.startswith("visual."):  # the vision tower of a Qwen3-VL model
+        return [Piece(f"model.{name}", ())]
     match = _GROUPED_EXPERTS.fullmatch(name)
     if match is None:
         hf = name.replace(".mlp.router.", ".mlp.gate.")
@@ -75,6 +99,9 @@ def hf_pieces(name: str, tensor: torch.Tensor, args: ModelArgs, grouped_experts:
     prefix = f"{args.hf_prefix}layers.{layer}.mlp.experts"
     if grouped_experts:
         return [Piece(f"{prefix}.{kind}_proj", ())]
+    if args.vision is not None:
+        # Released Qwen3-VL-MoE checkpoints hold fused experts, transposed against transformers' runtime layout.
+        return [Piece(f"{prefix}.{kind}_proj", (), transposed=True)]
     inter = args.moe_intermediate_size
     pieces = []
     for expert in range(tensor.shape[0]):
@@ -139,11 +166,16 @@ def _pieces_by_parameter(model: Qwen3Model, headers: dict[str, _Header]) -> dict
         grouped = hf_pieces(name, tensor, args, grouped_experts=True)
         if len(pieces) > 1 and grouped[0].hf_key in headers:
             pieces = grouped
+        elif pieces[0].transposed and pieces[0].hf_key in headers:
+            # Fused experts in either orientation, told apart by shape; a square one reads as released.
+            found = headers[pieces[0].hf_key].shape
+            if found != pieces[0].shape(tensor) and found == grouped[0].shape(tensor):
+                pieces = grouped
         for piece in pieces:
             header = headers.get(piece.hf_key)
             if header is None:
                 raise CheckpointError(f"missing tensor {piece.hf_key}")
-            expected = list(tensor[piece.index].shape)
+            expected = piece.shape(tensor)
             if header.shape != expected:
                 raise CheckpointError(f"shape mismatch for {piece.hf_key}: expected {expected}, found {header.shape}")
             if header.dtype not in SAFETENSORS_DTYPES:
@@ -233,7 +265,7 @@ def load_pretrained(
     for file, window in _read_windows(pieces, weight_files, headers):
         with safe_open(file, framework="pt") as f:
             for name, piece in window:
-                targets[name][piece.index].copy_(f.get_tensor(piece.hf_key))
+                targets[name][piece.index].copy_(piece.from_hf(f.get_tensor(piece.hf_key)))
     for name, tensor in targets.items():
         _set_tensor(model, name, tensor)
     return model
@@ -244,7 +276,7 @@ def hf_state_dict(model: Qwen3Model) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
         for piece in hf_pieces(name, tensor, model.args):
-            out[piece.hf_key] = tensor[piece.index]
+            out[piece.hf_key] = piece.to_hf(tensor)
     return dict(sorted(out.items()))
 
 

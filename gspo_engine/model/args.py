@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from gspo_engine.model.vision_args import VisionArgs
+
 DENSE_ARCHITECTURE = "Qwen3ForCausalLM"
 MOE_ARCHITECTURE = "Qwen3MoeForCausalLM"
 # Hybrid models: Gated DeltaNet (linear attention) layers between gated full-attention layers.
@@ -28,16 +30,24 @@ QWEN3_5_MOE_ARCHITECTURE = "Qwen3_5MoeForCausalLM"  # split projections, MoE wit
 HYBRID_ARCHITECTURES = (NEXT_ARCHITECTURE, QWEN3_5_ARCHITECTURE, QWEN3_5_MOE_ARCHITECTURE)
 # Released Qwen3.5 checkpoints are image-text models: their language model (config.json's text_config,
 # tensors under model.language_model.) is what is trained; the vision tower's tensors (model.visual.*)
-# are carried through unchanged, and the rest of config.json with them.
+# are carried through unchanged, and the rest of config.json with them. Qwen3-VL's are read into the model.
 MULTIMODAL_ARCHITECTURES = {
     "Qwen3_5ForConditionalGeneration": QWEN3_5_ARCHITECTURE,
     "Qwen3_5MoeForConditionalGeneration": QWEN3_5_MOE_ARCHITECTURE,
+    "Qwen3VLForConditionalGeneration": DENSE_ARCHITECTURE,
+    "Qwen3VLMoeForConditionalGeneration": MOE_ARCHITECTURE,
+}
+# Image-text models whose vision tower is part of the model (model/vision.py, model/qwen3_vl.py), with the
+# model_type of their text_config.
+VISION_ARCHITECTURES = {
+    "Qwen3VLForConditionalGeneration": "qwen3_vl_text", "Qwen3VLMoeForConditionalGeneration": "qwen3_vl_moe_text",
 }
 SUPPORTED_ARCHITECTURES = (DENSE_ARCHITECTURE, MOE_ARCHITECTURE, *HYBRID_ARCHITECTURES, *MULTIMODAL_ARCHITECTURES)
 _MODEL_TYPES = {
     "qwen3": DENSE_ARCHITECTURE, "qwen3_moe": MOE_ARCHITECTURE, "qwen3_next": NEXT_ARCHITECTURE,
     "qwen3_5_text": QWEN3_5_ARCHITECTURE, "qwen3_5_moe_text": QWEN3_5_MOE_ARCHITECTURE,
     "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
 }
 _ARCHITECTURE_TYPES = {architecture: model_type for model_type, architecture in _MODEL_TYPES.items()}
 FULL_ATTENTION, LINEAR_ATTENTION = "full_attention", "linear_attention"
@@ -126,6 +136,8 @@ class ModelArgs:
     # The config.json of a released image-text model (MULTIMODAL_ARCHITECTURES) around this language model,
     # less its text_config; empty for a text-only checkpoint.
     multimodal_config: dict[str, Any] = field(default_factory=dict, repr=False)
+    # The vision tower of a Qwen3-VL model (VISION_ARCHITECTURES); None for a model without one.
+    vision: VisionArgs | None = None
 
     # Runtime switches, never written to config.json; the model reads them at every forward.
     activation_checkpointing: bool = False
@@ -255,13 +267,21 @@ class ModelArgs:
                 text[key] = config[key]
         args = cls.from_hf_config(text)
         args.multimodal_config = {key: value for key, value in config.items() if key != "text_config"}
+        if architecture in VISION_ARCHITECTURES:
+            args.vision = VisionArgs.from_hf_config(config)
+            text_rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+            args.rope_extra = {key: text_rope[key] for key in ("mrope_section", "mrope_interleaved") if key in text_rope}
+            if args.is_moe:
+                args.norm_topk_prob = True  # Qwen3-VL-MoE's router always renormalises its top-k weights
         return args
 
     def to_hf_config(self) -> dict[str, Any]:
         """config.json in the released spelling, with the source's other keys kept."""
         if self.multimodal_config:
-            text = dataclasses.replace(self, multimodal_config={}).to_hf_config()
+            text = dataclasses.replace(self, multimodal_config={}, vision=None).to_hf_config()
             del text["architectures"]
+            if self.vision is not None:
+                _write_vision_text(self, text, VISION_ARCHITECTURES[_architecture(self.multimodal_config)])
             config = dict(self.multimodal_config, text_config=text, tie_word_embeddings=self.tie_word_embeddings)
             config["dtype" if "dtype" in config else "torch_dtype"] = _dtype_name(self.dtype)
             return dict(sorted(config.items()))
@@ -343,6 +363,17 @@ def _read_hybrid(args: ModelArgs, architecture: str, config: dict[str, Any]) -> 
     if architecture == NEXT_ARCHITECTURE:
         args.decoder_sparse_step = config.get("decoder_sparse_step", 1)
         args.mlp_only_layers = list(config.get("mlp_only_layers") or [])
+
+
+def _write_vision_text(args: ModelArgs, text: dict[str, Any], model_type: str) -> None:
+    """A Qwen3-VL text_config: its model_type, and rope_parameters with mrope_section (released spelling too)."""
+    text["model_type"] = model_type
+    rope = {"rope_type": "default", **args.rope_extra}
+    text["rope_scaling"] = rope
+    text["rope_parameters"] = {**rope, "rope_theta": args.rope_theta}
+    if args.is_moe:
+        for key in ("norm_topk_prob", "use_sliding_window", "sliding_window"):  # not Qwen3VLMoeTextConfig's keys
+            text.pop(key, None)
 
 
 def _write_hybrid(args: ModelArgs, config: dict[str, Any]) -> None:

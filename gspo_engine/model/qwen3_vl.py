@@ -1,0 +1,213 @@
+"""Qwen3-VL (dense and MoE): the vision tower, and Qwen3 / Qwen3-MoE text layers under multimodal RoPE.
+
+A forward embeds the tokens, puts the tower's merged image features in place of the image tokens
+(in order: the images of row 0 first, each row's in the order its image tokens appear), runs the
+Qwen3 layers with cos / sin from the three position ids of mrope.py, and after layer i < number of
+DeepStack mergers adds that merger's features to the hidden states of the image tokens.
+
+The module names are those of Qwen3Model plus `visual` (vision.py); hf_checkpoint.py maps them to the
+released keys (`model.language_model.*`, `model.visual.*`, `lm_head.weight`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from gspo_engine.model.args import ModelArgs
+from gspo_engine.model.kv_cache import KVCache
+from gspo_engine.model.layers import attention_mask_4d
+from gspo_engine.model.moe import Routing, switch_aux_loss
+from gspo_engine.model.mrope import mrope_cos_sin, mrope_position_ids
+from gspo_engine.model.packed import PackedSequences
+from gspo_engine.model.qwen3 import ModelOutput, Qwen3Model
+from gspo_engine.model.qwen3_next import build_model as build_text_model
+from gspo_engine.model.vision import VisionFeatures, VisionTower
+
+
+@dataclass
+class ImageInputs:
+    """The processor's output for a set of images: pixel_values [N, patch_dim], grid_thw [I, 3] (int64)."""
+
+    pixel_values: torch.Tensor
+    grid_thw: torch.Tensor
+
+    def to(self, device: torch.device | str) -> "ImageInputs":
+        return ImageInputs(self.pixel_values.to(device), self.grid_thw.to(device))
+
+
+class Qwen3VLModel(Qwen3Model):
+    """Qwen3Model's interface (forward_hidden, forward, lm_head_weight) with images.
+
+    position_ids may be [3, B, T] (multimodal; from `position_ids_for`) or [B, T] / None as for
+    Qwen3Model, in which case a prompt with images gets its multimodal positions computed here.
+    """
+
+    def __init__(self, args: ModelArgs):
+        if args.vision is None:
+            raise ValueError("Qwen3VLModel needs vision arguments (args.vision)")
+        super().__init__(args)
+        self.visual = VisionTower(args.vision)
+
+    def encode_images(self, images: ImageInputs) -> VisionFeatures:
+        return self.visual(images.pixel_values, images.grid_thw)
+
+    def position_ids_for(
+        self, input_ids: torch.Tensor, grid_thw: torch.Tensor | None, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [3, B, T] and deltas [B] for rows input_ids [B, T] whose images have grid_thw [I, 3] (row-major).
+
+        Padding columns (attention_mask 0) get position 0, as transformers gives them.
+        """
+        vision = self.args.vision
+        batch, seq = input_ids.shape
+        positions = torch.zeros(3, batch, seq, dtype=torch.long, device=input_ids.device)
+        deltas = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+        grids = grid_thw if grid_thw is not None else torch.zeros(0, 3, dtype=torch.long)
+        used = 0
+        for row in range(batch):
+            keep = slice(None) if attention_mask is None else attention_mask[row].bool()
+            tokens = input_ids[row][keep]
+            count = _image_runs(tokens, vision.image_token_id)
+            row_positions, delta = mrope_position_ids(
+                tokens, grids[used : used + count], vision.image_token_id, vision.spatial_merge_size
+            )
+            positions[:, row, keep] = row_positions
+            deltas[row] = delta
+            used += count
+        if used != grids.shape[0]:
+            raise ValueError(f"{grids.shape[0]} image grids given for {used} images in the rows")
+        return positions, deltas
+
+    def forward_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        forced_experts: Sequence[torch.Tensor | None] | None = None,
+        cache: KVCache | None = None,
+        packed: PackedSequences | None = None,
+        images: ImageInputs | None = None,
+        image_features: VisionFeatures | None = None,
+    ) -> ModelOutput:
+        """As Qwen3Model.forward_hidden, with the images of the rows' image tokens as `images` (run through the
+        tower here) or as `image_features` (the tower's output, e.g. computed once for a group of completions).
+
+        A packed row (model/packed.py) computes each sequence's multimodal positions on its own unless
+        position_ids [3, 1, N] are given.
+        """
+        if images is not None and image_features is not None:
+            raise ValueError("give images or image_features, not both")
+        batch, seq = input_ids.shape
+        if packed is not None:
+            packed.check_row(input_ids)
+            if attention_mask is not None or cache is not None:
+                raise ValueError("a packed forward takes neither an attention_mask nor a cache: it holds no padding")
+        moe_layers = self.args.moe_layers
+        if forced_experts is not None and len(forced_experts) != len(moe_layers):
+            raise ValueError(f"forced_experts has {len(forced_experts)} entries for {len(moe_layers)} MoE layers")
+        grid_thw = None if images is None else images.grid_thw
+        if position_ids is None and cache is not None:
+            raise ValueError("a forward with a cache needs position_ids")
+        if position_ids is None:
+            position_ids = self._default_position_ids(input_ids, attention_mask, grid_thw, packed)
+        elif position_ids.dim() == 2:
+            position_ids = position_ids[None].expand(3, *position_ids.shape)
+        if images is not None:
+            image_features = self.encode_images(images)
+
+        x = self.embed_tokens(input_ids)
+        image_mask = None
+        if image_features is not None:
+            image_mask = input_ids == self.args.vision.image_token_id
+            count = int(image_mask.sum())
+            if count != image_features.embeds.shape[0]:
+                raise ValueError(
+                    f"the rows hold {count} image tokens and the images give {image_features.embeds.shape[0]} features"
+                )
+            x = x.masked_scatter(image_mask[..., None], image_features.embeds.to(x.dtype))
+        cos, sin = mrope_cos_sin(self.args, position_ids, x.dtype)
+        if cache is not None:
+            attn_mask = cache.attention_mask(attention_mask, seq)
+        else:
+            attn_mask = None if attention_mask is None else attention_mask_4d(attention_mask)
+
+        deepstack = [] if image_features is None else image_features.deepstack
+        forced = iter(forced_experts or [None] * len(moe_layers))
+        routing: list[Routing] = []
+        for index, block in enumerate(self.layers):
+            layer_forced = next(forced) if block.is_moe else None
+            layer_cache = None if cache is None else cache.layers[index]
+            if self.args.activation_checkpointing and torch.is_grad_enabled():
+                x, layer_routing = checkpoint(
+                    block, x, cos, sin, attn_mask, layer_forced, layer_cache, packed, use_reentrant=False
+                )
+            else:
+                x, layer_routing = block(x, cos, sin, attn_mask, layer_forced, layer_cache, packed)
+            if layer_routing is not None:
+                routing.append(layer_routing)
+            if index < len(deepstack):
+                mask = image_mask[..., None]
+                x = x.masked_scatter(mask, x[image_mask] + deepstack[index].to(x.dtype))
+        if cache is not None:
+            cache.advance(seq)
+
+        output = ModelOutput(hidden_states=self.norm(x), routing=routing)
+        if self.args.router_aux_loss and routing:
+            token_mask = None if attention_mask is None else attention_mask.reshape(-1)
+            losses = [switch_aux_loss(r, self.args.num_experts, token_mask) for r in routing]
+            output.aux_loss = self.args.router_aux_loss_coef * torch.stack(losses).mean()
+        return output
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        forced_experts: Sequence[torch.Tensor | None] | None = None,
+        packed: PackedSequences | None = None,
+        images: ImageInputs | None = None,
+        image_features: VisionFeatures | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] in the model dtype."""
+        hidden = self.forward_hidden(
+            input_ids, attention_mask, position_ids, forced_experts, packed=packed, images=images,
+            image_features=image_features,
+        ).hidden_states
+        return F.linear(hidden, self.lm_head_weight)
+
+    def _default_position_ids(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, grid_thw: torch.Tensor | None,
+        packed: PackedSequences | None,
+    ) -> torch.Tensor:
+        if packed is None:
+            return self.position_ids_for(input_ids, grid_thw, attention_mask)[0]
+        vision = self.args.vision
+        pieces, used = [], 0
+        grids = grid_thw if grid_thw is not None else torch.zeros(0, 3, dtype=torch.long)
+        for tokens in input_ids[0].split(list(packed.lengths)):
+            count = _image_runs(tokens, vision.image_token_id)
+            positions, _ = mrope_position_ids(
+                tokens, grids[used : used + count], vision.image_token_id, vision.spatial_merge_size
+            )
+            pieces.append(positions)
+            used += count
+        return torch.cat(pieces, dim=1)[:, None]
+
+
+def _image_runs(tokens: torch.Tensor, image_token_id: int) -> int:
+    """How many runs of consecutive image tokens (one per image) tokens [T] holds."""
+    is_image = (tokens == image_token_id).to(torch.int8)
+    if is_image.numel() == 0:
+        return 0
+    starts = is_image[1:] > is_image[:-1]
+    return int(starts.sum()) + int(is_image[0])
+
+
+def build_model(args: ModelArgs) -> Qwen3Model:
+    """The model class the arguments describe: Qwen3VLModel with a vision tower, else qwen3_next.build_model's."""
+    return Qwen3VLModel(args) if args.vision is not None else build_text_model(args)
