@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from gspo_engine.config import Config
 from gspo_engine.model import ModelArgs
+from gspo_engine.model.args import NEXT_ARCHITECTURE
+from gspo_engine.model.gated_delta_rule import DEFAULT_CHUNK_SIZE
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,14 @@ def block_activation_bytes(args: ModelArgs, compute: Compute, moe: bool) -> int:
         + norm_bytes(hidden, r)  # post-attention norm
         + compute.mlp_copies * c * hidden  # its output, as the MLP (or router and experts) reads it
     )
+    return attention + mlp_bytes(args, compute, moe)
+
+
+def mlp_bytes(args: ModelArgs, compute: Compute, moe: bool) -> int:
+    """What the dense MLP (gate, silu(gate), up, their product) or the routed experts keep, past their input."""
+    c = compute.compute
     if not moe:
-        return attention + 4 * c * args.intermediate_size  # gate, silu(gate), up, their product
+        return 4 * c * args.intermediate_size
     experts, k, inter = args.num_experts, args.num_experts_per_tok, args.moe_intermediate_size
     routing = (
         c * experts  # router logits, held in the output's Routing until the micro-batch ends
@@ -83,7 +91,86 @@ def block_activation_bytes(args: ModelArgs, compute: Compute, moe: bool) -> int:
         + 4 * k + 4 + c * k  # top-k weights, their sum, the renormalised weights the experts read
     )
     # gate / up pre-activations of the k routed copies of the token, and their sort order
-    return attention + routing + k * 2 * inter * c + 8 * k
+    return routing + k * 2 * inter * c + 8 * k
+
+
+def zero_centred_norm_bytes(width: int) -> int:
+    """A zero-centred RMSNorm (the hybrid models') keeps its input in fp32 (or an fp32 copy), the fp32 normalised
+    value the (1 + weight) product needs, and the rsqrt."""
+    return 8 * width + 4
+
+
+def hybrid_block_activation_bytes(args: ModelArgs, compute: Compute, layer: int) -> int:
+    """Bytes per token one Qwen3-Next / Qwen3.5 block keeps for its backward (gspo_engine/model/qwen3_next.py).
+
+    Its token mixer (gated attention or Gated DeltaNet), then its MLP: the dense one, or the routed
+    experts plus the shared expert. Checked against what autograd saves in tests/test_qwen3_next_plan.py,
+    but for the gated delta rule and the convolution, whose tensors are those flash-linear-attention's
+    CUDA kernels keep (linear_attention_kernel_bytes).
+    """
+    hidden, c = args.hidden_size, compute.compute
+    if args.is_linear_attention_layer(layer):
+        mixer = linear_attention_bytes(args, compute) + linear_attention_kernel_bytes(args, compute)
+    else:
+        mixer = gated_attention_bytes(args, compute)
+    moe = args.is_moe_layer(layer)
+    mlp = compute.mlp_copies * c * hidden + mlp_bytes(args, compute, moe)  # the MLP's input, as its matmuls read it
+    if moe:
+        shared = args.shared_expert_intermediate_size
+        mlp += (
+            (3 * c * hidden if compute.autocast_copies else 0)  # the input cast for the gate and the shared gate / up
+            + 4 * c * shared  # the shared expert's gate, silu(gate), up, their product
+            + c + c * hidden  # sigmoid(shared gate) and the shared expert's output, which it scales
+        )
+    return 2 * zero_centred_norm_bytes(hidden) + mixer + mlp
+
+
+def gated_attention_bytes(args: ModelArgs, compute: Compute) -> int:
+    """The full-attention mixer of the hybrid models: Qwen3's attention with zero-centred q / k norms and a
+    sigmoid output gate (q_proj gives [q | gate] per head)."""
+    heads, kv_heads, head_dim, c = args.num_attention_heads, args.num_key_value_heads, args.head_dim, compute.compute
+    query, key = heads * head_dim, kv_heads * head_dim
+    # In fp32 the q norm reads a view of q_proj's output, whose gate half its storage keeps too.
+    gate_half = 4 * query if c == 4 else 0
+    return (
+        compute.attention_copies * c * args.hidden_size  # the norm's output, as the q / k / v matmuls read it
+        + 8 * (query + key) + 4 * (heads + kv_heads) + gate_half  # the zero-centred q and k norms
+        + c * (query + 2 * key) + 4 * heads + c * query  # q, k, v as attention reads them, its log-sum-exp, output
+        + 3 * c * query  # sigmoid(gate), the output reshaped, their product (o_proj's input)
+    )
+
+
+def linear_attention_bytes(args: ModelArgs, compute: Compute) -> int:
+    """The Gated DeltaNet mixer (gspo_engine/model/gated_deltanet.py) around its two kernels: projection inputs,
+    beta and the decay's softplus, the gated RMSNorm and out_proj's input."""
+    c, hidden = compute.compute, args.hidden_size
+    value_heads = args.linear_num_value_heads
+    value_dim = value_heads * args.linear_value_head_dim
+    projections = 2 if args.architecture == NEXT_ARCHITECTURE else 4  # qkvz, ba | qkv, z, b, a
+    product = 4 if compute.residual == 4 else c  # weight * normalised: fp32 unless the weights are bf16
+    return (
+        c * hidden * (projections if compute.autocast_copies else 1)  # the norm's output, as the matmuls read it
+        + c * value_heads + 8 * value_heads  # beta = sigmoid(b); softplus(a + dt_bias), its input and output
+        + 4 * value_dim + 4 * value_heads  # the gated norm: the rule's output in fp32, the rsqrt
+        + c * value_dim + product * value_dim  # the normalised output cast back, times the weight
+        + 8 * value_dim  # silu(z) and z in fp32
+        + c * value_dim  # out_proj's input
+    )
+
+
+def linear_attention_kernel_bytes(args: ModelArgs, compute: Compute) -> int:
+    """What flash-linear-attention's convolution and chunked gated delta rule keep (fla-core 0.6.0, CUDA): the
+    convolution's input and output (v is a view of the output), the l2-normalised q and k with their rsqrt, the
+    decay's chunk-local cumulative sum and the [chunk] row per value head of the inverted chunk matrix A.
+    Our CPU rule keeps more: it is not counted."""
+    c = compute.compute
+    key_dim = args.linear_num_key_heads * args.linear_key_head_dim
+    conv_dim = 2 * key_dim + args.linear_num_value_heads * args.linear_value_head_dim
+    return (
+        2 * c * conv_dim
+        + 2 * c * key_dim + 8 * args.linear_num_key_heads
+        + 4 * args.linear_num_value_heads + c * args.linear_num_value_heads * DEFAULT_CHUNK_SIZE
+    )
 
 
 def gradient_bytes(args: ModelArgs, compute: Compute, moe: bool) -> int:
@@ -132,7 +219,10 @@ class TokenBytes:
 
 def token_bytes(args: ModelArgs, compute: Compute, config: Config) -> TokenBytes:
     layers = [args.is_moe_layer(i) for i in range(args.num_hidden_layers)]
-    per_block = [block_activation_bytes(args, compute, moe) for moe in layers]
+    if args.is_hybrid:
+        per_block = [hybrid_block_activation_bytes(args, compute, i) for i in range(args.num_hidden_layers)]
+    else:
+        per_block = [block_activation_bytes(args, compute, moe) for moe in layers]
     hidden = args.hidden_size
     # The final norm's output is fp32 unless the weights are bf16; head_inputs casts it to bf16 under autocast.
     output = 2 if compute.residual == 2 else 4
