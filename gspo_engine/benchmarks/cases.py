@@ -3,7 +3,7 @@
 A row is the unit shared by `gspo-engine bench --json`, bench/gpu_check.py's results.json and
 the pytest suite's summary:
 
-    kernel               "loss" | "fused-linear" | "moe" | "e2e"
+    kernel               "loss" | "fused-linear" | "moe" | "gated-deltanet" | "e2e"
     case                 shape and dtype, e.g. "sequence B=512 T=2048 bfloat16"
     implementation       "gspo_kernels", "reference", or a peer ("liger-chunked", "transformers-grouped_mm", ...)
     status               "ok" | "error" | "skipped" | "not run"
