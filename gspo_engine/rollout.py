@@ -165,6 +165,7 @@ def generate(
     return_routing: bool = False,
     kv_cache_gb: float | None = None,
     cuda_graphs: bool | None = None,
+    vision: list | None = None,
 ) -> Generation:
     """Up to max_new_tokens tokens after each prompt (token ids), stopping a row at its first eos.
 
@@ -176,9 +177,13 @@ def generate(
     run at once, the others wait for a free slot (None: every prompt at once). cuda_graphs: replay
     the decode steps as CUDA graphs (None: on CUDA where the model allows it, see
     decoding/graphs.graph_blocker). See Generation for the outputs and sample_next for
-    temperature, top_k and top_p.
+    temperature, top_k and top_p. vision (a Qwen3-VL model): per prompt, its model.qwen3_vl.PromptVision
+    (image features and multimodal positions, computed once per prompt) or None for a text-only one; a
+    VL model never draws its image / video / vision-marker tokens.
     """
     _validate(model, prompts, max_new_tokens, temperature, top_p, top_k, kv_cache_gb)
+    if vision is not None and len(vision) != len(prompts):
+        raise ValueError(f"vision holds {len(vision)} entries for {len(prompts)} prompts")
     weight = model.embed_tokens.weight
     device, dtype = weight.device, weight.dtype
     if torch.is_autocast_enabled(device.type):
@@ -195,8 +200,10 @@ def generate(
     slots = kv_cache_slots(model.args, batch, capacity, dtype, kv_cache_gb)
     record_routing = return_routing and bool(model.args.moe_layers)
     routing_shape = (len(model.args.moe_layers), model.args.num_experts_per_tok) if record_routing else None
+    vision_args = model.args.vision
+    banned = None if vision_args is None else torch.tensor(vision_args.special_token_ids, device=device)
     sampler = Sampler(temperature, top_k, top_p, _eos_ids(eos_token_id, device), max_new_tokens,
-                      _sampling_keys(temperature, seed, sample_ids, batch, device))
+                      _sampling_keys(temperature, seed, sample_ids, batch, device), banned)
 
     cache = KVCache.allocate(model.args, slots, capacity, dtype, device)
     state = SlotState.allocate(slots, batch, device)
@@ -211,7 +218,9 @@ def generate(
         synchronize(device)
         start = time.perf_counter()
         for slot_ids, samples in schedule.admissions():
-            experts = admit(model, cache, state, out, sampler, slot_ids, [prompts[s] for s in samples], samples)
+            prompt_vision = None if vision is None else [vision[s] for s in samples]
+            experts = admit(model, cache, state, out, sampler, slot_ids, [prompts[s] for s in samples], samples,
+                            prompt_vision)
             if experts is not None:
                 for sample, record in zip(samples, experts):
                     prompt_experts[sample] = record

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from gspo_engine.decoding.sampling import sample_next, token_keys
 from gspo_engine.model import Qwen3Model
 from gspo_engine.model.kv_cache import KVCache
+from gspo_engine.model.vision import VisionFeatures
 from gspo_engine.routing_replay import stack_routing
 
 
@@ -31,11 +32,14 @@ class Sampler:
     eos_ids: torch.Tensor  # int64 [E], possibly empty
     max_new_tokens: int
     keys: torch.Tensor | None
+    banned_ids: torch.Tensor | None = None  # int64 [n]: tokens never drawn (a VL model's image / vision markers)
 
     def draw(self, model: Qwen3Model, hidden: torch.Tensor, sample_keys: torch.Tensor | None,
              token_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens [R] and log-probs fp32 [R] from the last hidden states [R, H] of R rows."""
         logits = F.linear(hidden, model.lm_head_weight).float()
+        if self.banned_ids is not None:
+            logits = logits.index_fill(-1, self.banned_ids, float("-inf"))
         keys = None if sample_keys is None else token_keys(sample_keys, token_index)
         return sample_next(logits, self.temperature, self.top_k, self.top_p, None, keys)
 
@@ -77,13 +81,16 @@ class Completions:
 
 @dataclass
 class SlotState:
-    """Per slot [S], on the device: the token fed next, completion tokens drawn, ended, sample index, key."""
+    """Per slot [S], on the device: the token fed next, completion tokens drawn, ended, sample index, key, and
+    position_offset: what a token's position exceeds its column by (a prompt with images ends below its
+    length in multimodal RoPE, model/mrope.py; 0 otherwise)."""
 
     token: torch.Tensor
     drawn: torch.Tensor
     done: torch.Tensor
     sample: torch.Tensor
     key: torch.Tensor
+    position_offset: torch.Tensor
 
     @classmethod
     def allocate(cls, slots: int, discard_row: int, device: torch.device) -> "SlotState":
@@ -91,11 +98,12 @@ class SlotState:
             return torch.zeros(slots, dtype=dtype, device=device)
 
         return cls(zeros(torch.long), zeros(torch.long), torch.ones(slots, dtype=torch.bool, device=device),
-                   torch.full((slots,), discard_row, dtype=torch.long, device=device), zeros(torch.long))
+                   torch.full((slots,), discard_row, dtype=torch.long, device=device), zeros(torch.long),
+                   zeros(torch.long))
 
     def move(self, source: torch.Tensor, target: torch.Tensor, discard_row: int) -> None:
         """Slots `source` [n] go to slots `target` [n]; the sources are left free (ended, writing nowhere)."""
-        for tensor in (self.token, self.drawn, self.done, self.sample, self.key):
+        for tensor in (self.token, self.drawn, self.done, self.sample, self.key, self.position_offset):
             tensor[target] = tensor[source]
         self.done[source] = True
         self.sample[source] = discard_row
@@ -130,7 +138,8 @@ def decode_step(model: Qwen3Model, cache: KVCache, slots: SlotState, out: Comple
     Reads and writes the slot, cache and completion tensors in place; no value reaches the host.
     """
     view = cache.decode(rows, columns)
-    output = model.forward_hidden(slots.token[:rows, None], position_ids=view.column_index[:, None], cache=view)
+    positions = view.column_index + slots.position_offset[:rows]
+    output = model.forward_hidden(slots.token[:rows, None], position_ids=positions[:, None], cache=view)
     keys = None if sampler.keys is None else slots.key[:rows]
     tokens, logps = sampler.draw(model, output.hidden_states[:, -1], keys, slots.drawn[:rows])
     experts = None
@@ -140,11 +149,13 @@ def decode_step(model: Qwen3Model, cache: KVCache, slots: SlotState, out: Comple
 
 
 def admit(model: Qwen3Model, cache: KVCache, slots: SlotState, out: Completions, sampler: Sampler,
-          slot_ids: list[int], prompts: list[list[int]], samples: list[int]) -> list[torch.Tensor] | None:
+          slot_ids: list[int], prompts: list[list[int]], samples: list[int],
+          vision: list | None = None) -> list[torch.Tensor] | None:
     """Prefill `prompts` (those of `samples`) into the free slots `slot_ids` and draw each one's first token.
 
     One right-padded forward; returns, when out.experts is kept, each prompt's experts
-    [len(prompt), moe_layers, k] int16 on the device (None otherwise).
+    [len(prompt), moe_layers, k] int16 on the device (None otherwise). vision: per prompt, its
+    model.qwen3_vl.PromptVision or None (a Qwen3-VL model's prompts with images).
     """
     device = slots.token.device
     rows, width = len(samples), max(len(p) for p in prompts)
@@ -155,9 +166,15 @@ def admit(model: Qwen3Model, cache: KVCache, slots: SlotState, out: Completions,
     attention_mask = (torch.arange(width, device=device)[None, :] < lengths[:, None]).long()
     at = torch.tensor(slot_ids, device=device)
     sample_index = torch.tensor(samples, device=device)
+    position_ids = torch.arange(width, device=device)[None].expand(rows, -1)
+    extra = {}
+    if vision is not None and any(v is not None for v in vision):
+        position_ids, offsets, extra["image_features"] = _vision_prefill(vision, position_ids)
+        slots.position_offset[at] = offsets
+    else:
+        slots.position_offset[at] = 0
     output = model.forward_hidden(
-        input_ids.to(device), attention_mask, torch.arange(width, device=device)[None].expand(rows, -1),
-        cache=cache.prefill(at, lengths),
+        input_ids.to(device), attention_mask, position_ids, cache=cache.prefill(at, lengths), **extra
     )
     slots.sample[at] = sample_index
     slots.done[at] = False
@@ -172,3 +189,17 @@ def admit(model: Qwen3Model, cache: KVCache, slots: SlotState, out: Completions,
         return None
     experts = stack_routing(output.routing, rows, width).to(torch.int16)
     return [experts[row, : len(prompt)] for row, prompt in enumerate(prompts)]
+
+
+def _vision_prefill(vision: list, text_positions: torch.Tensor):
+    """Multimodal position_ids [3, R, W], each row's position offset [R] and the rows' image features, in row order."""
+    position_ids = text_positions[None].expand(3, -1, -1).clone()
+    offsets = torch.zeros(position_ids.shape[1], dtype=torch.long, device=position_ids.device)
+    features = []
+    for row, prompt in enumerate(vision):
+        if prompt is None:
+            continue
+        position_ids[:, row, : prompt.position_ids.shape[1]] = prompt.position_ids
+        offsets[row] = prompt.delta
+        features.append(prompt.features)
+    return position_ids, offsets, VisionFeatures.concat(features)

@@ -79,7 +79,10 @@ def mrope_cos_sin(args: ModelArgs, position_ids: torch.Tensor, dtype: torch.dtyp
     """cos, sin [B, T, head_dim] for position_ids [3, B, T], cast to the activations' dtype."""
     if position_ids.dim() != 3 or position_ids.shape[0] != 3:
         raise ValueError(f"multimodal position_ids must be [3, B, T], got shape {tuple(position_ids.shape)}")
-    inv_freq, attention_factor = inverse_frequencies(args, int(position_ids.max()) + 1, position_ids.device)
+    seq_len = 0  # only "dynamic" scaling reads it, and reading it waits for the device
+    if args.rope_scaling is not None and args.rope_scaling.rope_type == "dynamic":
+        seq_len = int(position_ids.max()) + 1
+    inv_freq, attention_factor = inverse_frequencies(args, seq_len, position_ids.device)
     freqs = position_ids[..., None].to(torch.float32) * inv_freq  # [3, B, T, dim / 2]
     section = mrope_section(args)
     which = torch.zeros(inv_freq.shape[0], dtype=torch.long, device=position_ids.device)

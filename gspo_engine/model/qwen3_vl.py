@@ -40,6 +40,22 @@ class ImageInputs:
         return ImageInputs(self.pixel_values.to(device), self.grid_thw.to(device))
 
 
+@dataclass
+class PromptVision:
+    """What a prompt with images needs at every forward, computed once per prompt.
+
+    features: the tower's output for the prompt's images (in their order in the prompt);
+    position_ids [3, L] of the prompt's L tokens; delta: the text position of token j >= L is j + delta.
+    """
+
+    features: VisionFeatures
+    position_ids: torch.Tensor
+    delta: int
+
+    def detach(self) -> "PromptVision":
+        return PromptVision(self.features.detach(), self.position_ids, self.delta)
+
+
 class Qwen3VLModel(Qwen3Model):
     """Qwen3Model's interface (forward_hidden, forward, lm_head_weight) with images.
 
@@ -55,6 +71,20 @@ class Qwen3VLModel(Qwen3Model):
 
     def encode_images(self, images: ImageInputs) -> VisionFeatures:
         return self.visual(images.pixel_values, images.grid_thw)
+
+    def prompt_vision(
+        self, input_ids: torch.Tensor, images: ImageInputs, features: VisionFeatures | None = None
+    ) -> PromptVision:
+        """PromptVision of one prompt input_ids [L] whose images are `images` (features: their tower output,
+        when already computed)."""
+        vision = self.args.vision
+        device = self.embed_tokens.weight.device
+        position_ids, delta = mrope_position_ids(
+            input_ids.cpu(), images.grid_thw.cpu(), vision.image_token_id, vision.spatial_merge_size
+        )
+        if features is None:
+            features = self.encode_images(images.to(device))
+        return PromptVision(features, position_ids.to(device), delta)
 
     def position_ids_for(
         self, input_ids: torch.Tensor, grid_thw: torch.Tensor | None, attention_mask: torch.Tensor | None = None
