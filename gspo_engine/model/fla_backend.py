@@ -63,8 +63,10 @@ def causal_conv1d(
 ) -> torch.Tensor:
     """fla.modules.causal_conv1d: x [B, T, D], weight [D, W]; each sequence of cu_seqlens starts from zeros."""
     conv = _import("fla.modules.causal_conv1d")
+    # Under autocast x arrives in its dtype while the weight is the fp32 master copy: autocast does not
+    # reach a custom kernel, so the cast it would make for a convolution is made here.
     y, _ = conv.causal_conv1d(
-        x, weight=weight, activation=activation,
+        x, weight=weight.to(x.dtype), activation=activation,
         cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(torch.long),
     )
     return y
