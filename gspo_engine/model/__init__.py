@@ -2,6 +2,7 @@
 gspo_engine/hf_checkpoint.py for loading Hugging Face weights."""
 
 from gspo_engine.model.args import ModelArgs, RopeScaling
+from gspo_engine.model.hybrid_cache import HybridCache  # registers itself with KVCache.allocate and slot_bytes
 from gspo_engine.model.moe import Routing
 from gspo_engine.model.packed import PackedSequences
 from gspo_engine.model.qwen3 import ModelOutput, Qwen3Model
@@ -10,6 +11,6 @@ from gspo_engine.model.qwen3_vl import ImageInputs, Qwen3VLModel, build_model
 from gspo_engine.model.vision import VisionFeatures
 
 __all__ = [
-    "ImageInputs", "ModelArgs", "ModelOutput", "PackedSequences", "Qwen3Model", "Qwen3NextModel", "Qwen3VLModel",
+    "HybridCache", "ImageInputs", "ModelArgs", "ModelOutput", "PackedSequences", "Qwen3Model", "Qwen3NextModel", "Qwen3VLModel",
     "RopeScaling", "Routing", "VisionFeatures", "build_model",
 ]

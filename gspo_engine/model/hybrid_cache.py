@@ -13,8 +13,8 @@ import weakref
 
 import torch
 
-from gspo_engine.model.args import ModelArgs
-from gspo_engine.model.kv_cache import DecodeView, KVCache, LayerKVCache, PrefillView
+from gspo_engine.model.args import HYBRID_ARCHITECTURES, ModelArgs
+from gspo_engine.model.kv_cache import STATEFUL_CACHES, DecodeView, KVCache, LayerKVCache, PrefillView
 
 
 def linear_state_shapes(args: ModelArgs) -> tuple[tuple[int, int], tuple[int, int, int]]:
@@ -78,6 +78,10 @@ class HybridCache(KVCache):
             capacity,
         )
 
+    @staticmethod
+    def slot_bytes(args: ModelArgs, capacity: int, dtype: torch.dtype) -> int:
+        return hybrid_slot_bytes(args, capacity, dtype)
+
     @property
     def nbytes(self) -> int:
         states = list(self.conv.values()) + list(self.recurrent.values())
@@ -137,3 +141,7 @@ class HybridDecodeView(DecodeView):
         self.layers = cache.view_layers(self, slice(0, rows))
         self.row_index = torch.arange(rows, device=cache.lengths.device)
         self.column_index = cache.lengths[:rows].clamp(max=cache.capacity - 1)
+
+
+# KVCache.allocate and slot_bytes hand the hybrid models to HybridCache (the package imports this module).
+STATEFUL_CACHES.update(dict.fromkeys(HYBRID_ARCHITECTURES, HybridCache))

@@ -23,12 +23,15 @@ import torch
 from gspo_engine.model.args import ModelArgs
 
 
+# The caches of models whose layers keep more than keys and values, by ModelArgs.architecture. Each registers
+# itself where it is defined (model/hybrid_cache.py: Qwen3-Next / Qwen3.5), so that this module imports none.
+STATEFUL_CACHES: dict[str, type["KVCache"]] = {}
+
+
 def slot_bytes(args: ModelArgs, capacity: int, dtype: torch.dtype) -> int:
     """Bytes of one slot of `capacity` columns: keys and values of every layer, and its length."""
-    if args.is_hybrid:  # keys and values of the full-attention layers only, states of the others
-        from gspo_engine.model.hybrid_cache import hybrid_slot_bytes
-
-        return hybrid_slot_bytes(args, capacity, dtype)
+    if args.architecture in STATEFUL_CACHES:
+        return STATEFUL_CACHES[args.architecture].slot_bytes(args, capacity, dtype)
     element = torch.empty((), dtype=dtype).element_size()
     return 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * capacity * element + 8
 
@@ -44,11 +47,8 @@ class KVCache:
     def allocate(
         cls, args: ModelArgs, slots: int, capacity: int, dtype: torch.dtype, device: torch.device
     ) -> "KVCache":
-        if args.is_hybrid:
-            # Qwen3-Next / Qwen3.5: their linear-attention layers keep states, not keys and values.
-            from gspo_engine.model.hybrid_cache import HybridCache
-
-            return HybridCache.allocate(args, slots, capacity, dtype, device)
+        if cls is KVCache and args.architecture in STATEFUL_CACHES:
+            return STATEFUL_CACHES[args.architecture].allocate(args, slots, capacity, dtype, device)
         shape = (slots, args.num_key_value_heads, capacity, args.head_dim)
         layers = range(args.num_hidden_layers)
         return cls(
