@@ -176,7 +176,8 @@ def generate(
     global generator. kv_cache_gb (decimal GB) bounds the KV cache: as many sequences as it holds
     run at once, the others wait for a free slot (None: every prompt at once). cuda_graphs: replay
     the decode steps as CUDA graphs (None: on CUDA where the model allows it, see
-    decoding/graphs.graph_blocker). See Generation for the outputs and sample_next for
+    decoding/graphs.graph_blocker, and eagerly after a capture that fails; True: a failed capture
+    raises). See Generation for the outputs and sample_next for
     temperature, top_k and top_p. vision (a Qwen3-VL model): per prompt, its model.qwen3_vl.PromptVision
     (image features and multimodal positions, computed once per prompt) or None for a text-only one; a
     VL model never draws its image / video / vision-marker tokens.
@@ -209,7 +210,7 @@ def generate(
     state = SlotState.allocate(slots, batch, device)
     out = Completions.allocate(batch, max_new_tokens, routing_shape, device)
     runner = DecodeRunner(lambda rows, columns: decode_step(model, cache, state, out, sampler, rows, columns),
-                          slots, capacity, use_graphs)
+                          slots, capacity, use_graphs, required=bool(cuda_graphs))
     schedule = _Schedule(prompts, slots, capacity, finished_check_steps(device))
     prompt_experts: list[torch.Tensor | None] = [None] * batch
 

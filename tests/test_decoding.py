@@ -188,6 +188,24 @@ def test_cuda_graph_decoding_matches_eager_and_never_waits_for_the_device(moe, t
             torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_step_that_cannot_be_captured_runs_eagerly_unless_graphs_are_required():
+    counter = torch.zeros((), device="cuda")
+
+    def step(rows, columns):
+        counter.add_(1)
+        if counter.item() < 0:  # reads back to the host: not allowed while capturing
+            raise AssertionError
+
+    runner = DecodeRunner(step, slots=4, capacity=64, use_graphs=True)
+    for _ in range(3):
+        runner(3, 10)
+    assert not runner.use_graphs and runner.captured == 0 and counter.item() == 3
+    strict = DecodeRunner(step, slots=4, capacity=64, use_graphs=True, required=True)
+    with pytest.raises(RuntimeError):
+        strict(3, 10)
+
+
 def test_routed_experts_is_moe_experts_without_the_range_check():
     import gspo_kernels as gk
 

@@ -11,12 +11,15 @@ memory pool. Elsewhere the same step runs eagerly at the exact sizes.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
 
 from gspo_engine.model import Qwen3Model
 from gspo_engine.model.moe import SparseMoE
+
+logger = logging.getLogger(__name__)
 
 # The fewest columns a captured step attends to: smaller buckets would only add captures.
 SMALLEST_COLUMN_BUCKET = 64
@@ -54,8 +57,11 @@ def graph_sizes(rows: int, columns: int, slots: int, capacity: int) -> tuple[int
 class DecodeRunner:
     """Calls step(rows, columns), eagerly or as replayed CUDA graphs; `sizes` says which sizes it runs."""
 
-    def __init__(self, step: Callable[[int, int], None], slots: int, capacity: int, use_graphs: bool):
+    def __init__(self, step: Callable[[int, int], None], slots: int, capacity: int, use_graphs: bool,
+                 required: bool = False):
+        """required: a capture that fails raises; otherwise the rollout goes on eagerly, with a warning."""
         self.step, self.slots, self.capacity, self.use_graphs = step, slots, capacity, use_graphs
+        self.required = required
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle() if use_graphs else None
 
@@ -80,8 +86,16 @@ class DecodeRunner:
             self.step(rows, columns)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.step(rows, columns)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                self.step(rows, columns)
+        except RuntimeError as error:
+            if self.required:
+                raise
+            # This step has run (the warm-up above): the rest of the rollout decodes eagerly.
+            logger.warning("decode steps run eagerly: capturing one as a CUDA graph failed: %s", error)
+            self.use_graphs = False
+            return
         self.graphs[(rows, columns)] = graph
 
     @property
