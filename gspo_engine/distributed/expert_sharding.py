@@ -35,19 +35,47 @@ EXPERT_WEIGHTS = ("gate_up", "down")
 
 
 class ExpertExchange:
-    """Runs one SparseMoE's experts across its "ep" row: set as SparseMoE.expert_exchange."""
+    """Runs one SparseMoE's experts across its "ep" row: set as SparseMoE.expert_exchange.
 
-    def __init__(self, group: dist.ProcessGroup, flags: ExchangeFlags):
+    replicas: the "dp" group of the ranks that hold the same experts (None when there is one
+    replica); the gradient of the local blocks is summed over it in the backward.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, replicas: dist.ProcessGroup | None, flags: ExchangeFlags):
         self.group = group
+        self.replicas = replicas
         self.flags = flags  # shared by every MoE layer of a model
 
     def __call__(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, gate_up: torch.Tensor,
                  down: torch.Tensor) -> torch.Tensor:
-        return expert_parallel_moe(x, topk_idx, topk_weight, _local(gate_up), _local(down), self.group, self.flags)
+        gate_up, down = self.local(gate_up), self.local(down)
+        return expert_parallel_moe(x, topk_idx, topk_weight, gate_up, down, self.group, self.flags)
+
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        if self.replicas is not None and local.requires_grad:
+            local = _SumOverReplicas.apply(local, self.replicas)
+        return local
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+class _SumOverReplicas(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over the replicas (ranks holding the same experts).
+
+    Part of the graph rather than a hook on the parameter, so it outlives the parameter's
+    replacement (to_empty, state-dict loads) and runs once per backward, in the graph's order on
+    every rank.
+    """
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return local.view_as(local)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def expert_mesh(world_size: int, expert_parallel: int, device: torch.device) -> DeviceMesh:
@@ -68,6 +96,7 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
     ep_mesh, dp_mesh = mesh["ep"], mesh["dp"]
     ep, ep_rank = ep_mesh.size(), ep_mesh.get_local_rank()
     flags = ExchangeFlags()
+    replicas = dp_mesh.get_group() if dp_mesh.size() > 1 else None
     sharded: list[nn.Parameter] = []
     for layer in moe_layers(model):
         if layer.expert_lora is not None:
@@ -79,26 +108,9 @@ def shard_experts(model: nn.Module, mesh: DeviceMesh) -> list[nn.Parameter]:
                                        shape=full.shape, stride=full.stride())
             param = nn.Parameter(local, requires_grad=full.requires_grad)
             setattr(layer, name, param)
-            if dp_mesh.size() > 1 and param.requires_grad:
-                param.register_hook(_sum_over_replicas(dp_mesh.get_group()))
             sharded.append(param)
-        layer.expert_exchange = ExpertExchange(ep_mesh.get_group(), flags)
+        layer.expert_exchange = ExpertExchange(ep_mesh.get_group(), replicas, flags)
     return sharded
-
-
-def _sum_over_replicas(group: dist.ProcessGroup):
-    """A gradient hook: the micro-batch's expert gradient summed over the replicas (ranks holding the same experts)."""
-
-    def hook(grad: torch.Tensor) -> torch.Tensor:
-        local = grad.to_local() if isinstance(grad, DTensor) else grad
-        local = local.contiguous()
-        dist.all_reduce(local, group=group)
-        if isinstance(grad, DTensor):
-            return DTensor.from_local(local, grad.device_mesh, grad.placements, run_check=False,
-                                      shape=grad.shape, stride=grad.stride())
-        return local
-
-    return hook
 
 
 def expert_parameters(model: nn.Module) -> set[nn.Parameter]:

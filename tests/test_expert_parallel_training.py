@@ -1,0 +1,179 @@
+"""Expert parallelism in a whole run (torchrun, gloo on CPU): 2 and 4 ranks whose experts are split over
+groups of 2 or 4 train like one process on the same global batch, generation under it samples the tokens
+of one process, and distributed.expert_parallel is checked against the ranks and the model."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from gspo_engine.config import ConfigError, load_config
+from gspo_engine.distributed.rules import check_expert_parallel
+from test_distributed import SETTINGS, _env, assert_same_weights, metrics, ok, train, weights
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (ranks, distributed.expert_parallel): every rank its own block of experts (2 x 2, 4 x 4), and two
+# replicas of a pair of ranks (4 x 2), whose expert gradients are summed over the replicas.
+LAYOUTS = [(2, 2), (4, 4), (4, 2)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("expert_parallel")
+    config = base / "config.yaml"
+    config.write_text(yaml.safe_dump(SETTINGS))  # tiny-moe: 8 experts; routing replay, KL, checkpointing on
+    out = {"config": config, "single": base / "single"}
+    ok(train(config, out["single"], None))
+    for ranks, ep in LAYOUTS:
+        out[ranks, ep] = base / f"ranks{ranks}_ep{ep}"
+        out[ranks, ep, "log"] = ok(train(config, out[ranks, ep], ranks, "--set", f"distributed.expert_parallel={ep}"))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[f"{r}ranks_ep{ep}" for r, ep in LAYOUTS])
+def test_expert_parallel_ranks_train_like_one_process(runs, layout):
+    single, split = metrics(runs["single"]), metrics(runs[layout])
+    assert len(single) == len(split) == 2
+    for a, b in zip(single, split):
+        assert a["reward_mean"] == b["reward_mean"]  # the same completions were sampled
+        for key in ("loss", "grad_norm", "ratio_mean", "clip_frac", "kl", "response_len_mean"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    assert_same_weights(runs["single"] / "final", runs[layout] / "final")
+    start, end = weights(runs["single"] / "tiny-moe"), weights(runs["single"] / "final")
+    experts = [key for key in start if ".experts." in key]
+    assert experts and max((start[k] - end[k]).abs().max().item() for k in experts) > 1e-4  # the experts moved
+    assert f"experts split over groups of {layout[1]}" in runs[(*layout, "log")].stdout
+
+
+def resume_from(checkpoint: Path, run: Path) -> None:
+    """A new run folder holding `checkpoint` (and the tiny model it started from), for --resume."""
+    import shutil
+
+    run.mkdir(parents=True)
+    shutil.copytree(checkpoint, run / checkpoint.name)
+    shutil.copytree(checkpoint.parent / "tiny-moe", run / "tiny-moe")
+
+
+@pytest.mark.slow
+def test_a_checkpoint_written_with_ep_2_is_sharded_by_expert_and_resumes_with_ep_4_and_in_one_process(runs, tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from gspo_engine.distributed.sharded_checkpoint import SHARDED_DIR, is_sharded_checkpoint
+
+    checkpoint = runs[2, 2] / "checkpoint-1"
+    assert is_sharded_checkpoint(checkpoint)
+    # The whole tensor's shape, each rank's block of 4 experts (with 4 ranks in 2 replicas, each block once).
+    for layout in ((2, 2), (4, 2)):
+        stored = dcp.FileSystemReader(runs[layout] / "checkpoint-1" / SHARDED_DIR).read_metadata().state_dict_metadata
+        for key in ("model.layers.0.mlp.gate_up", "optimizer.state.layers.0.mlp.gate_up.exp_avg_sq"):
+            assert tuple(stored[key].size) == (8, 64, 64)
+            assert sorted(tuple(chunk.offsets) for chunk in stored[key].chunks) == [(0, 0, 0), (4, 0, 0)]
+
+    for ranks, extra in [(4, ["--set", "distributed.expert_parallel=4"]), (None, [])]:
+        run = tmp_path / f"resumed_{ranks}"
+        resume_from(checkpoint, run)
+        result = ok(train(runs["config"], run, ranks, "--resume", *extra))
+        assert "resumed from" in result.stdout and "at step 1" in result.stdout
+        assert_same_weights(runs["single"] / "final", run / "final")
+        assert metrics(run)[-1]["loss"] == pytest.approx(metrics(runs["single"])[-1]["loss"], rel=1e-5, abs=1e-7)
+
+
+@pytest.mark.slow
+def test_export_and_final_of_an_expert_parallel_run_load_in_transformers(runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from gspo_engine.hf_checkpoint import load_pretrained
+
+    out = tmp_path / "hf"
+    ok(subprocess.run([sys.executable, "-m", "gspo_engine", "export", str(runs[4, 4] / "checkpoint-1"), "--output",
+                       str(out)], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240))
+    assert_same_weights(runs["single"] / "checkpoint-1", out)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    for folder in (out, runs[4, 4] / "final"):
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        assert model.config.num_experts == 8
+        ours = load_pretrained(folder, dtype=torch.float32)
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_generation_under_expert_parallelism_samples_the_tokens_of_one_process(ranks, tmp_path):
+    from gspo_engine import generate, load_pretrained
+    from gspo_engine.model.kv_cache import slot_bytes
+    from tiny_checkpoints import build_hf_model, save_hf_model
+
+    checkpoint = save_hf_model(build_hf_model(moe=True, num_experts=8, norm_topk_prob=True), tmp_path / "moe")
+    model = load_pretrained(checkpoint)
+    generator = torch.Generator().manual_seed(3)
+    lengths = [3, 9, 1, 6, 4, 8, 2, 7, 5, 3]
+    prompts = [torch.randint(0, model.args.vocab_size, (n,), generator=generator).tolist() for n in lengths]
+    max_new, seed = 9, 5
+    free = generate(model, prompts, max_new_tokens=max_new, temperature=1.0, seed=seed, sample_ids=list(range(10)))
+    firsts = {}
+    for tokens in free.tokens:
+        for token in set(tokens[2:6]):
+            firsts[token] = firsts.get(token, 0) + 1
+    eos = min(token for token, n in firsts.items() if 2 <= n <= 5)  # some completions end early
+    single = generate(model, prompts, max_new_tokens=max_new, temperature=1.0, seed=seed,
+                      sample_ids=list(range(10)), eos_token_id=eos)
+    # Uneven shares: the ranks run different numbers of forwards.
+    shares = {2: [[0, 2, 4, 5, 6, 8, 9], [1, 3, 7]], 4: [[0, 4, 5, 6, 7], [1], [2, 8], [3, 9]]}[ranks]
+    budget = 2.5 * slot_bytes(model.args, max(lengths) + max_new - 1, torch.float32) / 1e9  # 2 slots per rank
+    spec = {"prompts": prompts, "rows": shares, "max_new_tokens": max_new, "temperature": 1.0, "seed": seed,
+            "eos": eos, "kv_cache_gb": budget}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+         str(ROOT / "tests" / "ep_rollout_ranks.py"), str(checkpoint), str(tmp_path / "spec.json"),
+         str(tmp_path / "out.pt")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    assert [share["rows"] for share in out] == shares
+    for share in out:
+        for row, tokens, logps in zip(share["rows"], share["tokens"], share["logps"]):
+            assert tokens == single.tokens[row], row
+            torch.testing.assert_close(torch.tensor(logps), single.logps[row], rtol=0, atol=1e-5)
+    # The ranks that finished first kept serving the others' exchanges for more than the closing forward.
+    assert max(share["idle_forwards"] for share in out) > 1
+    assert min(share["idle_forwards"] for share in out) == 1
+
+
+def test_expert_parallel_is_checked_against_the_ranks_and_the_model():
+    config = load_config(None, ["distributed.expert_parallel=4"])
+    check_expert_parallel(config, 8, num_experts=128, is_moe=True)
+    check_expert_parallel(config, 4, num_experts=8, is_moe=True)
+    with pytest.raises(ConfigError, match=r"distributed.expert_parallel \(4\) must divide the number of ranks/GPUs \(6\)"):
+        check_expert_parallel(config, 6, num_experts=8, is_moe=True)
+    with pytest.raises(ConfigError, match=r"distributed.expert_parallel \(4\) must divide the number of experts \(6\)"):
+        check_expert_parallel(config, 4, num_experts=6, is_moe=True)
+    with pytest.raises(ConfigError, match=r"distributed.expert_parallel \(4\): expert parallelism splits the experts "
+                                          "of a MoE model"):
+        check_expert_parallel(config, 4, num_experts=0, is_moe=False)
+    with pytest.raises(ConfigError, match=r"divide the number of ranks/GPUs \(1\)"):
+        check_expert_parallel(config, 1, num_experts=8, is_moe=True)
+    check_expert_parallel(load_config(None, []), 1, num_experts=0, is_moe=False)  # 1 is off
+    with pytest.raises(ConfigError, match="distributed.expert_parallel"):
+        load_config(None, ["distributed.expert_parallel=0"])
+
+
+def test_a_plain_process_refuses_expert_parallelism(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(SETTINGS | {"train": {"steps": 1, "cpu_threads": 1}}))
+    result = train(config, tmp_path / "run", None, "--set", "distributed.expert_parallel=2")
+    assert result.returncode != 0
+    assert "distributed.expert_parallel (2) must divide the number of ranks/GPUs (1)" in result.stdout + result.stderr
