@@ -273,13 +273,14 @@ def test_the_one_pass_keyed_sampling_kernel_draws_what_sample_next_draws():
     logits = (torch.randn(rows, vocab, generator=generator) * 4).to(device)
     logits[0, 100:] = float("-inf")  # only 100 candidates
     logits[1] = 0.0  # a flat row: the draw is the noise's alone
+    logits[2, :3000] = float("-inf")  # whole blocks masked before the first candidate
     keys = token_keys(row_keys(9, list(range(rows)), device), torch.arange(rows, device=device))
     for temperature in (0.6, 1.0, 1.7):
         expected_tokens, expected_logps = sample_next(logits.cpu(), temperature, 0, 1.0, None, keys.cpu())
         tokens, logps = keyed_sample(logits, temperature, keys)
         assert torch.equal(tokens.cpu(), expected_tokens)
         torch.testing.assert_close(logps.cpu(), expected_logps, rtol=0, atol=1e-5)
-    assert tokens[0] < 100
+    assert tokens[0] < 100 and tokens[2] >= 3000 and torch.isfinite(logps).all()
 
 
 def test_the_keyed_sampling_kernel_compiles_for_every_gpu_architecture():

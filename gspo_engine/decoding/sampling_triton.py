@@ -46,9 +46,9 @@ def _keyed_sample_kernel(logits_ptr, keys_ptr, tokens_ptr, logps_ptr, V, stride_
         scaled = tl.load(logits_ptr + row.to(tl.int64) * stride_row + column, mask=valid, other=float("-inf")) * inv_temperature
         block_max = tl.max(scaled, axis=0)
         new_max = tl.maximum(running_max, block_max)
-        # exp(-inf - -inf) would be NaN: a row whose logits are all -inf so far adds nothing.
+        # exp(-inf - -inf) would be NaN: while every logit so far is -inf (masked), nothing is added.
         rescale = tl.where(new_max == float("-inf"), 0.0, tl.exp(running_max - new_max))
-        terms = tl.where(valid, tl.exp(scaled - new_max), 0.0)
+        terms = tl.where(scaled == float("-inf"), 0.0, tl.exp(scaled - new_max))
         running_sum = running_sum * rescale + tl.sum(terms, axis=0)
         running_max = new_max
         bits = _mix32(key ^ _mix32(column.to(tl.uint32) ^ 0x9E3779B9))
