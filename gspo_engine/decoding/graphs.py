@@ -36,6 +36,8 @@ def graph_blocker(model: Qwen3Model, device: torch.device) -> str | None:
         return "YaRN's frequencies are built on the host and copied to the device every step"
     if any(isinstance(m, SparseMoE) and m.expert_lora is not None for m in model.modules()):
         return "LoRA adapters on the experts read the per-expert counts back to the host"
+    if any(getattr(m, "expert_exchange", None) is not None for m in model.modules()):
+        return "expert parallelism exchanges tokens between ranks in collectives sized on the host"
     from torch.distributed.fsdp import FSDPModule
 
     if any(isinstance(m, FSDPModule) for m in model.modules()):
