@@ -62,10 +62,18 @@ def test_the_seed_nano_configurations_fit(extra, gpu_memory_gb):
     assert memory.rollout_fits and memory.training_fits, (memory.rollout_peak, memory.training_peak, memory.usable)
 
 
-def test_16_gb_needs_smaller_micro_batches_and_the_plan_says_which():
+def test_16_gb_needs_smaller_micro_batches_and_the_plan_says_which(tmp_path):
     memory = nano_plan(LORA + ["lora.base_bf16=true"], 16)
     assert not memory.training_fits and memory.rollout_fits
     assert memory.largest is not None and memory.largest.micro.budget == 8192
+    # With the fp32 base nothing fits: the plan names the bf16 base, then the micro-batch.
+    command = ["plan", str(NANO), "--gpu-memory-gb", "16", *[f"--set={o}" for o in SEED_FLAGS + LORA]]
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 0, result.output
+    assert "lora.base_bf16: true (under bf16-mixed) stores the frozen base in bf16" in result.output
+    bf16 = CliRunner().invoke(main, command + ["--set=lora.base_bf16=true"])
+    assert "largest micro-batch that fits: micro_batch_tokens 8,192" in bf16.output
+    assert "the configured 16,384 does not fit" in bf16.output
 
 
 def test_dry_run_says_when_the_concurrency_is_reduced(tmp_path):

@@ -112,6 +112,9 @@ def memory_lines(memory: MemoryPlan) -> list[str]:
     ]
     if not memory.rollout_fits:
         lines += _rollout_advice(memory)
+    if (not memory.rollout_fits or not memory.training_fits) and states.lora_base == "fp32":
+        lines.append("  lora.base_bf16: true (under bf16-mixed) stores the frozen base in bf16, half its bytes, and "
+                     "leaves autocast no weights to copy")
     return lines
 
 
