@@ -20,6 +20,8 @@ class Sample:
     reward: float = 0.0
     # Routing replay: the old policy's experts, int16 [num_positions, num_moe_layers, k] (routing_replay.py).
     old_routing: torch.Tensor | None = None
+    # A Qwen3-VL prompt with images: its model.qwen3_vl.PromptVision (features, positions), shared by the group.
+    vision: object | None = None
 
     @property
     def num_positions(self) -> int:

@@ -111,6 +111,8 @@ _FLAG_KEYS = {
     "cutoff_len": "data.max_prompt_tokens",
     "lora_rank": "lora.rank",
     "overwrite_output_dir": "overwrite_output_dir",
+    "freeze_vision_tower": "model.freeze_vision_tower",
+    "vision_resolution": "data.vision_resolution",
 }
 
 
@@ -128,6 +130,10 @@ _FLAG_KEYS = {
 @click.option("--cutoff_len", type=int, help="Longest prompt in tokens (longer ones are skipped and counted).")
 @click.option("--stage", default="gspo", show_default=True, help="Training stage; only gspo exists.")
 @click.option("--lora_rank", type=int, help="Train rank-N LoRA adapters instead of every weight (lora.rank).")
+@click.option("--freeze_vision_tower", type=click.BOOL, default=None,
+              help="Qwen3-VL: true keeps the vision tower fixed (the default), false trains it.")
+@click.option("--vision_resolution", type=click.IntRange(1), default=None,
+              help="Qwen3-VL: images at most N x N pixels (data.vision_resolution).")
 @click.option("--overwrite_output_dir", is_flag=True, default=None,
               help="Start over in an output_dir that holds an earlier run, replacing its outputs.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in output_dir.")
@@ -236,7 +242,10 @@ def train(config_path, config_option, overrides, stage, resume, dry_run, gpus, g
 @click.option("--samples", default=1, show_default=True, type=click.IntRange(1), help="Completions per prompt.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
-def generate(model_dir, prompts, chat, max_new_tokens, temperature, top_p, top_k, samples, seed, device) -> None:
+@click.option("--image", "images", multiple=True, type=click.Path(),
+              help="Qwen3-VL: an image every prompt shows (repeatable), at its <image> marks or before its text.")
+def generate(model_dir, prompts, chat, max_new_tokens, temperature, top_p, top_k, samples, seed, device,
+             images) -> None:
     """Sample completions from a checkpoint or LoRA adapter folder (e.g. OUTPUT_DIR/final)."""
     from pathlib import Path
 
@@ -254,15 +263,55 @@ def generate(model_dir, prompts, chat, max_new_tokens, temperature, top_p, top_k
         model = merge_lora(load_adapted(model_dir, dtype=dtype, device=target)).eval()
     else:
         model = load_pretrained(model_dir, dtype=dtype, device=target).eval()
-    texts = [render_prompt(tokenizer, prompt, chat_template=chat) for prompt in prompts]
-    ids = [tokenizer(text, add_special_tokens=not chat)["input_ids"] for text in texts for _ in range(samples)]
+    vision = None
+    if images:
+        vision_prompts, vision = _image_prompts(model, model_dir, prompts, images)
+        texts = [render_prompt(tokenizer, prompt, chat_template=chat) for prompt in vision_prompts]
+    else:
+        texts = [render_prompt(tokenizer, prompt, chat_template=chat) for prompt in prompts]
+    prompt_ids = [tokenizer(text, add_special_tokens=not chat)["input_ids"] for text in texts]
+    visions = None
+    if vision is not None:
+        prompt_ids, visions = vision(prompt_ids)
+        visions = [v for v in visions for _ in range(samples)]
+    ids = [token_ids for token_ids in prompt_ids for _ in range(samples)]
     with torch.no_grad():
         out = sample(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                     eos_token_id=eos_token_ids(Path(model_dir), tokenizer), seed=seed)
+                     eos_token_id=eos_token_ids(Path(model_dir), tokenizer), seed=seed, vision=visions)
     for index, tokens in enumerate(out.tokens):
         prompt = prompts[index // samples]
         completion = tokenizer.decode(tokens, skip_special_tokens=True)
         click.echo(f"[{index}] {prompt!r} -> {completion!r}{'' if out.finished[index] else ' (cut at max-new-tokens)'}")
+
+
+def _image_prompts(model, model_dir, prompts, images):
+    """The prompts with places for the images, and a function from their token ids to the ids with the images'
+    tokens and each prompt's PromptVision."""
+    from pathlib import Path
+
+    import torch
+
+    from gspo_engine.vision_prompts import ImageError, ImageProcessing, expand_image_pads, with_image_places
+
+    if model.args.vision is None:
+        raise click.ClickException(f"--image needs a Qwen3-VL model; {model_dir} has no vision tower")
+    try:
+        processing = ImageProcessing(model_dir, model.args.vision)
+        inputs = processing.inputs([processing.open(path, "--image", Path.cwd()) for path in images])
+        placed = [with_image_places(prompt, len(images), "--prompt") for prompt in prompts]
+    except ImageError as error:
+        raise click.ClickException(str(error)) from error
+    counts = processing.token_counts(inputs)
+
+    def with_images(prompt_ids):
+        try:
+            expanded = [expand_image_pads(ids, counts, model.args.vision, "--prompt") for ids in prompt_ids]
+        except ImageError as error:
+            raise click.ClickException(str(error)) from error
+        with torch.no_grad():
+            return expanded, [model.prompt_vision(torch.tensor(ids), inputs) for ids in expanded]
+
+    return placed, with_images
 
 
 @main.command()

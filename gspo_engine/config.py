@@ -38,10 +38,15 @@ class ModelConfig:
     # GSPO does not need it; it is here for comparison with token-level GRPO.
     routing_replay: bool = False
     router_aux_loss_coef: float = 0.0  # Switch load-balancing loss; 0 leaves it off
+    # Qwen3-VL: keep the vision tower and its mergers as they are (no gradients, no optimizer state; their
+    # features for a prompt are computed once per step and reused by all its completions), or train them.
+    freeze_vision_tower: bool = True
 
 
 # The generated digit tasks (gspo_engine/builtin_tasks.py solves each; the tiny tokenizer has a token per name).
 BUILTIN_TASKS = ("copy", "reverse", "sort")
+# The generated image tasks (gspo_engine/vision_task.py) of data.dataset builtin_vision, for the tiny-vl model.
+VISION_TASKS = ("colour", "count")
 
 
 @dataclass
@@ -60,7 +65,7 @@ class DataConfig:
     # A local JSONL / JSON / parquet file with a prompt column, a folder written by datasets'
     # save_to_disk (FOLDER or FOLDER:SPLIT), a Hub dataset (NAME, ORG/NAME, NAME:SPLIT; split "train" by
     # default), or "builtin" for the generated digit tasks of the tiny default (rewarded by digit_match
-    # unless rewards says otherwise).
+    # unless rewards says otherwise), or "builtin_vision" for the generated image tasks of tiny-vl (the same).
     dataset: str = "builtin"
     subset: str | None = None  # a Hub dataset's configuration (load_dataset's name), e.g. "main" of openai/gsm8k
     prompt_column: str = "prompt"
@@ -69,6 +74,11 @@ class DataConfig:
     enable_thinking: bool | None = None  # passed to Qwen3's chat template; None keeps its default
     seed: int = 0  # generated rows and shuffling order
     builtin: BuiltinTasksConfig = field(default_factory=BuiltinTasksConfig)
+    # Prompts with images (Qwen3-VL): an image is resized to at most vision_resolution^2 pixels and at least
+    # vision_min_resolution^2 (aspect kept, sides multiples of the patch x merge size), which bounds its visual
+    # tokens; None keeps the model's image processor settings.
+    vision_resolution: int | None = None
+    vision_min_resolution: int | None = None
 
 
 @dataclass
@@ -409,12 +419,23 @@ def _check_consistency(config: Config) -> None:
     builtin = config.data.builtin
     if builtin.max_length < builtin.min_length:
         raise ConfigError(f"data.builtin.max_length: {builtin.max_length} is below data.builtin.min_length {builtin.min_length}")
-    unknown_tasks = sorted(set(builtin.tasks) - set(BUILTIN_TASKS))
+    # builtin_vision draws image tasks, builtin digit tasks; another dataset reads neither, but a name is still checked.
+    valid_tasks = {"builtin": BUILTIN_TASKS, "builtin_vision": VISION_TASKS}.get(
+        config.data.dataset, BUILTIN_TASKS + VISION_TASKS)
+    unknown_tasks = sorted(set(builtin.tasks) - set(valid_tasks))
     if not builtin.tasks or unknown_tasks:
         raise ConfigError(
-            f"data.builtin.tasks: {builtin.tasks} is not valid; choose some of {', '.join(BUILTIN_TASKS)}"
+            f"data.builtin.tasks: {builtin.tasks} is not valid for data.dataset {config.data.dataset}; choose some "
+            f"of {', '.join(valid_tasks)}"
         )
-    if not config.rewards and config.data.dataset != "builtin":
+    data = config.data
+    for key in ("vision_resolution", "vision_min_resolution"):
+        if getattr(data, key) is not None and getattr(data, key) < 1:
+            raise ConfigError(f"data.{key}: {getattr(data, key)} is not valid; expected a positive number of pixels")
+    if data.vision_resolution and data.vision_min_resolution and data.vision_min_resolution > data.vision_resolution:
+        raise ConfigError(f"data.vision_min_resolution: {data.vision_min_resolution} is above data.vision_resolution "
+                          f"{data.vision_resolution}")
+    if not config.rewards and config.data.dataset not in ("builtin", "builtin_vision"):
         raise ConfigError("rewards: a dataset other than a built-in task needs at least one reward")
     if config.gspo.old_logps == "rollout" and (config.rollout.top_k or config.rollout.top_p < 1):
         raise ConfigError(

@@ -4,7 +4,8 @@ Hub datasets (or generated rows), tokenized once, and a loader with a determinis
 Each row has a prompt column (a string, or a list of chat messages `{"role", "content"}`); every
 other column (`answer`, `tests`, ...) is kept and handed to the reward functions. Prompts longer
 than the limit are skipped and counted, never cut. A row that cannot be read is an error naming
-its file and line (or row).
+its file and line (or row). Rows of a Qwen3-VL model may name images (`images` column,
+vision_prompts.py), which take their places in the prompt and multiply its image tokens.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from gspo_engine.builtin_tasks import TaskConfig, generate_task_rows
 from gspo_engine.config import DataConfig
 from gspo_engine.hub import DatasetId, HubError, hub_dataset_rows, is_saved_dataset, parse_dataset_id, saved_dataset_rows
 from gspo_engine.tokenizer import encode_texts, render_prompt
+from gspo_engine.vision_task import generate_vision_rows
+from gspo_engine.vision_prompts import (
+    ImageError, ImageProcessing, expand_image_pads, image_sources, with_image_places,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +46,7 @@ class PromptExample:
     text: str  # the prompt as the model sees it (chat template applied), handed to rewards
     token_ids: list[int]
     columns: dict = field(default_factory=dict)  # the row's other columns
+    images: tuple = ()  # the prompt's images in order: resolved paths, PIL images or datasets' {"bytes", "path"}
 
 
 def check_dataset_file(path: str | Path) -> Path:
@@ -168,11 +174,19 @@ def _check_prompt(where: str, row, prompt_column: str):
             raise DataError(f"{where}: the prompt is empty")
         return prompt
     if isinstance(prompt, list) and prompt and all(
-        isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)
+        isinstance(message, dict) and isinstance(message.get("role"), str) and _is_content(message.get("content"))
         for message in prompt
     ):
         return prompt
     raise DataError(f"{where}: the prompt must be a string or a list of {{'role', 'content'}} messages")
+
+
+def _is_content(content) -> bool:
+    """A message's content: a string, or a list of parts ({"type": "text", "text"} / {"type": "image"})."""
+    if isinstance(content, str):
+        return True
+    return isinstance(content, list) and all(isinstance(part, dict) and isinstance(part.get("type"), str)
+                                             for part in content)
 
 
 class PromptDataset:
@@ -193,14 +207,23 @@ class PromptDataset:
         chat_template: bool = False,
         enable_thinking: bool | None = None,
         source: str = "rows",
+        vision: ImageProcessing | None = None,
+        image_root: Path | None = None,
     ) -> PromptDataset:
-        """`rows`: plain dicts (generated rows) or `(where, row)` pairs from `read_rows`."""
+        """`rows`: plain dicts (generated rows) or `(where, row)` pairs from `read_rows`.
+
+        vision: the image processor of a Qwen3-VL model, for rows with an `images` column (paths relative to
+        image_root); without it such a row is an error.
+        """
         located = [
             row if isinstance(row, tuple) else (f"{source}: row {number}", row) for number, row in enumerate(rows)
         ]
         if not located:
             raise DataError(f"{source}: the dataset has no rows")
         prompts = [_check_prompt(where, row, prompt_column) for where, row in located]
+        row_images = [_row_images(where, row, vision, image_root) for where, row in located]
+        prompts = [prompt if not images else _with_places(prompt, len(images), where)
+                   for (where, _), prompt, images in zip(located, prompts, row_images)]
         texts = [
             render_prompt(tokenizer, prompt, chat_template=chat_template, enable_thinking=enable_thinking)
             for prompt in prompts
@@ -208,11 +231,13 @@ class PromptDataset:
         templated = [chat_template or not isinstance(prompt, str) for prompt in prompts]
         token_ids = encode_texts(tokenizer, texts, templated)
         examples = []
-        for (_, row), text, ids in zip(located, texts, token_ids):
+        for (where, row), text, ids, images in zip(located, texts, token_ids, row_images):
+            if images:
+                ids = _expand_images(ids, images, vision, where)
             if len(ids) > max_prompt_tokens:
                 continue
-            columns = {name: value for name, value in row.items() if name != prompt_column}
-            examples.append(PromptExample(len(examples), text, ids, columns))
+            columns = {name: value for name, value in row.items() if name not in (prompt_column, "images")}
+            examples.append(PromptExample(len(examples), text, ids, columns, tuple(source for source, _ in images)))
         num_skipped = len(located) - len(examples)
         if num_skipped:
             logger.warning(
@@ -230,6 +255,38 @@ class PromptDataset:
 
     def __getitem__(self, index: int) -> PromptExample:
         return self.examples[index]
+
+
+def _row_images(where: str, row: dict, vision: ImageProcessing | None, root: Path | None) -> list[tuple]:
+    """(source, opened image) of each image the row names, every one checked to open; [] without images."""
+    try:
+        sources = image_sources(row.get("images"), where)
+        if sources and vision is None:
+            raise DataError(f"{where}: the row has images, and the model takes none (it has no vision tower)")
+        out = []
+        for source in sources:
+            image = vision.open(source, where, root)
+            resolved = source if not isinstance(source, str) or Path(source).is_absolute() or root is None \
+                else str(root / source)
+            out.append((resolved, image))
+        return out
+    except ImageError as error:
+        raise DataError(str(error)) from error
+
+
+def _with_places(prompt, count: int, where: str):
+    try:
+        return with_image_places(prompt, count, where)
+    except ImageError as error:
+        raise DataError(str(error)) from error
+
+
+def _expand_images(ids: list[int], images: list[tuple], vision: ImageProcessing, where: str) -> list[int]:
+    counts = vision.token_counts(vision.inputs([image for _, image in images]))
+    try:
+        return expand_image_pads(ids, counts, vision.vision, where)
+    except ImageError as error:
+        raise DataError(str(error)) from error
 
 
 def reward_inputs(examples: list[PromptExample], group_size: int) -> tuple[list[str], dict[str, list]]:
@@ -312,14 +369,22 @@ class PromptLoader:
         self._order = self._epoch_order(self.epoch)
 
 
-def build_dataset(data: DataConfig, tokenizer: PreTrainedTokenizerBase) -> PromptDataset:
-    """The run's prompts: the built-in digit tasks (`data.dataset: builtin`), a local file, a save_to_disk
-    folder or a Hub dataset."""
+def build_dataset(data: DataConfig, tokenizer: PreTrainedTokenizerBase,
+                  vision: ImageProcessing | None = None) -> PromptDataset:
+    """The run's prompts: the built-in digit tasks (`data.dataset: builtin`), the built-in vision tasks
+    (`builtin_vision`), a local file, a save_to_disk folder or a Hub dataset. vision: a Qwen3-VL model's
+    image processing, for rows with images."""
     common = dict(prompt_column=data.prompt_column, max_prompt_tokens=data.max_prompt_tokens,
-                  chat_template=data.chat_template, enable_thinking=data.enable_thinking)
+                  chat_template=data.chat_template, enable_thinking=data.enable_thinking, vision=vision)
+    if data.dataset == "builtin_vision":
+        rows = generate_vision_rows(tuple(data.builtin.tasks), data.builtin.num_rows, seed=data.seed)
+        return PromptDataset.from_rows(rows, tokenizer, source="builtin vision tasks", **common)
     if data.dataset == "builtin":
         tasks = TaskConfig(tasks=tuple(data.builtin.tasks), min_length=data.builtin.min_length,
                            max_length=data.builtin.max_length, num_digits=data.builtin.num_digits)
         rows = generate_task_rows(tasks, data.builtin.num_rows, seed=data.seed)
         return PromptDataset.from_rows(rows, tokenizer, source="builtin tasks", **common)
-    return PromptDataset.from_rows(dataset_rows(data.dataset, data.subset), tokenizer, source=data.dataset, **common)
+    source = dataset_source(data.dataset)
+    root = source.path.parent if source.kind == "file" else Path.cwd()
+    return PromptDataset.from_rows(dataset_rows(data.dataset, data.subset), tokenizer, source=data.dataset,
+                                   image_root=root, **common)

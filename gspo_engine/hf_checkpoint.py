@@ -45,6 +45,8 @@ GENERATION_FILE = "generation_config.json"
 COPIED_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
     "added_tokens.json", "chat_template.jinja", "generation_config.json",
+    # An image-text model's processor: image (and video) processor settings, the processor's chat template.
+    "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json", "chat_template.json",
 )
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30

@@ -22,7 +22,9 @@ from gspo_engine.model import PackedSequences
 class PackedBatch:
     """A micro-batch packed into one row of N tokens, with its completions laid out per sample.
 
-    input_ids [1, N] and position_ids [1, N]; packed: the sequences' boundaries. completion_index
+    input_ids [1, N] and position_ids [1, N] ([3, 1, N] when a sample has images: multimodal RoPE);
+    packed: the sequences' boundaries; vision: per sample its PromptVision or None (None when no sample
+    has images). completion_index
     [B, C] holds, for each sample's t-th completion token, the packed column whose output predicts
     it (0 past the sample's completion); targets, mask [B, C] as in TrainBatch, over completions only.
     """
@@ -35,6 +37,7 @@ class PackedBatch:
     mask: torch.Tensor
     advantages: torch.Tensor  # [B] fp32
     completion_lengths: list[int]
+    vision: list | None = None
 
     # The interface of batching.TrainBatch that the update and scoring use.
 
@@ -95,9 +98,16 @@ def pack(samples: list[Sample], device: torch.device | str = "cpu") -> PackedBat
         start += n
     packed = PackedSequences.from_lengths(lengths, device)
     advantages = torch.tensor([s.advantage for s in samples], dtype=torch.float32)
+    position_ids, vision = packed.position_ids(), None
+    if any(sample.vision is not None for sample in samples):
+        vision = [sample.vision for sample in samples]
+        position_ids = torch.cat([
+            torch.arange(n, device=device).expand(3, n) if v is None else v.sequence_position_ids(n).to(device)
+            for v, n in zip(vision, lengths)
+        ], dim=1)[:, None]
     return PackedBatch(
-        input_ids[None].to(device), packed.position_ids(), packed, completion_index.to(device), targets.to(device),
-        mask.to(device), advantages.to(device), completion_lengths,
+        input_ids[None].to(device), position_ids, packed, completion_index.to(device), targets.to(device),
+        mask.to(device), advantages.to(device), completion_lengths, vision,
     )
 
 

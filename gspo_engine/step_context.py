@@ -32,6 +32,8 @@ class StepContext:
     def collate(self, samples: list[Sample]) -> Batch:
         if self.packing:
             return pack(samples, self.device)
+        if any(sample.vision is not None for sample in samples):
+            raise ValueError("prompts with images need packed micro-batches: set gspo.packing: true")
         return collate(samples, self.pad_id, self.device)
 
     def forward(self, model: Qwen3Model, batch: Batch, routing_records: list[torch.Tensor] | None = None,
@@ -43,8 +45,10 @@ class StepContext:
         """
         if isinstance(batch, PackedBatch):
             forced = None if routing_records is None else replay_experts_packed(routing_records, self.device)
+            # A Qwen3-VL batch with images: their features (stored, or computed again by a tower that trains).
+            images = {} if batch.vision is None else {"image_features": model.features_of(batch.vision)}
             return model.forward_hidden(batch.input_ids, position_ids=batch.position_ids, forced_experts=forced,
-                                        packed=batch.packed)
+                                        packed=batch.packed, **images)
         length = batch.input_ids.shape[1]
         forced = None if routing_records is None else replay_experts(routing_records, length, self.device)
         attention_mask = batch.real.long() if mask_padding else None

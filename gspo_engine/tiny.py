@@ -23,6 +23,7 @@ from gspo_engine.config import BUILTIN_TASKS
 from gspo_engine.hf_checkpoint import save_pretrained
 from gspo_engine.model import ModelArgs, Qwen3Model, build_model
 from gspo_engine.model.args import FULL_ATTENTION, LINEAR_ATTENTION, NEXT_ARCHITECTURE
+from gspo_engine.tiny_vl import TEXT as TINY_VL_TEXT, build_tiny_vl_checkpoint
 
 EOS, UNK = "<eos>", "<unk>"
 
@@ -42,6 +43,8 @@ TINY_MODELS: dict[str, dict] = {
         linear_num_key_heads=2, linear_num_value_heads=4, num_experts=8, num_experts_per_tok=2,
         moe_intermediate_size=32, shared_expert_intermediate_size=32, norm_topk_prob=True, router_aux_loss_coef=0.001,
     ),
+    # A Qwen3-VL: tiny dense text layers and a tiny vision tower, with vision tokens (gspo_engine/tiny_vl.py).
+    "tiny-vl": TINY_VL_TEXT,
 }
 INIT_STD = 0.02  # Qwen3's initializer_range
 
@@ -104,6 +107,8 @@ def init_weights(model: Qwen3Model, seed: int) -> None:
 
 def build_tiny_checkpoint(name: str, folder: str | Path, seed: int = 0) -> Path:
     """Write the random tiny model `name` (with its tokenizer) as a checkpoint folder."""
+    if name == "tiny-vl":
+        return build_tiny_vl_checkpoint(folder, seed)
     args = tiny_model_args(name)
     model = build_model(args)
     init_weights(model, seed)

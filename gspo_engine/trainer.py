@@ -35,6 +35,7 @@ from gspo_engine.distributed.parallel import gathered_weights
 from gspo_engine.distributed.rules import check_data_parallel
 from gspo_engine.distributed.runtime import Runtime, init_runtime
 from gspo_engine.errors import TrainingError, TrainingInterrupted
+from gspo_engine.hf_checkpoint import read_config
 from gspo_engine.lora import adapter_parameters
 from gspo_engine.metrics import MetricsLog, TrainSummary, console_line, summarize
 from gspo_engine.optim import build_optimizer, build_scheduler
@@ -55,6 +56,7 @@ from gspo_engine.step_context import StepContext
 from gspo_engine.step_metrics import RankShare, combine_ranks
 from gspo_engine.tokenizer import eos_token_ids, load_tokenizer
 from gspo_engine.update import PolicyUpdate
+from gspo_engine.vision_prompts import ImageProcessing
 
 __all__ = ["GSPOTrainer", "TrainSummary", "TrainingError", "TrainingInterrupted"]
 
@@ -92,7 +94,11 @@ class GSPOTrainer:
         self.tokenizer = load_tokenizer(self.source)
         self.eos_ids = eos_token_ids(self.source, self.tokenizer)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
-        self.dataset = build_dataset(config.data, self.tokenizer)
+        # A Qwen3-VL model reads images with its own image processor at the run's resolution.
+        vision_args = read_config(self.source).vision
+        self.images = None if vision_args is None else ImageProcessing(
+            self.source, vision_args, config.data.vision_resolution, config.data.vision_min_resolution)
+        self.dataset = build_dataset(config.data, self.tokenizer, self.images)
         self.loader = PromptLoader(self.dataset, config.rollout.prompts_per_step, seed=config.data.seed)
         self.rewards = build_rewards(config.rewards)
         config.rewards = list(self.rewards.specs)
@@ -206,9 +212,11 @@ class GSPOTrainer:
         indices = list(range(runtime.rank, len(global_examples), runtime.world_size))
         examples = [global_examples[index] for index in indices]
 
-        # 1. rollout
+        # 1. rollout (a prompt's image features are computed once here, for its whole group and the update)
         prompts = [example.token_ids for example in examples for _ in range(group)]
-        out = self.rollout(prompts, sample_ids=[index * group + j for index in indices for j in range(group)])
+        visions = self.prompt_visions(examples)
+        out = self.rollout(prompts, sample_ids=[index * group + j for index in indices for j in range(group)],
+                           vision=[v for v in visions for _ in range(group)] if any(visions) else None)
         rollout_s = time.perf_counter() - step_start
 
         # 2. rewards and advantages
@@ -220,7 +228,7 @@ class GSPOTrainer:
         samples = [
             Sample(prompt_ids=list(prompt), completion_ids=list(out.tokens[i]), advantage=float(advantages.values[i]),
                    rollout_logps=out.logps[i], reward=float(rewards[i]),
-                   old_routing=out.routing[i] if out.routing is not None else None)
+                   old_routing=out.routing[i] if out.routing is not None else None, vision=visions[i // group])
             for i, prompt in enumerate(prompts)
         ]
 
@@ -256,9 +264,27 @@ class GSPOTrainer:
             self.echo(f"sample: {prompt_texts[0]!r} -> {completions[0]!r} (reward {rewards[0]:.3f})")
         return record
 
-    def rollout(self, prompts: list[list[int]], sample_ids: list[int]) -> Generation:
+    def prompt_visions(self, examples) -> list:
+        """Per example, the model.qwen3_vl.PromptVision of its images (features without gradients, multimodal
+        positions), or None for a prompt without images."""
+        if self.images is None or not any(example.images for example in examples):
+            return [None] * len(examples)
+        out = []
+        self.model.eval()
+        with torch.no_grad(), self.context.autocast(), \
+                gathered_weights(self.model, self.config.distributed.reshard_after_forward):
+            for example in examples:
+                if not example.images:
+                    out.append(None)
+                    continue
+                where = f"prompt {example.index}"
+                inputs = self.images.inputs([self.images.open(source, where, None) for source in example.images])
+                out.append(self.model.prompt_vision(torch.tensor(example.token_ids), inputs))
+        return out
+
+    def rollout(self, prompts: list[list[int]], sample_ids: list[int], vision: list | None = None) -> Generation:
         """Completions of `prompts`, drawn under keys of their place in the global batch (sample_ids):
-        the same tokens on any number of ranks."""
+        the same tokens on any number of ranks. vision: per prompt its PromptVision or None (images)."""
         rollout = self.config.rollout
         self.model.eval()
         with torch.no_grad(), self.context.autocast(), \
@@ -267,7 +293,7 @@ class GSPOTrainer:
                 self.model, prompts, max_new_tokens=rollout.max_new_tokens, temperature=rollout.temperature,
                 top_p=rollout.top_p, top_k=rollout.top_k, eos_token_id=self.eos_ids,
                 seed=self.config.train.seed * 1_000_003 + self.step, sample_ids=sample_ids,
-                kv_cache_gb=self.kv_cache_gb,
+                kv_cache_gb=self.kv_cache_gb, vision=vision,
                 # Routing replay of the sampler's own experts when its log-probs are the old ones.
                 return_routing=self.updater.routing_replay and self.config.gspo.old_logps == "rollout",
             )

@@ -44,16 +44,23 @@ class ImageInputs:
 class PromptVision:
     """What a prompt with images needs at every forward, computed once per prompt.
 
-    features: the tower's output for the prompt's images (in their order in the prompt);
-    position_ids [3, L] of the prompt's L tokens; delta: the text position of token j >= L is j + delta.
+    features: the tower's output for the prompt's images (in their order in the prompt), without gradients;
+    position_ids [3, L] of the prompt's L tokens; delta: the text position of token j >= L is j + delta;
+    images: the processor's output, for a tower that computes the features again (when it trains);
+    tower: id() of the vision tower that computed `features` (another model's tower computes its own).
     """
 
     features: VisionFeatures
     position_ids: torch.Tensor
     delta: int
+    images: ImageInputs | None = None
+    tower: int = 0
 
-    def detach(self) -> "PromptVision":
-        return PromptVision(self.features.detach(), self.position_ids, self.delta)
+    def sequence_position_ids(self, length: int) -> torch.Tensor:
+        """[3, length]: the prompt's positions, then those of the tokens after it (a completion)."""
+        prompt = self.position_ids.shape[1]
+        after = torch.arange(prompt, length, device=self.position_ids.device) + self.delta
+        return torch.cat((self.position_ids, after.expand(3, -1)), dim=1)
 
 
 class Qwen3VLModel(Qwen3Model):
@@ -83,8 +90,33 @@ class Qwen3VLModel(Qwen3Model):
             input_ids.cpu(), images.grid_thw.cpu(), vision.image_token_id, vision.spatial_merge_size
         )
         if features is None:
-            features = self.encode_images(images.to(device))
-        return PromptVision(features, position_ids.to(device), delta)
+            with torch.no_grad():
+                features = self.encode_images(images.to(device))
+        return PromptVision(features.detach(), position_ids.to(device), delta, images, id(self.visual))
+
+    def features_of(self, visions: Sequence[PromptVision | None]) -> VisionFeatures | None:
+        """The image features of a batch's rows (those with a PromptVision), in row order.
+
+        A prompt's stored features serve every completion of it while this model's tower made them and is
+        not being trained; a trained tower (grad enabled, parameters requiring grad) or another model's
+        computes them again, once per prompt.
+        """
+        present = [v for v in visions if v is not None]
+        if not present:
+            return None
+        training = torch.is_grad_enabled() and any(p.requires_grad for p in self.visual.parameters())
+        computed: dict[int, VisionFeatures] = {}
+        parts = []
+        for vision in present:
+            if not training and vision.tower == id(self.visual):
+                parts.append(vision.features)
+                continue
+            if id(vision) not in computed:
+                if vision.images is None:
+                    raise ValueError("a prompt's image features must be computed again, and it kept no images")
+                computed[id(vision)] = self.encode_images(vision.images.to(self.embed_tokens.weight.device))
+            parts.append(computed[id(vision)])
+        return VisionFeatures.concat(parts)
 
     def position_ids_for(
         self, input_ids: torch.Tensor, grid_thw: torch.Tensor | None, attention_mask: torch.Tensor | None = None
