@@ -31,9 +31,10 @@ HEADROOM_FIXED_GIB = 2.0
 HEADROOM_FRACTION = 0.05
 # The largest micro-batch is searched in steps of this many tokens (the configs use multiples of it).
 MICRO_BATCH_STEP = 1024
-# sample_next's working set per logit [rows, V]: fp32 logits, scaled logits and log-probs, and the
-# int64 hashing behind the keyed uniforms (measured with tests/memory_tracker.py: 52 B).
-SAMPLING_BYTES_PER_LOGIT = 52
+# sample_next's working set per logit [rows, V] on its PyTorch path: scaled logits and log-probs, and the
+# int32 hashing behind the keyed uniforms (measured with tests/memory_tracker.py: 24 B). On CUDA the
+# one-pass kernel (decoding/sampling_triton.py) needs none of it: an upper bound there.
+SAMPLING_BYTES_PER_LOGIT = 24
 
 
 @dataclass(frozen=True)
