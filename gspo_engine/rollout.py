@@ -64,6 +64,7 @@ class Generation:
     slots: the sequences the KV cache holds at once; kv_cache_bytes: its size.
     active_mean / active_min: sequences running per decode step (on a GPU, counted at the last look).
     kv_cache_use: the mean share of the cache's columns that running sequences hold, per decode step.
+    decode_steps: the decode steps run (each feeds every running sequence one token).
     """
 
     tokens: list[list[int]]
