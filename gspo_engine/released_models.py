@@ -58,6 +58,22 @@ _NEXT_80B = dict(
     shared_expert_intermediate_size=512, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
     tie_word_embeddings=False, torch_dtype="bfloat16",
 )
+# Qwen3-VL-8B-Instruct: Qwen3-8B's text layers (with interleaved multimodal RoPE) and the 27-block vision tower.
+_VL_8B = dict(
+    architectures=["Qwen3VLForConditionalGeneration"], model_type="qwen3_vl", image_token_id=151655,
+    video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653, tie_word_embeddings=False,
+    text_config=dict(
+        vocab_size=_QWEN3_VOCAB, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+        rope_theta=5000000, rope_scaling={"rope_type": "default", "mrope_section": [24, 20, 20], "mrope_interleaved": True},
+        dtype="bfloat16", model_type="qwen3_vl_text",
+    ),
+    vision_config=dict(
+        depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, hidden_act="gelu_pytorch_tanh",
+        in_channels=3, patch_size=16, temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=4096,
+        num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],
+    ),
+)
 # Shapes of released checkpoints, as their config.json files publish them.
 RELEASED_SHAPES: dict[str, dict] = {
     "Qwen3-4B": _DENSE_4B,
@@ -72,6 +88,7 @@ RELEASED_SHAPES: dict[str, dict] = {
     ),
     "Qwen3-Next-80B-A3B-Instruct": _NEXT_80B,
     "Qwen3-Next-80B-A3B-Thinking": _NEXT_80B,
+    "Qwen3-VL-8B-Instruct": _VL_8B,
 }
 
 

@@ -23,7 +23,7 @@ from gspo_engine.config import BUILTIN_TASKS
 from gspo_engine.hf_checkpoint import save_pretrained
 from gspo_engine.model import ModelArgs, Qwen3Model, build_model
 from gspo_engine.model.args import FULL_ATTENTION, LINEAR_ATTENTION, NEXT_ARCHITECTURE
-from gspo_engine.tiny_vl import TEXT as TINY_VL_TEXT, build_tiny_vl_checkpoint
+from gspo_engine.tiny_vl import TEXT as TINY_VL_TEXT, build_tiny_vl_checkpoint, tiny_vl_args
 
 EOS, UNK = "<eos>", "<unk>"
 
@@ -82,6 +82,8 @@ def save_tiny_tokenizer(folder: str | Path, model_max_length: int = 256) -> Path
 def tiny_model_args(name: str) -> ModelArgs:
     if name not in TINY_MODELS:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
+    if name == "tiny-vl":
+        return tiny_vl_args()
     return ModelArgs(vocab_size=len(tiny_vocabulary()), **TINY_MODELS[name])
 
 
