@@ -121,7 +121,8 @@ _FLAG_KEYS = {
 @click.option("--config", "config_option", type=click.Path(dir_okay=False), help="The YAML config (same as CONFIG).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key (repeatable).")
 @click.option("--model_name_or_path",
-              help="Model folder (config.json + safetensors), Hub id ORG/NAME[@REVISION], or tiny-moe / tiny-dense / tiny-next.")
+              help="Model folder (config.json + safetensors), Hub id ORG/NAME[@REVISION], or tiny-moe / tiny-dense / "
+                   "tiny-next / tiny-vl.")
 @click.option("--dataset", help="Local JSONL / JSON / parquet file, save_to_disk folder, Hub dataset NAME[:SPLIT], "
                                 "or builtin.")
 @click.option("--gspo_group_size", type=int, help="Completions sampled per prompt.")
