@@ -35,6 +35,7 @@ setup(
         "tqdm",
         "matplotlib",
         "pyarrow",  # parquet prompt datasets
+        "pillow",  # images of Qwen3-VL prompts, and the drawn built-in vision tasks
         # Models by Hub id and their cache (gspo_engine/hub); checked with huggingface_hub 2.4 (its
         # IncompleteSnapshotError and httpx2 client) and datasets 5.2 (save_to_disk folders, Hub datasets).
         "huggingface_hub>=2.4",
