@@ -109,6 +109,27 @@ def test_a_failing_implementation_becomes_an_error_row_and_the_rest_still_run():
     assert rows[1]["note"] == "RuntimeError: out of memory"
 
 
+def test_on_cpu_the_implementations_take_turns_and_one_failing_midway_leaves_the_others():
+    calls = []
+
+    def builder(name, fail_at=None):
+        def build():
+            def step():
+                calls.append(name)
+                if fail_at is not None and calls.count(name) == fail_at:
+                    raise RuntimeError("lost")
+            return step
+        return build
+
+    case = Case(kernel="loss", name="n", unit="GB/s", work=1e9,
+                builders={"reference": builder("reference"), "a": builder("a"), "b": builder("b", fail_at=2)})
+    rows = run_case(case, torch.device("cpu"), rounds=3, ceilings={})
+    # A warm-up call each, then rounds in turn; "b" fails at its first timed call and is dropped.
+    assert calls == ["reference", "a", "b", "reference", "a", "b", "reference", "a", "reference", "a"]
+    assert [row["status"] for row in rows] == ["ok", "ok", "error"]
+    assert rows[2]["note"] == "RuntimeError: lost" and rows[1]["vs_reference"] > 0
+
+
 def test_cli_bench_offers_every_family_and_prints_json_rows():
     assert list(cli.commands["bench"].params[0].type.choices) == list(FAMILIES)
     result = CliRunner().invoke(cli, ["bench", "--kernel", "loss", "--scale", "smoke", "--rounds", "1", "--json"])

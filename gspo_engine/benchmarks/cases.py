@@ -22,6 +22,8 @@ the pytest suite's summary:
 from __future__ import annotations
 
 import gc
+import statistics
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable
@@ -115,7 +117,14 @@ def release_memory(device: torch.device) -> None:
 
 
 def run_case(case: Case, device: torch.device, rounds: int, ceilings: dict[str, float | None]) -> list[dict]:
-    """Every implementation of `case`, one after the other; a failure becomes an error row."""
+    """Every implementation of `case`; a failure becomes an error row.
+
+    On a GPU one implementation after the other, so that only one set of large inputs is alive.
+    On a CPU, whose speed drifts with whatever else the machine runs, they take turns call by
+    call (A B C A B C ...): a drift then slows every implementation alike, and their ratios hold.
+    """
+    if device.type != "cuda":
+        return run_case_in_turns(case, device, rounds, ceilings)
     rows = []
     effective_rounds = min(rounds, case.max_rounds or rounds)
     for implementation, build in case.builders.items():
@@ -127,5 +136,48 @@ def run_case(case: Case, device: torch.device, rounds: int, ceilings: dict[str, 
             first_line = (str(error).splitlines() or [""])[0][:200]  # CUDA errors run to many lines
             rows.append(empty_row(case, implementation, "error", f"{type(error).__name__}: {first_line}"))
         release_memory(device)
+    rows += [empty_row(case, name, "skipped", why) for name, why in case.skipped.items()]
+    return add_reference_ratios(rows, case.baseline)
+
+
+def run_case_in_turns(case: Case, device: torch.device, rounds: int, ceilings: dict[str, float | None]) -> list[dict]:
+    """run_case with every implementation built at once and timed in turns, one call each per round."""
+    steps, failed = {}, {}
+
+    def call(implementation: str, step: Callable[[], None]) -> float | None:
+        try:
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            return time.perf_counter() - start
+        except Exception as error:  # one failing implementation must not stop the others
+            traceback.print_exc()
+            first_line = (str(error).splitlines() or [""])[0][:200]
+            failed[implementation] = f"{type(error).__name__}: {first_line}"
+            steps.pop(implementation, None)
+            return None
+
+    for implementation, build in case.builders.items():
+        try:
+            steps[implementation] = build()
+        except Exception as error:
+            traceback.print_exc()
+            failed[implementation] = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:200]}"
+    for implementation, step in list(steps.items()):  # warm-up
+        call(implementation, step)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(min(rounds, case.max_rounds or rounds)):
+        for implementation, step in list(steps.items()):
+            seconds = call(implementation, step)
+            if seconds is not None:
+                times[implementation].append(seconds)
+    rows = []
+    for implementation in case.builders:
+        if implementation in failed:
+            rows.append(empty_row(case, implementation, "error", failed[implementation]))
+        else:
+            rows.append(measured_row(case, implementation, statistics.median(times[implementation]), None, ceilings))
+    steps.clear()
+    release_memory(device)
     rows += [empty_row(case, name, "skipped", why) for name, why in case.skipped.items()]
     return add_reference_ratios(rows, case.baseline)
