@@ -235,10 +235,11 @@ def test_moe_experts_compute_in_the_autocast_dtype(moe_pair, monkeypatch):
         seen.append((x.dtype, args[2].dtype))
         return real_experts(x, *args)
 
-    real_experts = gspo_kernels.moe_experts
+    # SparseMoE runs its own router's experts through routed_experts (moe_experts without the host read).
+    real_experts = gspo_kernels.routed_experts
     with torch.no_grad():
         full = model.forward_hidden(input_ids, attention_mask, position_ids).hidden_states
-        monkeypatch.setattr(gspo_kernels, "moe_experts", recording)
+        monkeypatch.setattr(gspo_kernels, "routed_experts", recording)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mixed = model.forward_hidden(input_ids, attention_mask, position_ids).hidden_states
     assert seen and all(dtypes == (torch.bfloat16, torch.bfloat16) for dtypes in seen)
