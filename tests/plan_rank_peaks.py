@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 from memory_tracker import TensorMemoryTracker
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
@@ -37,7 +38,11 @@ from gspo_engine.config import load_config
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+    """The tensor holding the storage: a DTensor's local shard, a functional collective's result (the
+    expert-parallel exchange's all-to-alls return it wrapped until it is waited on)."""
+    if isinstance(tensor, DTensor):
+        return tensor._local_tensor
+    return tensor.elem if isinstance(tensor, AsyncCollectiveTensor) else tensor
 
 
 class ShardedTracker(TensorMemoryTracker):

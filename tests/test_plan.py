@@ -26,6 +26,7 @@ from gspo_engine.tiny import tiny_model_args
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 MOE_YAML = CONFIGS / "moe.yaml"
+FSDP_ALONE = ["distributed.expert_parallel=1"]  # moe.yaml without its expert parallelism
 
 
 def invoke(*args):
@@ -110,7 +111,7 @@ def test_sampling_working_set_per_logit():
 
 # ------------------------------------------------------------------------------ the arithmetic
 def test_states_are_sharded_evenly_over_the_gpus():
-    config = load_config(MOE_YAML)
+    config = load_config(MOE_YAML, FSDP_ALONE)
     one, eight = make_plan(config, gpus=1).memory, make_plan(config, gpus=8).memory
     for field in ("weights", "gradients", "optimizer"):
         assert getattr(one.states, field) == pytest.approx(8 * getattr(eight.states, field))
@@ -145,17 +146,34 @@ def test_the_card_is_decimal_gb_less_the_headroom():
 
 
 def test_lora_plans_one_gpu_and_refuses_several():
-    config = load_config(MOE_YAML, ["lora.rank=16"])
+    config = load_config(MOE_YAML, ["lora.rank=16", *FSDP_ALONE])
     lora = make_plan(config).memory
     # rank-16 adapters, the experts' included: 0.64B trained parameters of 31B
-    assert lora.states.optimizer < make_plan(load_config(MOE_YAML)).memory.states.optimizer / 20
+    assert lora.states.optimizer < make_plan(load_config(MOE_YAML, FSDP_ALONE)).memory.states.optimizer / 20
     with pytest.raises(ConfigError, match="LoRA runs on one process and one GPU"):
         make_plan(config, gpus=2)
 
 
 # --------------------------------------------------------------------------------- the CLI
 def test_plan_of_the_moe_config_on_8_gpus_of_80_gb():
+    """moe.yaml splits the experts over the 8 GPUs: the update at its 16,384 tokens and the rollout fit."""
     result = invoke("plan", MOE_YAML, "--gpus", 8, "--gpu-memory-gb", 80)
+    assert result.exit_code == 0, result.output
+    for line in (
+        "expert parallelism: groups of 8 GPUs split every MoE layer's experts",
+        "weights (fp32, 1/8 each):",
+        "every weight but the experts gathered in bf16 for generation",
+        "concurrency: all 32 sequences at once",
+        "the configured 16,384 fits",
+    ):
+        assert line in result.output, line
+    assert "DOES NOT FIT" not in result.output and "does not fit" not in result.output
+    assert "14.22 GiB" in result.output  # 30.53B x 4 B / 8: the experts 1/8 on each GPU as FSDP2 would shard them
+    assert "3.01 GiB" in result.output  # the 1.55B non-expert parameters x 2 B (+ one layer's 1/8 of experts)
+
+
+def test_plan_of_the_moe_config_on_8_gpus_of_80_gb_with_fsdp2_alone():
+    result = invoke("plan", MOE_YAML, "--gpus", 8, "--gpu-memory-gb", 80, "--set", FSDP_ALONE[0])
     assert result.exit_code == 0, result.output
     for line in (
         "memory per GPU: 8 x 80 GB = 74.51 GiB each, 68.78 GiB planned",

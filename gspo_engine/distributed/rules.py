@@ -37,7 +37,8 @@ def check_expert_parallel(config: Config, world_size: int, num_experts: int, is_
                           f"{config.model.name_or_path} has none (set it to 1)")
     if world_size % ep:
         raise ConfigError(f"{key} must divide the number of ranks/GPUs ({world_size}): the ranks form groups of "
-                          f"{ep} that split the experts (launch with torchrun --nproc_per_node a multiple of {ep})")
+                          f"{ep} that split the experts (launch with torchrun --nproc_per_node a multiple of {ep}, "
+                          "or set it to 1: every rank then holds every expert)")
     if num_experts % ep:
         raise ConfigError(f"{key} must divide the number of experts ({num_experts}): every rank of a group holds "
                           "the same number of them")

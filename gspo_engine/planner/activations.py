@@ -203,6 +203,24 @@ def no_grad_bytes(args: ModelArgs, compute: Compute, moe: bool) -> int:
     return compute.residual * hidden + max(attention, mlp)
 
 
+def exchange_bytes(args: ModelArgs, compute: Compute) -> tuple[int, int, int]:
+    """Bytes per token the expert-parallel exchange adds to a MoE layer (distributed/expert_parallel.py), as
+    (kept for the backward, held in the backward, held by a no-grad forward).
+
+    Kept: the k rows received for this rank's experts (the grouped experts' input), the k rows
+    returned (the routing weights' gradient reads them), their sort order and local expert ids,
+    and the routing weights gathered in sorted order. The backward sends the rows' gradients the
+    same way: k rows out and k rows back. A no-grad forward holds, beyond the grouped experts' own
+    working set (counted in no_grad_bytes), the rows received while the experts run on them, then the
+    rows returned and weighted once the experts' buffers are freed: 2 x k rows. In expectation: a rank
+    receives as many rows as it sends when the routing is balanced over the ranks; a skewed routing
+    moves a rank's figure either way (tests/test_plan_expert_parallel.py).
+    """
+    k, hidden, c = args.num_experts_per_tok, args.hidden_size, compute.compute
+    kept = 2 * k * c * hidden + 16 * k + c * k
+    return kept, 2 * k * c * hidden, 2 * k * c * hidden
+
+
 @dataclass(frozen=True)
 class TokenBytes:
     """Bytes per padded token of a micro-batch, by what holds them."""
@@ -223,6 +241,13 @@ def token_bytes(args: ModelArgs, compute: Compute, config: Config) -> TokenBytes
         per_block = [hybrid_block_activation_bytes(args, compute, i) for i in range(args.num_hidden_layers)]
     else:
         per_block = [block_activation_bytes(args, compute, moe) for moe in layers]
+    gradients = [gradient_bytes(args, compute, moe) for moe in layers]
+    no_grad = [no_grad_bytes(args, compute, moe) for moe in layers]
+    if compute.sharded and config.distributed.expert_parallel > 1 and args.is_moe:
+        kept, backward, forward = exchange_bytes(args, compute)
+        per_block = [b + (kept if moe else 0) for b, moe in zip(per_block, layers)]
+        gradients = [g + (backward if moe else 0) for g, moe in zip(gradients, layers)]
+        no_grad = [n + (forward if moe else 0) for n, moe in zip(no_grad, layers)]
     hidden = args.hidden_size
     # The final norm's output is fp32 unless the weights are bf16; head_inputs casts it to bf16 under autocast.
     output = 2 if compute.residual == 2 else 4
@@ -234,8 +259,8 @@ def token_bytes(args: ModelArgs, compute: Compute, config: Config) -> TokenBytes
         blocks=sum(per_block),
         checkpointed=args.num_hidden_layers * compute.residual * hidden,
         largest_block=max(per_block),
-        gradients=max(gradient_bytes(args, compute, moe) for moe in layers),
-        no_grad=max(no_grad_bytes(args, compute, moe) for moe in layers),
+        gradients=max(gradients),
+        no_grad=max(no_grad),
         head=norm_bytes(hidden, compute.residual) + (output + cast) * hidden,
         hidden_states=(output + cast) * hidden,
         batch=batch,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gspo_engine.config import Config
-from gspo_engine.distributed.rules import check_data_parallel
+from gspo_engine.distributed.rules import check_data_parallel, check_expert_parallel
 from gspo_engine.model import ModelArgs, Qwen3Model
 from gspo_engine.planner.activations import Compute, TokenBytes, resolve_compute, token_bytes
 from gspo_engine.model.kv_cache import slot_bytes
@@ -46,6 +46,7 @@ class ModelSizes:
     matmul: int  # the weights autocast casts to bf16: every nn.Linear, and a tied lm_head
     layer_experts: int  # one MoE layer's grouped expert tensors (cast to bf16 one layer at a time)
     all_experts: int
+    block_experts: tuple[int, ...] = ()  # per decoder block: its grouped expert tensors (0 for a dense block)
 
     @property
     def largest_block(self) -> int:
@@ -68,7 +69,32 @@ def model_sizes(model: Qwen3Model) -> ModelSizes:
         matmul=matmul,
         layer_experts=experts // max(1, len(args.moe_layers)),
         all_experts=experts,
+        block_experts=tuple(sum(p.numel() for name, p in block.named_parameters() if name.endswith(("gate_up", "down")))
+                            for block in model.layers),
     )
+
+
+def expert_parallel_size(config: Config, gpus: int) -> int:
+    """distributed.expert_parallel on several GPUs; one process holds every expert."""
+    return config.distributed.expert_parallel if gpus > 1 else 1
+
+
+def fsdp_sizes(sizes: ModelSizes, ep: int) -> ModelSizes:
+    """What FSDP2 shards and gathers: every weight, or under expert parallelism every weight but the experts
+    (distributed/expert_sharding.py), block by block."""
+    if ep == 1 or not sizes.all_experts:
+        return sizes
+    experts = sizes.block_experts or (0,) * len(sizes.blocks)
+    return ModelSizes(sizes.total - sizes.all_experts, tuple(b - e for b, e in zip(sizes.blocks, experts)),
+                      sizes.matmul, 0, 0, (0,) * len(sizes.blocks))
+
+
+def local_expert_casts(sizes: ModelSizes, compute: Compute, ep: int, saved: bool) -> float:
+    """Under expert parallelism with bf16 compute, each MoE layer casts this GPU's fp32 experts (1/ep of them)
+    for its forward: one layer's at a time, or all layers' when the casts stay saved for the backward."""
+    if ep == 1 or compute.compute == 4:
+        return 0.0
+    return compute.compute * (sizes.all_experts if saved else sizes.layer_experts) / ep
 
 
 
@@ -181,36 +207,44 @@ class Rollout:
                 + max(self.kv_cache + max(self.sampling, self.prefill), self.gather_output))
 
 
-def states_bytes(sizes: ModelSizes, config: Config, trainable: int, gpus: int) -> States:
+def states_bytes(sizes: ModelSizes, config: Config, trainable: int, gpus: int, ep: int = 1) -> States:
+    """FSDP2 shards every weight over the GPUs; under expert parallelism the experts are split over the
+    ep GPUs of a group instead (each holds 1/ep of them, and their AdamW states)."""
     if config.lora.rank:
         base = sizes.total - trainable
         weights = base * (2 if config.lora.base_bf16 else 4) + trainable * 4
         # The reference is the base with the adapters off: no copy.
         return States(weights, trainable * 4, trainable * 8, 0.0, "bf16" if config.lora.base_bf16 else "fp32")
-    reference = sizes.total * 4 / gpus if config.gspo.beta > 0 else 0.0
-    return States(sizes.total * 4 / gpus, sizes.total * 4 / gpus, sizes.total * 8 / gpus, reference)
+    per_gpu = sizes.total / gpus
+    if ep > 1:
+        per_gpu = (sizes.total - sizes.all_experts) / gpus + sizes.all_experts / ep
+    reference = per_gpu * 4 if config.gspo.beta > 0 else 0.0
+    return States(per_gpu * 4, per_gpu * 4, per_gpu * 8, reference)
 
 
-def forward_weights_bytes(sizes: ModelSizes, compute: Compute, config: Config, experts_saved: bool) -> float:
+def forward_weights_bytes(sizes: ModelSizes, compute: Compute, config: Config, experts_saved: bool,
+                          ep: int = 1) -> float:
     """Compute weights held besides the fp32 master weights while a micro-batch runs.
 
     FSDP2 gathers one block and prefetches the next, and keeps the root (embedding, final norm,
     lm_head) gathered through the forward and backward; with distributed.reshard_after_forward off
     every block stays gathered. On one GPU under autocast, autocast caches a bf16 copy of every
     matmul weight until the forward ends, and each MoE layer casts its experts as it runs; those
-    casts stay saved for the backward when `experts_saved` (no checkpointing).
+    casts stay saved for the backward when `experts_saved` (no checkpointing). Under expert
+    parallelism FSDP2 gathers every weight but the experts, which each MoE layer casts itself.
     """
     if compute.sharded:
+        casts, sizes = local_expert_casts(sizes, compute, ep, experts_saved), fsdp_sizes(sizes, ep)
         if not config.distributed.reshard_after_forward:
-            return sizes.total * compute.weights
-        return (2 * sizes.largest_block + sizes.root) * compute.weights
+            return sizes.total * compute.weights + casts
+        return (2 * sizes.largest_block + sizes.root) * compute.weights + casts
     if not compute.autocast_copies:
         return 0.0
     matmul = 0 if config.lora.base_bf16 else sizes.matmul  # a bf16 base needs no cast
     return 2.0 * (matmul + (sizes.all_experts if experts_saved else sizes.layer_experts))
 
 
-def scoring_weights_bytes(sizes: ModelSizes, compute: Compute, config: Config) -> float:
+def scoring_weights_bytes(sizes: ModelSizes, compute: Compute, config: Config, ep: int = 1) -> float:
     """Compute weights held by the no-grad scoring forward.
 
     Under FSDP2, a forward frees a block's all-gather output (the flat buffer its weights are
@@ -224,15 +258,17 @@ def scoring_weights_bytes(sizes: ModelSizes, compute: Compute, config: Config) -
     """
     if not compute.sharded:
         return forward_weights_bytes(sizes, compute, config, experts_saved=False)
+    casts, sizes = local_expert_casts(sizes, compute, ep, saved=False), fsdp_sizes(sizes, ep)
     held = sizes.root + sizes.largest_block if config.distributed.reshard_after_forward else sizes.total
-    return (held + 2 * sizes.largest_block) * compute.weights
+    return (held + 2 * sizes.largest_block) * compute.weights + casts
 
 
-def generation_weights_bytes(sizes: ModelSizes, compute: Compute, config: Config) -> float:
+def generation_weights_bytes(sizes: ModelSizes, compute: Compute, config: Config, ep: int = 1) -> float:
     """Weights held for generation: FSDP2 gathers the whole model in the compute dtype for it (a decode
-    step runs every block for one token); one GPU holds autocast's copies, as in a forward."""
+    step runs every block for one token), under expert parallelism every weight but the experts, of
+    which each MoE layer casts this GPU's share as it runs; one GPU holds autocast's copies, as in a forward."""
     if compute.sharded:
-        return sizes.total * compute.weights
+        return fsdp_sizes(sizes, ep).total * compute.weights + local_expert_casts(sizes, compute, ep, saved=False)
     return forward_weights_bytes(sizes, compute, config, experts_saved=False)
 
 
@@ -277,13 +313,13 @@ def fused_loss_bytes(args: ModelArgs, compute: Compute, tokens: int, response: i
 
 
 def training_bytes(args: ModelArgs, sizes: ModelSizes, compute: Compute, config: Config, per_token: TokenBytes,
-                   micro: MicroBatch) -> Training:
+                   micro: MicroBatch, ep: int = 1) -> Training:
     tokens, checkpointing = micro.tokens, config.model.activation_checkpointing
     recompute = per_token.largest_block if checkpointing else 0
     return Training(
         micro=micro,
-        compute_weights=forward_weights_bytes(sizes, compute, config, experts_saved=not checkpointing),
-        block_gradients=sizes.largest_block * (compute.weights + 4) if compute.sharded else 0.0,
+        compute_weights=forward_weights_bytes(sizes, compute, config, experts_saved=not checkpointing, ep=ep),
+        block_gradients=fsdp_sizes(sizes, ep).largest_block * (compute.weights + 4) if compute.sharded else 0.0,
         activations_checkpointed=tokens * (per_token.checkpointed + per_token.head + per_token.batch),
         activations_full=tokens * (per_token.blocks + per_token.head + per_token.batch),
         checkpointing=checkpointing,
@@ -293,16 +329,16 @@ def training_bytes(args: ModelArgs, sizes: ModelSizes, compute: Compute, config:
 
 
 def scoring_bytes(args: ModelArgs, sizes: ModelSizes, compute: Compute, config: Config, per_token: TokenBytes,
-                  tokens: int) -> Scoring:
+                  tokens: int, ep: int = 1) -> Scoring:
     # token_logprobs streams [rows, vocabulary] logits tiles: fp32, from a matmul in the compute dtype.
     matmul_out = compute.compute if compute.compute != 4 else 0
     tile = min(TILE_ROWS, tokens) * min(TILE_VOCAB, args.vocab_size) * (4 + matmul_out)
     working = tokens * (per_token.no_grad + per_token.hidden_states + per_token.batch) + tile
-    return Scoring(scoring_weights_bytes(sizes, compute, config), working)
+    return Scoring(scoring_weights_bytes(sizes, compute, config, ep), working)
 
 
 def rollout_bytes(args: ModelArgs, sizes: ModelSizes, compute: Compute, config: Config, per_token: TokenBytes,
-                  sequences: int, states: States, usable: float) -> Rollout:
+                  sequences: int, states: States, usable: float, ep: int = 1) -> Rollout:
     """The rollout at the concurrency rollout.kv_cache_gb allows, or without it at the most that fits `usable`."""
     rollout = config.rollout
     width = config.data.max_prompt_tokens
@@ -310,10 +346,10 @@ def rollout_bytes(args: ModelArgs, sizes: ModelSizes, compute: Compute, config: 
     slot_dtype = torch.bfloat16 if compute.compute == 2 else torch.float32
     per_slot = slot_bytes(args, columns, slot_dtype)
     groups = args.num_attention_heads // args.num_key_value_heads
-    weights = generation_weights_bytes(sizes, compute, config)
+    weights = generation_weights_bytes(sizes, compute, config, ep)
     # FSDP2 gathers the units one at a time, the blocks last: the last block's all-gather output
     # is held while its weights are copied out, with every other weight already gathered.
-    gather_output = sizes.largest_block * compute.weights if compute.sharded else 0.0
+    gather_output = fsdp_sizes(sizes, ep).largest_block * compute.weights if compute.sharded else 0.0
 
     def at(concurrency: int) -> Rollout:
         # Logits and sample_next's working set for the slots decoding; tokens and log-probs for every sequence.
@@ -352,6 +388,7 @@ class MemoryPlan:
     rollout: Rollout
     largest: Training | None  # the largest micro-batch whose training phase fits; None if not even one sequence
     largest_is_whole_minibatch: bool  # then a larger budget changes nothing
+    expert_parallel: int = 1  # GPUs that split the experts between them (distributed.expert_parallel)
 
     @property
     def usable(self) -> float:
@@ -381,24 +418,27 @@ class MemoryPlan:
 def memory_plan(config: Config, args: ModelArgs, sizes: ModelSizes, trainable: int, cluster: Cluster) -> MemoryPlan:
     gpus = cluster.gpus
     check_data_parallel(config, gpus)  # a plan never shows a run that cannot start
+    check_expert_parallel(config, gpus, args.num_experts, args.is_moe)
+    ep = expert_parallel_size(config, gpus)
     compute = resolve_compute(config, gpus)
     per_token = token_bytes(args, compute, config)
-    states = states_bytes(sizes, config, trainable, gpus)
+    states = states_bytes(sizes, config, trainable, gpus, ep)
     sequences = -(-config.rollout.prompts_per_step // gpus) * config.rollout.group_size
 
     def training_at(budget: int) -> Training:
-        return training_bytes(args, sizes, compute, config, per_token, micro_batch_at(config, budget, sequences))
+        return training_bytes(args, sizes, compute, config, per_token, micro_batch_at(config, budget, sequences), ep)
 
     def fits(training: Training) -> bool:
-        scoring = scoring_bytes(args, sizes, compute, config, per_token, training.micro.tokens)
+        scoring = scoring_bytes(args, sizes, compute, config, per_token, training.micro.tokens, ep)
         return max(training.peak(states), scoring.peak(states)) <= cluster.usable_bytes
 
     configured = training_at(config.gspo.micro_batch_tokens)
     largest, whole = largest_micro_batch(training_at, fits)
     return MemoryPlan(
         cluster=cluster, compute=compute, states=states, training=configured,
-        scoring=scoring_bytes(args, sizes, compute, config, per_token, configured.micro.tokens),
-        rollout=rollout_bytes(args, sizes, compute, config, per_token, sequences, states, cluster.usable_bytes),
+        scoring=scoring_bytes(args, sizes, compute, config, per_token, configured.micro.tokens, ep),
+        rollout=rollout_bytes(args, sizes, compute, config, per_token, sequences, states, cluster.usable_bytes, ep),
+        expert_parallel=ep,
         largest=largest, largest_is_whole_minibatch=whole,
     )
 

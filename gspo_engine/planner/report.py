@@ -65,12 +65,17 @@ def memory_lines(memory: MemoryPlan) -> list[str]:
     cluster, states, training, rollout = memory.cluster, memory.states, memory.training, memory.rollout
     micro = training.micro
     sharded = f", 1/{cluster.gpus} each" if cluster.gpus > 1 else ""
+    ep = memory.expert_parallel
+    if ep > 1 and ep != cluster.gpus:
+        sharded += f", the experts 1/{ep}"
     lines = [
         f"memory per {cluster.device}: {cluster.gpus} x {cluster.gpu_memory_gb:g} GB = "
         f"{cluster.capacity_bytes / GIB:.2f} GiB each, {memory.usable / GIB:.2f} GiB planned "
         f"({HEADROOM_FIXED_GIB:g} GiB + {HEADROOM_FRACTION:.0%} left for "
         f"{'the CUDA context' if cluster.device == 'GPU' else 'the rest of the process'} and allocator fragmentation)",
         f"  precision: {memory.compute.label}",
+        *([f"  expert parallelism: groups of {ep} GPUs split every MoE layer's experts (distributed.expert_parallel); "
+           "FSDP2 shards the other weights"] if ep > 1 else []),
         _row(f"  frozen {states.lora_base} base weights + fp32 adapters" if states.lora_base
              else f"  weights (fp32{sharded})", states.weights),
         _row(f"  gradients (fp32{sharded}; freed after each update)", states.gradients),
@@ -81,7 +86,7 @@ def memory_lines(memory: MemoryPlan) -> list[str]:
     lines += [
         f"  training, micro_batch_tokens {micro.budget:,}: {micro.sequences} sequences of {micro.length:,} tokens "
         f"({micro.tokens:,} padded) per micro-batch",
-        _row("    " + _compute_weights_label(memory.compute), training.compute_weights),
+        _row("    " + _compute_weights_label(memory.compute, ep), training.compute_weights),
     ]
     if training.block_gradients:
         lines.append(_row("    one block's unsharded gradients + fp32 reduce-scatter input",
@@ -101,7 +106,7 @@ def memory_lines(memory: MemoryPlan) -> list[str]:
         f"  rollout: {rollout.sequences} sequences per GPU, {rollout.columns:,} KV cache columns each "
         f"({rollout.slot_bytes / GIB:.3f} GiB per sequence)",
         _concurrency_line(rollout),
-        _row("    " + _generation_weights_label(memory.compute), rollout.generation_weights),
+        _row("    " + _generation_weights_label(memory.compute, ep), rollout.generation_weights),
         _row(f"    KV cache: {rollout.concurrency} slots", rollout.kv_cache),
         _row("    sampling: logits and their working set", rollout.sampling),
         _row("    prefill: one chunk's forward and attention masks", rollout.prefill),
@@ -128,15 +133,19 @@ def _concurrency_line(rollout: Rollout) -> str:
             f"{rollout.max_new_tokens:,}")
 
 
-def _compute_weights_label(compute: Compute) -> str:
+def _compute_weights_label(compute: Compute, ep: int = 1) -> str:
     if compute.sharded:
-        return f"unsharded {'bf16' if compute.weights == 2 else 'fp32'} weights: 2 blocks + the root"
+        experts = " without experts, + a layer's local experts cast" if ep > 1 else ""
+        return f"unsharded {'bf16' if compute.weights == 2 else 'fp32'} weights: 2 blocks + the root{experts}"
     if compute.autocast_copies:
         return "bf16 weight copies (autocast's cache, the experts' casts)"
     return "compute weights: the fp32 weights themselves"
 
 
-def _generation_weights_label(compute: Compute) -> str:
+def _generation_weights_label(compute: Compute, ep: int = 1) -> str:
+    if compute.sharded and ep > 1:
+        return (f"every weight but the experts gathered in {'bf16' if compute.weights == 2 else 'fp32'} "
+                "for generation (+ one layer's local experts cast)")
     if compute.sharded:
         return f"every weight gathered in {'bf16' if compute.weights == 2 else 'fp32'} for generation"
     if compute.autocast_copies:
@@ -170,10 +179,13 @@ def _rollout_advice(memory: MemoryPlan) -> list[str]:
         f"{_gib(rollout.generation_weights)} of weights for generation + {working} = {_gib(memory.rollout_peak)}, "
         f"{_gib(memory.rollout_peak - memory.usable)} more than {_gib(memory.usable)}",
     ]
-    if memory.compute.sharded:
+    if memory.compute.sharded and memory.expert_parallel == 1:
         lines.append("  every GPU holds the whole model while it generates: expert-parallel rollouts (each GPU "
-                     "keeps its share of the experts, docs/scaling.md) are the way out; fewer prompts per step "
-                     "only shrink the KV cache")
+                     "keeps its share of the experts: distributed.expert_parallel, docs/scaling.md) are the way "
+                     "out; fewer prompts per step only shrink the KV cache")
+    elif memory.compute.sharded:
+        lines.append("  more GPUs shard the states further; fewer prompts per step or shorter completions shrink the "
+                     "KV cache")
     else:
         lines.append("  fewer prompts per step or shorter completions shrink the KV cache; more GPUs shard the "
                      "states")
