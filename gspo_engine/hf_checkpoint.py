@@ -8,11 +8,10 @@ copied into the grouped `gate_up [E, 2I, H]` and `down [E, H, I]` tensors, and s
 transformers' own grouped layout (`mlp.experts.gate_up_proj`, saved with
 save_original_format=False) loads as well. A checkpoint that does not fit the model is refused,
 never partly re-initialised, except for tensors the model has no use for but a server does
-(CARRIED_PREFIXES: the multi-token-prediction `mtp.*` of Qwen3-Next and Qwen3.5, the vision tower
-`model.visual.*` of the released Qwen3.5 image-text checkpoints, whose language model sits under
-`model.language_model.`): those are copied unchanged from the source folder into every checkpoint
-saved from the model. Qwen3-VL models hold their vision tower (`model.visual.*`, read and written like the
-rest); Qwen3-VL-MoE checkpoints hold fused experts transposed (`gate_up_proj [E, H, 2I]`), transformers'
+(CARRIED_PREFIXES: the multi-token-prediction `mtp.*` of Qwen3-Next and Qwen3.5, and a `model.visual.*`
+tower of a model built without one): those are copied unchanged from the source folder into every checkpoint
+saved from the model. Image-text models (Qwen3-VL, Qwen3.5) hold their vision tower (`model.visual.*`, read
+and written like the rest, their language model under `model.language_model.`); Qwen3-VL-MoE checkpoints hold fused experts transposed (`gate_up_proj [E, H, 2I]`), transformers'
 saves hold them untransposed: the orientation is told by shape on load, and saves write the released one.
 """
 
@@ -101,7 +100,7 @@ def hf_pieces(name: str, tensor: torch.Tensor, args: ModelArgs, grouped_experts:
     prefix = f"{args.hf_prefix}layers.{layer}.mlp.experts"
     if grouped_experts:
         return [Piece(f"{prefix}.{kind}_proj", ())]
-    if args.vision is not None:
+    if args.vision is not None and not args.is_hybrid:
         # Released Qwen3-VL-MoE checkpoints hold fused experts, transposed against transformers' runtime layout.
         return [Piece(f"{prefix}.{kind}_proj", (), transposed=True)]
     inter = args.moe_intermediate_size

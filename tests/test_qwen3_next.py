@@ -206,12 +206,13 @@ def test_loading_onto_cuda_without_fla_core_names_the_extra(checkpoints):
 
 @pytest.mark.parametrize("variant", list(MULTIMODAL))
 def test_released_image_text_qwen3_5_trains_its_language_model_and_keeps_the_rest(variant, tmp_path):
-    """Qwen3.5 as released: text_config, tensors under model.language_model., a vision tower carried as it is."""
+    """Qwen3.5 as released: text_config, tensors under model.language_model., its vision tower in the model."""
     hf_model = build_hybrid_model(variant, seed=5)
     folder = save_hybrid_checkpoint(hf_model, tmp_path / "source", mtp=True)
     model = load_pretrained(folder, dtype=torch.float32)
     assert model.args.architecture in ("Qwen3_5ForCausalLM", "Qwen3_5MoeForCausalLM")
-    assert any(key.startswith("model.visual.") for key in model.args.carried_keys)
+    assert model.args.vision is not None  # the tower is part of the model (model/qwen3_vl_hybrid.py)
+    assert not any(key.startswith("model.visual.") for key in model.args.carried_keys)
     input_ids, attention_mask, position_ids = padded_batch(seed=9)
     real = attention_mask.bool()
     with torch.no_grad():

@@ -7,10 +7,12 @@ from gspo_engine.model.moe import Routing
 from gspo_engine.model.packed import PackedSequences
 from gspo_engine.model.qwen3 import ModelOutput, Qwen3Model
 from gspo_engine.model.qwen3_next import Qwen3NextModel
-from gspo_engine.model.qwen3_vl import ImageInputs, Qwen3VLModel, build_model
+from gspo_engine.model.qwen3_vl import ImageInputs, Qwen3VLModel
+from gspo_engine.model.qwen3_vl_hybrid import Qwen3_5VLModel, build_model
 from gspo_engine.model.vision import VisionFeatures
 
 __all__ = [
     "HybridCache", "ImageInputs", "ModelArgs", "ModelOutput", "PackedSequences", "Qwen3Model", "Qwen3NextModel", "Qwen3VLModel",
+    "Qwen3_5VLModel",
     "RopeScaling", "Routing", "VisionFeatures", "build_model",
 ]

@@ -28,9 +28,9 @@ NEXT_ARCHITECTURE = "Qwen3NextForCausalLM"  # fused in_proj_qkvz / in_proj_ba, M
 QWEN3_5_ARCHITECTURE = "Qwen3_5ForCausalLM"  # split in_proj_qkv / z / b / a, dense MLP
 QWEN3_5_MOE_ARCHITECTURE = "Qwen3_5MoeForCausalLM"  # split projections, MoE with a shared expert
 HYBRID_ARCHITECTURES = (NEXT_ARCHITECTURE, QWEN3_5_ARCHITECTURE, QWEN3_5_MOE_ARCHITECTURE)
-# Released Qwen3.5 checkpoints are image-text models: their language model (config.json's text_config,
-# tensors under model.language_model.) is what is trained; the vision tower's tensors (model.visual.*)
-# are carried through unchanged, and the rest of config.json with them. Qwen3-VL's are read into the model.
+# Image-text checkpoints (released Qwen3.5 and Qwen3-VL): their language model is config.json's text_config,
+# its tensors sit under model.language_model.; the vision tower (model.visual.*, vision_config) is read into
+# the model too (VISION_ARCHITECTURES), and the rest of config.json is kept.
 MULTIMODAL_ARCHITECTURES = {
     "Qwen3_5ForConditionalGeneration": QWEN3_5_ARCHITECTURE,
     "Qwen3_5MoeForConditionalGeneration": QWEN3_5_MOE_ARCHITECTURE,
@@ -41,6 +41,7 @@ MULTIMODAL_ARCHITECTURES = {
 # model_type of their text_config.
 VISION_ARCHITECTURES = {
     "Qwen3VLForConditionalGeneration": "qwen3_vl_text", "Qwen3VLMoeForConditionalGeneration": "qwen3_vl_moe_text",
+    "Qwen3_5ForConditionalGeneration": "qwen3_5_text", "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe_text",
 }
 SUPPORTED_ARCHITECTURES = (DENSE_ARCHITECTURE, MOE_ARCHITECTURE, *HYBRID_ARCHITECTURES, *MULTIMODAL_ARCHITECTURES)
 _MODEL_TYPES = {
@@ -269,10 +270,12 @@ class ModelArgs:
         args.multimodal_config = {key: value for key, value in config.items() if key != "text_config"}
         if architecture in VISION_ARCHITECTURES:
             args.vision = VisionArgs.from_hf_config(config)
-            text_rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
-            args.rope_extra = {key: text_rope[key] for key in ("mrope_section", "mrope_interleaved") if key in text_rope}
-            if args.is_moe:
-                args.norm_topk_prob = True  # Qwen3-VL-MoE's router always renormalises its top-k weights
+            if not args.is_hybrid:  # the hybrid models' rope_parameters extras (mrope_section, ...) are read already
+                text_rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+                args.rope_extra = {key: text_rope[key] for key in ("mrope_section", "mrope_interleaved")
+                                   if key in text_rope}
+                if args.is_moe:
+                    args.norm_topk_prob = True  # Qwen3-VL-MoE's router always renormalises its top-k weights
         return args
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -280,7 +283,7 @@ class ModelArgs:
         if self.multimodal_config:
             text = dataclasses.replace(self, multimodal_config={}, vision=None).to_hf_config()
             del text["architectures"]
-            if self.vision is not None:
+            if self.vision is not None and not self.is_hybrid:
                 _write_vision_text(self, text, VISION_ARCHITECTURES[_architecture(self.multimodal_config)])
             config = dict(self.multimodal_config, text_config=text, tie_word_embeddings=self.tie_word_embeddings)
             config["dtype" if "dtype" in config else "torch_dtype"] = _dtype_name(self.dtype)

@@ -25,7 +25,6 @@ from gspo_engine.model.moe import Routing, switch_aux_loss
 from gspo_engine.model.mrope import mrope_cos_sin, mrope_position_ids
 from gspo_engine.model.packed import PackedSequences
 from gspo_engine.model.qwen3 import ModelOutput, Qwen3Model
-from gspo_engine.model.qwen3_next import build_model as build_text_model
 from gspo_engine.model.vision import VisionFeatures, VisionTower
 
 
@@ -63,18 +62,13 @@ class PromptVision:
         return torch.cat((self.position_ids, after.expand(3, -1)), dim=1)
 
 
-class Qwen3VLModel(Qwen3Model):
-    """Qwen3Model's interface (forward_hidden, forward, lm_head_weight) with images.
-
-    position_ids may be [3, B, T] (multimodal; from `position_ids_for`) or [B, T] / None as for
-    Qwen3Model, in which case a prompt with images gets its multimodal positions computed here.
+class VisionLanguage:
+    """What an image-text model adds to its text model: the tower's features, multimodal positions, the
+    embeddings with the images in place. Mixed into Qwen3VLModel and qwen3_vl_hybrid.Qwen3_5VLModel, which
+    set `self.visual`; their forward_hidden runs their own text layers.
     """
 
-    def __init__(self, args: ModelArgs):
-        if args.vision is None:
-            raise ValueError("Qwen3VLModel needs vision arguments (args.vision)")
-        super().__init__(args)
-        self.visual = VisionTower(args.vision)
+    visual: VisionTower
 
     def encode_images(self, images: ImageInputs) -> VisionFeatures:
         return self.visual(images.pixel_values, images.grid_thw)
@@ -145,33 +139,18 @@ class Qwen3VLModel(Qwen3Model):
             raise ValueError(f"{grids.shape[0]} image grids given for {used} images in the rows")
         return positions, deltas
 
-    def forward_hidden(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        forced_experts: Sequence[torch.Tensor | None] | None = None,
-        cache: KVCache | None = None,
-        packed: PackedSequences | None = None,
-        images: ImageInputs | None = None,
-        image_features: VisionFeatures | None = None,
-    ) -> ModelOutput:
-        """As Qwen3Model.forward_hidden, with the images of the rows' image tokens as `images` (run through the
-        tower here) or as `image_features` (the tower's output, e.g. computed once for a group of completions).
-
-        A packed row (model/packed.py) computes each sequence's multimodal positions on its own unless
-        position_ids [3, 1, N] are given.
-        """
+    def _multimodal_inputs(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+        cache, packed: PackedSequences | None, images: ImageInputs | None, image_features: VisionFeatures | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """The checks of a forward, then x (embeddings with the image features in place), cos, sin, the image
+        tokens' mask [B, T] (None without images) and the DeepStack features to add after the first layers."""
         if images is not None and image_features is not None:
             raise ValueError("give images or image_features, not both")
-        batch, seq = input_ids.shape
         if packed is not None:
             packed.check_row(input_ids)
             if attention_mask is not None or cache is not None:
                 raise ValueError("a packed forward takes neither an attention_mask nor a cache: it holds no padding")
-        moe_layers = self.args.moe_layers
-        if forced_experts is not None and len(forced_experts) != len(moe_layers):
-            raise ValueError(f"forced_experts has {len(forced_experts)} entries for {len(moe_layers)} MoE layers")
         grid_thw = None if images is None else images.grid_thw
         if position_ids is None and cache is not None:
             raise ValueError("a forward with a cache needs position_ids")
@@ -193,37 +172,8 @@ class Qwen3VLModel(Qwen3Model):
                 )
             x = x.masked_scatter(image_mask[..., None], image_features.embeds.to(x.dtype))
         cos, sin = mrope_cos_sin(self.args, position_ids, x.dtype)
-        if cache is not None:
-            attn_mask = cache.attention_mask(attention_mask, seq)
-        else:
-            attn_mask = None if attention_mask is None else attention_mask_4d(attention_mask)
-
         deepstack = [] if image_features is None else image_features.deepstack
-        forced = iter(forced_experts or [None] * len(moe_layers))
-        routing: list[Routing] = []
-        for index, block in enumerate(self.layers):
-            layer_forced = next(forced) if block.is_moe else None
-            layer_cache = None if cache is None else cache.layers[index]
-            if self.args.activation_checkpointing and torch.is_grad_enabled():
-                x, layer_routing = checkpoint(
-                    block, x, cos, sin, attn_mask, layer_forced, layer_cache, packed, use_reentrant=False
-                )
-            else:
-                x, layer_routing = block(x, cos, sin, attn_mask, layer_forced, layer_cache, packed)
-            if layer_routing is not None:
-                routing.append(layer_routing)
-            if index < len(deepstack):
-                mask = image_mask[..., None]
-                x = x.masked_scatter(mask, x[image_mask] + deepstack[index].to(x.dtype))
-        if cache is not None:
-            cache.advance(seq)
-
-        output = ModelOutput(hidden_states=self.norm(x), routing=routing)
-        if self.args.router_aux_loss and routing:
-            token_mask = None if attention_mask is None else attention_mask.reshape(-1)
-            losses = [switch_aux_loss(r, self.args.num_experts, token_mask) for r in routing]
-            output.aux_loss = self.args.router_aux_loss_coef * torch.stack(losses).mean()
-        return output
+        return x, cos, sin, image_mask, deepstack
 
     def forward(
         self,
@@ -261,6 +211,79 @@ class Qwen3VLModel(Qwen3Model):
         return torch.cat(pieces, dim=1)[:, None]
 
 
+def add_deepstack(x: torch.Tensor, image_mask: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """x [B, T, H] with features [M, H] added at the M image tokens (image_mask [B, T])."""
+    return x.masked_scatter(image_mask[..., None], x[image_mask] + features.to(x.dtype))
+
+
+class Qwen3VLModel(VisionLanguage, Qwen3Model):
+    """Qwen3Model's interface (forward_hidden, forward, lm_head_weight) with images.
+
+    position_ids may be [3, B, T] (multimodal; from `position_ids_for`) or [B, T] / None as for
+    Qwen3Model, in which case a prompt with images gets its multimodal positions computed here.
+    """
+
+    def __init__(self, args: ModelArgs):
+        if args.vision is None:
+            raise ValueError("Qwen3VLModel needs vision arguments (args.vision)")
+        super().__init__(args)
+        self.visual = VisionTower(args.vision)
+
+    def forward_hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        forced_experts: Sequence[torch.Tensor | None] | None = None,
+        cache: KVCache | None = None,
+        packed: PackedSequences | None = None,
+        images: ImageInputs | None = None,
+        image_features: VisionFeatures | None = None,
+    ) -> ModelOutput:
+        """As Qwen3Model.forward_hidden, with the images of the rows' image tokens as `images` (run through the
+        tower here) or as `image_features` (the tower's output, e.g. computed once for a group of completions).
+
+        A packed row (model/packed.py) computes each sequence's multimodal positions on its own unless
+        position_ids [3, 1, N] are given.
+        """
+        seq = input_ids.shape[1]
+        moe_layers = self.args.moe_layers
+        if forced_experts is not None and len(forced_experts) != len(moe_layers):
+            raise ValueError(f"forced_experts has {len(forced_experts)} entries for {len(moe_layers)} MoE layers")
+        x, cos, sin, image_mask, deepstack = self._multimodal_inputs(
+            input_ids, attention_mask, position_ids, cache, packed, images, image_features
+        )
+        if cache is not None:
+            attn_mask = cache.attention_mask(attention_mask, seq)
+        else:
+            attn_mask = None if attention_mask is None else attention_mask_4d(attention_mask)
+
+        forced = iter(forced_experts or [None] * len(moe_layers))
+        routing: list[Routing] = []
+        for index, block in enumerate(self.layers):
+            layer_forced = next(forced) if block.is_moe else None
+            layer_cache = None if cache is None else cache.layers[index]
+            if self.args.activation_checkpointing and torch.is_grad_enabled():
+                x, layer_routing = checkpoint(
+                    block, x, cos, sin, attn_mask, layer_forced, layer_cache, packed, use_reentrant=False
+                )
+            else:
+                x, layer_routing = block(x, cos, sin, attn_mask, layer_forced, layer_cache, packed)
+            if layer_routing is not None:
+                routing.append(layer_routing)
+            if index < len(deepstack):
+                x = add_deepstack(x, image_mask, deepstack[index])
+        if cache is not None:
+            cache.advance(seq)
+
+        output = ModelOutput(hidden_states=self.norm(x), routing=routing)
+        if self.args.router_aux_loss and routing:
+            token_mask = None if attention_mask is None else attention_mask.reshape(-1)
+            losses = [switch_aux_loss(r, self.args.num_experts, token_mask) for r in routing]
+            output.aux_loss = self.args.router_aux_loss_coef * torch.stack(losses).mean()
+        return output
+
+
 def _image_runs(tokens: torch.Tensor, image_token_id: int) -> int:
     """How many runs of consecutive image tokens (one per image) tokens [T] holds."""
     is_image = (tokens == image_token_id).to(torch.int8)
@@ -268,8 +291,3 @@ def _image_runs(tokens: torch.Tensor, image_token_id: int) -> int:
         return 0
     starts = is_image[1:] > is_image[:-1]
     return int(starts.sum()) + int(is_image[0])
-
-
-def build_model(args: ModelArgs) -> Qwen3Model:
-    """The model class the arguments describe: Qwen3VLModel with a vision tower, else qwen3_next.build_model's."""
-    return Qwen3VLModel(args) if args.vision is not None else build_text_model(args)

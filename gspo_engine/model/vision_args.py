@@ -64,6 +64,9 @@ class VisionArgs:
         if not isinstance(vision, dict):
             raise ValueError("an image-text config.json needs a vision_config")
         values = {key: vision.get(key, default) for key, default in _VISION_DEFAULTS.items()}
+        architectures = config.get("architectures") or [config.get("model_type") or ""]
+        if "deepstack_visual_indexes" not in vision and architectures[0].lower().startswith("qwen3_5"):
+            values["deepstack_visual_indexes"] = []  # Qwen3.5's tower has no DeepStack mergers
         if values["hidden_act"] not in VISION_ACTIVATIONS:
             raise ValueError(
                 f"unsupported vision_config.hidden_act {values['hidden_act']!r}; supported: {', '.join(VISION_ACTIVATIONS)}"
