@@ -65,7 +65,8 @@ def build_models(config: Config, runtime: Runtime, device: torch.device, precisi
         held = "LoRA adapters" if lora is None else "full weights, not LoRA adapters"
         raise TrainingError(f"{resume_from} holds {held}; resume it with the lora settings it was trained with")
     resume_sharded = resume_from is not None and is_sharded_checkpoint(resume_from)
-    expert_parallel = config.distributed.expert_parallel
+    # One process holds every expert (the distributed section does not apply to it).
+    expert_parallel = config.distributed.expert_parallel if runtime.world_size > 1 else 1
     if expert_parallel > 1:
         args = read_config(source)
         check_expert_parallel(config, runtime.world_size, args.num_experts, args.is_moe)

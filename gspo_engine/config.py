@@ -170,7 +170,8 @@ class DistributedConfig:
     reshard_after_forward: bool = True
     # Expert parallelism (MoE models): the ranks form groups of this many, which split every MoE
     # layer's experts between them (E / N each, with their optimizer states); tokens travel to their
-    # experts' ranks and back. A divisor of the number of ranks and of the experts; 1 is off.
+    # experts' ranks and back. A divisor of the number of ranks and of the experts; 1 is off (and a
+    # plain process holds every expert, whatever this says).
     expert_parallel: int = 1
 
 

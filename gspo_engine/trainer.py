@@ -324,7 +324,7 @@ class GSPOTrainer:
             f", LoRA rank {self.lora.rank}: {sum(p.numel() for p in adapter_parameters(self.model)) / 1e6:.3f}M trained"
         )
         ranks = f" x {self.runtime.world_size} ranks (FSDP2)" if self.runtime.distributed else ""
-        if self.config.distributed.expert_parallel > 1:
+        if self.config.distributed.expert_parallel > 1 and self.runtime.world_size > 1:
             ranks += f", experts split over groups of {self.config.distributed.expert_parallel}"
         return (
             f"model {self.source} ({total / 1e6:.2f}M parameters{trained}, "

@@ -164,16 +164,17 @@ def test_expert_parallel_is_checked_against_the_ranks_and_the_model():
     with pytest.raises(ConfigError, match=r"distributed.expert_parallel \(4\): expert parallelism splits the experts "
                                           "of a MoE model"):
         check_expert_parallel(config, 4, num_experts=0, is_moe=False)
-    with pytest.raises(ConfigError, match=r"divide the number of ranks/GPUs \(1\)"):
-        check_expert_parallel(config, 1, num_experts=8, is_moe=True)
-    check_expert_parallel(load_config(None, []), 1, num_experts=0, is_moe=False)  # 1 is off
+    check_expert_parallel(config, 1, num_experts=6, is_moe=False)  # one process holds every expert: not applied
+    check_expert_parallel(load_config(None, []), 4, num_experts=0, is_moe=False)  # 1 is off
     with pytest.raises(ConfigError, match="distributed.expert_parallel"):
         load_config(None, ["distributed.expert_parallel=0"])
 
 
-def test_a_plain_process_refuses_expert_parallelism(tmp_path):
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(SETTINGS | {"train": {"steps": 1, "cpu_threads": 1}}))
-    result = train(config, tmp_path / "run", None, "--set", "distributed.expert_parallel=2")
-    assert result.returncode != 0
-    assert "distributed.expert_parallel (2) must divide the number of ranks/GPUs (1)" in result.stdout + result.stderr
+def test_one_gpu_plans_without_expert_parallelism_and_several_with_it():
+    from gspo_engine.planner import make_plan
+
+    config = load_config(ROOT / "configs" / "moe.yaml")  # distributed.expert_parallel: 8
+    assert make_plan(config, gpus=1).memory.expert_parallel == 1
+    assert make_plan(config, gpus=8).memory.expert_parallel == 8
+    with pytest.raises(ConfigError, match=r"distributed.expert_parallel \(8\) must divide the number of ranks/GPUs"):
+        make_plan(config, gpus=4)

@@ -27,9 +27,13 @@ def check_data_parallel(config: Config, world_size: int) -> None:
 
 
 def check_expert_parallel(config: Config, world_size: int, num_experts: int, is_moe: bool) -> None:
-    """distributed.expert_parallel divides the ranks (GPUs) and the experts of every MoE layer, on a MoE model."""
+    """distributed.expert_parallel divides the ranks (GPUs) and the experts of every MoE layer, on a MoE model.
+
+    One process (or a plan for one GPU) holds every expert: like the rest of the distributed
+    section, the setting does not apply there.
+    """
     ep = config.distributed.expert_parallel
-    if ep == 1:
+    if ep == 1 or world_size == 1:
         return
     key = f"distributed.expert_parallel ({ep})"
     if not is_moe:
