@@ -9,7 +9,7 @@ from tiny_vl_checkpoints import random_image
 from transformers import Qwen2VLImageProcessorPil
 
 from gspo_engine.hf_checkpoint import load_pretrained, save_pretrained
-from gspo_engine.model import ImageInputs, Qwen3_5VLModel
+from gspo_engine.model import ImageInputs, PackedSequences, Qwen3_5VLModel
 from gspo_engine.rollout import generate
 
 NEW_TOKENS = 8
@@ -91,3 +91,15 @@ def test_greedy_generation_and_save(models, tmp_path):
     reloaded = type(hf).from_pretrained(tmp_path / "saved", dtype=torch.float32)
     for key, tensor in hf.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], tensor), key
+
+
+def test_packed_row_equals_separate_rows(models):
+    hf, ours = models
+    prompts = [prompt(hf, [(16, 24)], seed=13), prompt(hf, [(12, 20), (8, 8)], seed=14)]
+    with torch.no_grad():
+        separate = [ours(ids[None], images=ImageInputs(pixels, grid))[0] for ids, pixels, grid in prompts]
+        row = torch.cat([ids for ids, _, _ in prompts])[None]
+        images = ImageInputs(torch.cat([p for _, p, _ in prompts]), torch.cat([g for _, _, g in prompts]))
+        packed = PackedSequences.from_lengths([len(ids) for ids, _, _ in prompts])
+        together = ours(row, packed=packed, images=images)[0]
+    torch.testing.assert_close(together, torch.cat(separate), atol=1e-5, rtol=0)
