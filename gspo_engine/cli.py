@@ -169,13 +169,14 @@ def train(config_path, config_option, overrides, stage, resume, dry_run, gpus, g
 
         from gspo_engine.config import dump_config
 
+        dataset_problem = None
         if config.data.dataset != "builtin":
             from gspo_engine.data import DataError, dataset_source
 
             try:
                 dataset_source(config.data.dataset)  # a Hub dataset is not looked up: a dry run reads nothing
             except DataError as error:
-                raise click.ClickException(f"data.dataset: {error}") from error
+                dataset_problem = f"data.dataset: {error}"
         click.echo(dump_config(config).rstrip())
         # Under torchrun the dry run plans the ranks it was launched with; `gspo-engine plan` takes any.
         world_size = os.environ.get("WORLD_SIZE", "1")
@@ -190,6 +191,9 @@ def train(config_path, config_option, overrides, stage, resume, dry_run, gpus, g
             raise click.ClickException(f"train.device: {error}") from error
         click.echo(f"\n{machine.description}")
         click.echo("\n".join(_plan_lines(machine.config, machine.count, machine.memory_gb, machine.device)))
+        if dataset_problem:
+            # The plan does not depend on the prompts; the run would stop at them.
+            raise click.ClickException(f"{dataset_problem} (the plan above holds; pass --dataset to run)")
         return
     if gpus is not None or gpu_memory_gb is not None:
         raise click.UsageError("--gpus and --gpu-memory-gb plan a dry run: add --dry-run, or use gspo-engine plan")

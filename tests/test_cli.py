@@ -53,6 +53,16 @@ def test_every_config_passes_dry_run(config, prompts_file):
     assert "plan:" in result.output and "parameters:" in result.output
 
 
+def test_a_dry_run_without_the_dataset_prints_the_plan_and_then_fails_naming_it():
+    """The seed's Qwen3-4B command as written: its config names a prompts file users bring."""
+    result = invoke("train", "--stage", "gspo", "--config", TINY.parent / "gspo_qwen3_4b_nano.yaml",
+                    "--gspo_group_size", 16, "--learning_rate", "3e-5", "--cutoff_len", 2048, "--lora_rank", 16,
+                    "--dry-run", "--gpus", 1, "--gpu-memory-gb", 80)
+    assert result.exit_code == 1
+    assert "rollout peak" in result.output and "training peak" in result.output
+    assert "data.dataset: dataset file data/math.jsonl does not exist" in result.output.splitlines()[-1]
+
+
 def test_familiar_flags_map_onto_the_config():
     result = invoke("train", "--config", TINY, "--dry-run", "--gspo_group_size", 12, "--learning_rate", "2e-5",
                     "--output_dir", "somewhere", "--cutoff_len", 300, "--set", "train.steps=7")
