@@ -66,11 +66,6 @@ def mrope_position_ids(
     return positions.long(), delta
 
 
-def text_position_ids(start: int, length: int, delta: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """[3, length]: positions of text tokens at indices start.. of a sequence whose prompt gave `delta`."""
-    return (torch.arange(start, start + length, device=device) + delta).expand(3, length)
-
-
 def mrope_section(args: ModelArgs) -> list[int]:
     return list(args.rope_extra.get("mrope_section") or DEFAULT_MROPE_SECTION)
 

@@ -43,18 +43,6 @@ class VisionFeatures:
     deepstack: list[torch.Tensor]
     tokens_per_image: list[int]
 
-    def select(self, images: list[int]) -> "VisionFeatures":
-        """The features of the given images (indices into this set), in that order."""
-        starts = [0]
-        for count in self.tokens_per_image:
-            starts.append(starts[-1] + count)
-        rows = [torch.arange(starts[i], starts[i + 1], device=self.embeds.device) for i in images]
-        index = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long, device=self.embeds.device)
-        return VisionFeatures(
-            self.embeds.index_select(0, index), [d.index_select(0, index) for d in self.deepstack],
-            [self.tokens_per_image[i] for i in images],
-        )
-
     @staticmethod
     def concat(parts: list["VisionFeatures"]) -> "VisionFeatures":
         """The images of several sets one after the other (parts must not be empty)."""
