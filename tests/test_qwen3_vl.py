@@ -186,3 +186,19 @@ def test_saved_model_loads_in_transformers(models, tmp_path):
             down = f.get_slice("model.language_model.layers.0.mlp.experts.down_proj").get_shape()
         assert gate_up == [args.num_experts, args.hidden_size, 2 * args.moe_intermediate_size]
         assert down == [args.num_experts, args.moe_intermediate_size, args.hidden_size]
+
+
+def test_tied_embeddings_as_the_small_releases(tmp_path):
+    """Qwen3-VL-2B / 4B tie lm_head to the embedding: no lm_head tensor is needed, and none is written."""
+    hf = build_hf_vl_model(tie_word_embeddings=True, seed=2)
+    hf.save_pretrained(tmp_path / "source")
+    ours = load_pretrained(tmp_path / "source", dtype=torch.float32)
+    assert ours.args.tie_word_embeddings and ours.lm_head is None
+    input_ids, pixel_values, grid = prompt_with_images([(16, 24)], seed=15)
+    with torch.no_grad():
+        got = ours(input_ids[None], images=ImageInputs(pixel_values, grid))
+    torch.testing.assert_close(got, hf_logits(hf, input_ids[None], pixel_values, grid), atol=TOLERANCE, rtol=0)
+    save_pretrained(ours, tmp_path / "saved")
+    reloaded = type(hf).from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    torch.testing.assert_close(hf_logits(reloaded, input_ids[None], pixel_values, grid),
+                               hf_logits(hf, input_ids[None], pixel_values, grid), atol=1e-6, rtol=0)
