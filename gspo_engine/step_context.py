@@ -46,7 +46,7 @@ class StepContext:
         if isinstance(batch, PackedBatch):
             forced = None if routing_records is None else replay_experts_packed(routing_records, self.device)
             # A Qwen3-VL batch with images: their features (stored, or computed again by a tower that trains).
-            images = {} if batch.vision is None else {"image_features": model.features_of(batch.vision)}
+            images = {} if batch.vision is None else {"visions": batch.vision}
             return model.forward_hidden(batch.input_ids, position_ids=batch.position_ids, forced_experts=forced,
                                         packed=batch.packed, **images)
         length = batch.input_ids.shape[1]

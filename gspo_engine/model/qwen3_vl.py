@@ -142,11 +142,12 @@ class VisionLanguage:
     def _multimodal_inputs(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
         cache, packed: PackedSequences | None, images: ImageInputs | None, image_features: VisionFeatures | None,
+        visions: Sequence[PromptVision | None] | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
         """The checks of a forward, then x (embeddings with the image features in place), cos, sin, the image
         tokens' mask [B, T] (None without images) and the DeepStack features to add after the first layers."""
-        if images is not None and image_features is not None:
-            raise ValueError("give images or image_features, not both")
+        if sum(given is not None for given in (images, image_features, visions)) > 1:
+            raise ValueError("give one of images, image_features and visions")
         if packed is not None:
             packed.check_row(input_ids)
             if attention_mask is not None or cache is not None:
@@ -160,6 +161,9 @@ class VisionLanguage:
             position_ids = position_ids[None].expand(3, *position_ids.shape)
         if images is not None:
             image_features = self.encode_images(images)
+        if visions is not None:
+            # Inside the forward: a sharded model (FSDP2) has gathered the tower's weights by now.
+            image_features = self.features_of(visions)
 
         x = self.embed_tokens(input_ids)
         image_mask = None
@@ -239,9 +243,11 @@ class Qwen3VLModel(VisionLanguage, Qwen3Model):
         packed: PackedSequences | None = None,
         images: ImageInputs | None = None,
         image_features: VisionFeatures | None = None,
+        visions: Sequence[PromptVision | None] | None = None,
     ) -> ModelOutput:
         """As Qwen3Model.forward_hidden, with the images of the rows' image tokens as `images` (run through the
-        tower here) or as `image_features` (the tower's output, e.g. computed once for a group of completions).
+        tower here), as `image_features` (the tower's output, e.g. computed once for a group of completions), or
+        as `visions`, each row's PromptVision or None (their features as `features_of` gives them).
 
         A packed row (model/packed.py) computes each sequence's multimodal positions on its own unless
         position_ids [3, 1, N] are given.
@@ -251,7 +257,7 @@ class Qwen3VLModel(VisionLanguage, Qwen3Model):
         if forced_experts is not None and len(forced_experts) != len(moe_layers):
             raise ValueError(f"forced_experts has {len(forced_experts)} entries for {len(moe_layers)} MoE layers")
         x, cos, sin, image_mask, deepstack = self._multimodal_inputs(
-            input_ids, attention_mask, position_ids, cache, packed, images, image_features
+            input_ids, attention_mask, position_ids, cache, packed, images, image_features, visions
         )
         if cache is not None:
             attn_mask = cache.attention_mask(attention_mask, seq)

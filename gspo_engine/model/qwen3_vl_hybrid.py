@@ -17,7 +17,7 @@ from gspo_engine.model.packed import PackedSequences
 from gspo_engine.model.qwen3 import ModelOutput, Qwen3Model
 from gspo_engine.model.qwen3_next import Qwen3NextModel
 from gspo_engine.model.qwen3_next import build_model as build_text_model
-from gspo_engine.model.qwen3_vl import ImageInputs, Qwen3VLModel, VisionLanguage, add_deepstack
+from gspo_engine.model.qwen3_vl import ImageInputs, PromptVision, Qwen3VLModel, VisionLanguage, add_deepstack
 from gspo_engine.model.vision import VisionFeatures, VisionTower
 
 
@@ -40,6 +40,7 @@ class Qwen3_5VLModel(VisionLanguage, Qwen3NextModel):
         packed: PackedSequences | None = None,
         images: ImageInputs | None = None,
         image_features: VisionFeatures | None = None,
+        visions: Sequence[PromptVision | None] | None = None,
     ) -> ModelOutput:
         """As Qwen3NextModel.forward_hidden, with images as Qwen3VLModel.forward_hidden takes them."""
         seq = input_ids.shape[1]
@@ -47,7 +48,7 @@ class Qwen3_5VLModel(VisionLanguage, Qwen3NextModel):
         if forced_experts is not None and len(forced_experts) != len(moe_layers):
             raise ValueError(f"forced_experts has {len(forced_experts)} entries for {len(moe_layers)} MoE layers")
         x, cos, sin, image_mask, deepstack = self._multimodal_inputs(
-            input_ids, attention_mask, position_ids, cache, packed, images, image_features
+            input_ids, attention_mask, position_ids, cache, packed, images, image_features, visions
         )
         if cache is not None:
             attn_mask = cache.attention_mask(attention_mask, seq)
