@@ -178,3 +178,33 @@ def test_one_gpu_plans_without_expert_parallelism_and_several_with_it():
     assert make_plan(config, gpus=8).memory.expert_parallel == 8
     with pytest.raises(ConfigError, match=r"distributed.expert_parallel \(8\) must divide the number of ranks/GPUs"):
         make_plan(config, gpus=4)
+
+
+@pytest.fixture(scope="module")
+def aux_runs(tmp_path_factory):
+    """The router aux loss on and the sampler's own log-probs and experts replayed: 2 ranks with FSDP2
+    alone against 2 ranks with expert_parallel 2 (the same micro-batches, so the aux loss, averaged per
+    micro-batch, is comparable)."""
+    base = tmp_path_factory.mktemp("expert_parallel_aux")
+    settings = SETTINGS | {
+        "model": SETTINGS["model"] | {"router_aux_loss_coef": 0.01},
+        "gspo": SETTINGS["gspo"] | {"old_logps": "rollout"},
+    }
+    config = base / "config.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    out = {"fsdp": base / "fsdp", "ep": base / "ep"}
+    ok(train(config, out["fsdp"], 2))
+    ok(train(config, out["ep"], 2, "--set", "distributed.expert_parallel=2"))
+    return out
+
+
+@pytest.mark.slow
+def test_aux_loss_expert_metrics_and_rollout_routing_replay_under_expert_parallelism(aux_runs):
+    fsdp, ep = metrics(aux_runs["fsdp"]), metrics(aux_runs["ep"])
+    assert len(fsdp) == len(ep) == 2
+    for a, b in zip(fsdp, ep):
+        assert a["reward_mean"] == b["reward_mean"]
+        assert a["aux_loss"] > 0
+        for key in ("loss", "aux_loss", "grad_norm", "ratio_mean", "kl", "expert_imbalance"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    assert_same_weights(aux_runs["fsdp"] / "final", aux_runs["ep"] / "final")
