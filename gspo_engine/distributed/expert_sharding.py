@@ -13,7 +13,8 @@ parameter: a rank holds the states of its own experts only. FSDP2 never touches 
 In a forward, each MoE layer routes its own tokens and sends them to their experts' ranks and
 back (expert_parallel.expert_parallel_moe over the "ep" row's process group). The gradient of a
 block of experts then holds the pairs of the whole row's tokens; the replicas' gradients are
-summed over "dp" as they arrive, so every replica takes the same step.
+summed over "dp" in the backward (in fp32, before the compute cast), so every replica takes the
+same step.
 
 Every rank of a row must run the MoE layers the same number of times: training and scoring pad
 their micro-batch counts across ranks, and a rank whose generation ended calls `finish_in_step`,
@@ -48,14 +49,16 @@ class ExpertExchange:
 
     def __call__(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, gate_up: torch.Tensor,
                  down: torch.Tensor) -> torch.Tensor:
-        gate_up, down = self.local(gate_up), self.local(down)
+        """SparseMoE's experts for this rank's tokens x; gate_up / down: the layer's expert parameters (DTensors),
+        whose local blocks are cast to x's dtype here."""
+        gate_up, down = self.local(gate_up, x.dtype), self.local(down, x.dtype)
         return expert_parallel_moe(x, topk_idx, topk_weight, gate_up, down, self.group, self.flags)
 
-    def local(self, tensor: torch.Tensor) -> torch.Tensor:
+    def local(self, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
         if self.replicas is not None and local.requires_grad:
-            local = _SumOverReplicas.apply(local, self.replicas)
-        return local
+            local = _SumOverReplicas.apply(local, self.replicas)  # the fp32 gradient summed over replicas
+        return local.to(dtype)
 
 
 class _SumOverReplicas(torch.autograd.Function):

@@ -64,8 +64,11 @@ class SparseMoE(nn.Module):
         # which waits for the device (at every decode step) and cannot run inside a CUDA graph capture.
         run_experts = gk.routed_experts if self.expert_lora is None else self.expert_lora
         if self.expert_exchange is not None:
-            run_experts = self.expert_exchange
-        out = run_experts(flat.to(dtype), experts, weights.to(dtype), self.gate_up.to(dtype), self.down.to(dtype))
+            # It casts this rank's block of experts to the tokens' dtype itself (after the gradient's sum over
+            # replicas, which so stays in fp32).
+            out = self.expert_exchange(flat.to(dtype), experts, weights.to(dtype), self.gate_up, self.down)
+        else:
+            out = run_experts(flat.to(dtype), experts, weights.to(dtype), self.gate_up.to(dtype), self.down.to(dtype))
         return out.to(x.dtype).view(batch, seq, hidden), Routing(router_logits, experts)
 
 
