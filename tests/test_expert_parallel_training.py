@@ -208,3 +208,26 @@ def test_aux_loss_expert_metrics_and_rollout_routing_replay_under_expert_paralle
         for key in ("loss", "aux_loss", "grad_norm", "ratio_mean", "kl", "expert_imbalance"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
     assert_same_weights(aux_runs["fsdp"] / "final", aux_runs["ep"] / "final")
+
+
+@pytest.mark.slow
+def test_the_hybrid_model_under_expert_parallelism_trains_like_one_process(tmp_path):
+    """Qwen3-Next's MoE layers (routed experts split over the ranks, the shared expert under FSDP2)."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(SETTINGS | {"model": SETTINGS["model"] | {"name_or_path": "tiny-next"}}))
+    ok(train(config, tmp_path / "single", None))
+    ok(train(config, tmp_path / "ep", 2, "--set", "distributed.expert_parallel=2"))
+    single, split = metrics(tmp_path / "single"), metrics(tmp_path / "ep")
+    for a, b in zip(single, split):
+        assert a["reward_mean"] == b["reward_mean"]
+        for key in ("loss", "grad_norm", "kl"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    from safetensors.torch import load_file
+
+    def all_weights(folder: Path) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    wa, wb = all_weights(tmp_path / "single" / "final"), all_weights(tmp_path / "ep" / "final")
+    assert wa.keys() == wb.keys() and any(".experts." in key for key in wa)
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=1e-5, msg=key)
