@@ -278,7 +278,7 @@ class MicroBatch:
 
     budget: int  # gspo.micro_batch_tokens
     sequences: int
-    length: int  # padded length of each: longest prompt + max_new_tokens - 1 (Sample.length)
+    length: int  # the longest sequence: longest prompt + max_new_tokens - 1 (Sample.num_positions)
     response: int  # completion tokens of each
 
     @property

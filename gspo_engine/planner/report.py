@@ -85,7 +85,7 @@ def memory_lines(memory: MemoryPlan) -> list[str]:
         lines.append(_row(f"  reference model for the KL (fp32{sharded})", states.reference))
     lines += [
         f"  training, micro_batch_tokens {micro.budget:,}: {micro.sequences} sequences of {micro.length:,} tokens "
-        f"({micro.tokens:,} padded) per micro-batch",
+        f"({micro.tokens:,} tokens) per micro-batch",
         _row("    " + _compute_weights_label(memory.compute, ep), training.compute_weights),
     ]
     if training.block_gradients:
@@ -162,7 +162,7 @@ def _micro_batch_line(memory: MemoryPlan) -> str:
     best = memory.largest.micro
     whole = ", the whole minibatch" if memory.largest_is_whole_minibatch else ""
     return (f"  largest micro-batch that fits: micro_batch_tokens {best.budget:,} (searched in multiples of "
-            f"{MICRO_BATCH_STEP}): {best.sequences} sequences, {best.tokens:,} padded tokens{whole}; {configured}")
+            f"{MICRO_BATCH_STEP}): {best.sequences} sequences, {best.tokens:,} tokens{whole}; {configured}")
 
 
 def _rollout_advice(memory: MemoryPlan) -> list[str]:
