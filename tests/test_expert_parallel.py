@@ -102,6 +102,7 @@ def close(actual, expected):
     torch.testing.assert_close(actual, expected.float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # torchrun with 2 and 4 gloo ranks: 7 and 15 s
 @pytest.mark.parametrize("ep", sorted(CASES))
 def test_expert_parallel_matches_single_process(ep, tmp_path):
     run_workers(ep, tmp_path)
