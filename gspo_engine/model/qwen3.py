@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,9 +108,7 @@ class Qwen3Model(nn.Module):
                 raise ValueError("a packed forward takes neither an attention_mask nor a cache: it holds no padding")
             if position_ids is None:
                 position_ids = packed.position_ids()
-        moe_layers = self.args.moe_layers
-        if forced_experts is not None and len(forced_experts) != len(moe_layers):
-            raise ValueError(f"forced_experts has {len(forced_experts)} entries for {len(moe_layers)} MoE layers")
+        check_forced_experts(self.args, forced_experts)
         if position_ids is None:
             if cache is not None:
                 raise ValueError("a forward with a cache needs position_ids")
@@ -122,28 +120,8 @@ class Qwen3Model(nn.Module):
         else:
             attn_mask = None if attention_mask is None else attention_mask_4d(attention_mask)
 
-        forced = iter(forced_experts or [None] * len(moe_layers))
-        routing: list[Routing] = []
-        for index, block in enumerate(self.layers):
-            layer_forced = next(forced) if block.is_moe else None
-            layer_cache = None if cache is None else cache.layers[index]
-            if self.args.activation_checkpointing and torch.is_grad_enabled():
-                x, layer_routing = checkpoint(
-                    block, x, cos, sin, attn_mask, layer_forced, layer_cache, packed, use_reentrant=False
-                )
-            else:
-                x, layer_routing = block(x, cos, sin, attn_mask, layer_forced, layer_cache, packed)
-            if layer_routing is not None:
-                routing.append(layer_routing)
-        if cache is not None:
-            cache.advance(seq)
-
-        output = ModelOutput(hidden_states=self.norm(x), routing=routing)
-        if self.args.router_aux_loss and routing:
-            token_mask = None if attention_mask is None else attention_mask.reshape(-1)
-            losses = [switch_aux_loss(r, self.args.num_experts, token_mask) for r in routing]
-            output.aux_loss = self.args.router_aux_loss_coef * torch.stack(losses).mean()
-        return output
+        x, routing = run_layers(self, x, (cos, sin, attn_mask), forced_experts, cache, packed)
+        return final_output(self, x, routing, attention_mask)
 
     def forward(
         self,
@@ -158,3 +136,52 @@ class Qwen3Model(nn.Module):
             input_ids, attention_mask, position_ids, forced_experts, packed=packed
         ).hidden_states
         return F.linear(hidden, self.lm_head_weight)
+
+
+def check_forced_experts(args: ModelArgs, forced_experts: Sequence[torch.Tensor | None] | None) -> None:
+    moe_layers = args.moe_layers
+    if forced_experts is not None and len(forced_experts) != len(moe_layers):
+        raise ValueError(f"forced_experts has {len(forced_experts)} entries for {len(moe_layers)} MoE layers")
+
+
+def run_layers(
+    model: nn.Module,
+    x: torch.Tensor,
+    leading: tuple,
+    forced_experts: Sequence[torch.Tensor | None] | None,
+    cache,
+    packed: PackedSequences | None,
+    after_layer: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, list[Routing]]:
+    """x through model.layers, each called as block(x, *leading, its forced experts, its cache, packed),
+    recomputed in the backward under args.activation_checkpointing; after_layer(index, x) -> x runs
+    after each block (DeepStack). Marks the cache's new columns written. Returns x and the MoE routing."""
+    forced = iter(forced_experts or [None] * len(model.args.moe_layers))
+    routing: list[Routing] = []
+    for index, block in enumerate(model.layers):
+        layer_forced = next(forced) if block.is_moe else None
+        layer_cache = None if cache is None else cache.layers[index]
+        arguments = (x, *leading, layer_forced, layer_cache, packed)
+        if model.args.activation_checkpointing and torch.is_grad_enabled():
+            x, layer_routing = checkpoint(block, *arguments, use_reentrant=False)
+        else:
+            x, layer_routing = block(*arguments)
+        if layer_routing is not None:
+            routing.append(layer_routing)
+        if after_layer is not None:
+            x = after_layer(index, x)
+    if cache is not None:
+        cache.advance(x.shape[1])
+    return x, routing
+
+
+def final_output(model: nn.Module, x: torch.Tensor, routing: list[Routing],
+                 attention_mask: torch.Tensor | None) -> ModelOutput:
+    """The final norm, and the aux loss over the MoE layers' routing (padding left out) when args ask for it."""
+    output = ModelOutput(hidden_states=model.norm(x), routing=routing)
+    args = model.args
+    if args.router_aux_loss and routing:
+        token_mask = None if attention_mask is None else attention_mask.reshape(-1)
+        losses = [switch_aux_loss(r, args.num_experts, token_mask) for r in routing]
+        output.aux_loss = args.router_aux_loss_coef * torch.stack(losses).mean()
+    return output

@@ -19,15 +19,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from gspo_engine.model.args import NEXT_ARCHITECTURE, ModelArgs
 from gspo_engine.model.gated_deltanet import GatedDeltaNet
 from gspo_engine.model.kv_cache import LayerKVCache
 from gspo_engine.model.layers import FeedForward, attention_mask_4d, grouped_query_attention
-from gspo_engine.model.moe import Routing, SparseMoE, switch_aux_loss
+from gspo_engine.model.moe import Routing, SparseMoE
 from gspo_engine.model.packed import PackedSequences, packed_attention
-from gspo_engine.model.qwen3 import ModelOutput, Qwen3Model
+from gspo_engine.model.qwen3 import ModelOutput, Qwen3Model, check_forced_experts, final_output, run_layers
 from gspo_engine.model.rope import apply_rotary, rotary_cos_sin
 
 
@@ -188,9 +187,7 @@ class Qwen3NextModel(Qwen3Model):
                 raise ValueError("a packed forward takes neither an attention_mask nor a cache: it holds no padding")
             if position_ids is None:
                 position_ids = packed.position_ids()
-        moe_layers = self.args.moe_layers
-        if forced_experts is not None and len(forced_experts) != len(moe_layers):
-            raise ValueError(f"forced_experts has {len(forced_experts)} entries for {len(moe_layers)} MoE layers")
+        check_forced_experts(self.args, forced_experts)
         if position_ids is None:
             if cache is not None:
                 raise ValueError("a forward with a cache needs position_ids")
@@ -203,27 +200,8 @@ class Qwen3NextModel(Qwen3Model):
             attn_mask = None if attention_mask is None else attention_mask_4d(attention_mask)
         token_mask = None if attention_mask is None else attention_mask.to(torch.bool)
 
-        forced = iter(forced_experts or [None] * len(moe_layers))
-        routing: list[Routing] = []
-        for index, block in enumerate(self.layers):
-            layer_forced = next(forced) if block.is_moe else None
-            layer_cache = None if cache is None else cache.layers[index]
-            arguments = (x, cos, sin, attn_mask, token_mask, layer_forced, layer_cache, packed)
-            if self.args.activation_checkpointing and torch.is_grad_enabled():
-                x, layer_routing = checkpoint(block, *arguments, use_reentrant=False)
-            else:
-                x, layer_routing = block(*arguments)
-            if layer_routing is not None:
-                routing.append(layer_routing)
-        if cache is not None:
-            cache.advance(seq)
-
-        output = ModelOutput(hidden_states=self.norm(x), routing=routing)
-        if self.args.router_aux_loss and routing:
-            flat_mask = None if attention_mask is None else attention_mask.reshape(-1)
-            losses = [switch_aux_loss(r, self.args.num_experts, flat_mask) for r in routing]
-            output.aux_loss = self.args.router_aux_loss_coef * torch.stack(losses).mean()
-        return output
+        x, routing = run_layers(self, x, (cos, sin, attn_mask, token_mask), forced_experts, cache, packed)
+        return final_output(self, x, routing, attention_mask)
 
 
 def build_model(args: ModelArgs) -> Qwen3Model:

@@ -16,15 +16,13 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from gspo_engine.model.args import ModelArgs
 from gspo_engine.model.kv_cache import KVCache
 from gspo_engine.model.layers import attention_mask_4d
-from gspo_engine.model.moe import Routing, switch_aux_loss
 from gspo_engine.model.mrope import mrope_cos_sin, mrope_position_ids
 from gspo_engine.model.packed import PackedSequences
-from gspo_engine.model.qwen3 import ModelOutput, Qwen3Model
+from gspo_engine.model.qwen3 import ModelOutput, Qwen3Model, check_forced_experts, final_output, run_layers
 from gspo_engine.model.vision import VisionFeatures, VisionTower
 
 
@@ -220,6 +218,11 @@ def add_deepstack(x: torch.Tensor, image_mask: torch.Tensor, features: torch.Ten
     return x.masked_scatter(image_mask[..., None], x[image_mask] + features.to(x.dtype))
 
 
+def deepstack_after(index: int, x: torch.Tensor, image_mask: torch.Tensor, deepstack: list[torch.Tensor]) -> torch.Tensor:
+    """x after LLM layer `index`: the index-th DeepStack features added at the image tokens, for the first layers."""
+    return add_deepstack(x, image_mask, deepstack[index]) if index < len(deepstack) else x
+
+
 class Qwen3VLModel(VisionLanguage, Qwen3Model):
     """Qwen3Model's interface (forward_hidden, forward, lm_head_weight) with images.
 
@@ -253,9 +256,7 @@ class Qwen3VLModel(VisionLanguage, Qwen3Model):
         position_ids [3, 1, N] are given.
         """
         seq = input_ids.shape[1]
-        moe_layers = self.args.moe_layers
-        if forced_experts is not None and len(forced_experts) != len(moe_layers):
-            raise ValueError(f"forced_experts has {len(forced_experts)} entries for {len(moe_layers)} MoE layers")
+        check_forced_experts(self.args, forced_experts)
         x, cos, sin, image_mask, deepstack = self._multimodal_inputs(
             input_ids, attention_mask, position_ids, cache, packed, images, image_features, visions
         )
@@ -264,30 +265,9 @@ class Qwen3VLModel(VisionLanguage, Qwen3Model):
         else:
             attn_mask = None if attention_mask is None else attention_mask_4d(attention_mask)
 
-        forced = iter(forced_experts or [None] * len(moe_layers))
-        routing: list[Routing] = []
-        for index, block in enumerate(self.layers):
-            layer_forced = next(forced) if block.is_moe else None
-            layer_cache = None if cache is None else cache.layers[index]
-            if self.args.activation_checkpointing and torch.is_grad_enabled():
-                x, layer_routing = checkpoint(
-                    block, x, cos, sin, attn_mask, layer_forced, layer_cache, packed, use_reentrant=False
-                )
-            else:
-                x, layer_routing = block(x, cos, sin, attn_mask, layer_forced, layer_cache, packed)
-            if layer_routing is not None:
-                routing.append(layer_routing)
-            if index < len(deepstack):
-                x = add_deepstack(x, image_mask, deepstack[index])
-        if cache is not None:
-            cache.advance(seq)
-
-        output = ModelOutput(hidden_states=self.norm(x), routing=routing)
-        if self.args.router_aux_loss and routing:
-            token_mask = None if attention_mask is None else attention_mask.reshape(-1)
-            losses = [switch_aux_loss(r, self.args.num_experts, token_mask) for r in routing]
-            output.aux_loss = self.args.router_aux_loss_coef * torch.stack(losses).mean()
-        return output
+        x, routing = run_layers(self, x, (cos, sin, attn_mask), forced_experts, cache, packed,
+                                lambda index, x: deepstack_after(index, x, image_mask, deepstack))
+        return final_output(self, x, routing, attention_mask)
 
 
 def _image_runs(tokens: torch.Tensor, image_token_id: int) -> int:
