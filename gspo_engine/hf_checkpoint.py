@@ -13,6 +13,8 @@ tower of a model built without one): those are copied unchanged from the source 
 saved from the model. Image-text models (Qwen3-VL, Qwen3.5) hold their vision tower (`model.visual.*`, read
 and written like the rest, their language model under `model.language_model.`); Qwen3-VL-MoE checkpoints hold fused experts transposed (`gate_up_proj [E, H, 2I]`), transformers'
 saves hold them untransposed: the orientation is told by shape on load, and saves write the released one.
+A Qwen3-Omni checkpoint's thinker is the model (`thinker.model.*`, `thinker.lm_head.weight`, its towers under
+`thinker.visual.*` and `thinker.audio_tower.*`, model/qwen3_omni.py); its `talker.*` and `code2wav.*` are carried.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from safetensors.torch import save_file
 
 from gspo_engine.model import ModelArgs, Qwen3Model, build_model
 from gspo_engine.model.fla_backend import require as require_flash_linear_attention
+from gspo_engine.model.qwen3_omni import omni_tower_key
 from gspo_engine.model.args import DTYPES
 from gspo_engine.tokenizer import VOCABULARY_FILES, TokenizerError, eos_token_ids, load_tokenizer
 
@@ -49,7 +52,7 @@ COPIED_FILES = (
 )
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
-CARRIED_PREFIXES = ("mtp.", "model.visual.")
+CARRIED_PREFIXES = ("mtp.", "model.visual.", "talker.", "code2wav.")
 MAPPED_WINDOW_BYTES = 64 * 2**20
 
 
@@ -90,17 +93,19 @@ _GROUPED_EXPERTS = re.compile(r"layers\.(\d+)\.mlp\.(gate_up|down)")
 
 def hf_pieces(name: str, tensor: torch.Tensor, args: ModelArgs, grouped_experts: bool = False) -> list[Piece]:
     """The Hugging Face tensors that make up our tensor `name` (shape taken from `tensor`, meta is fine)."""
+    if args.audio is not None and name.startswith(("visual.", "audio_tower.")):  # a Qwen3-Omni thinker's towers
+        return [Piece(omni_tower_key(name), ())]
     if name.startswith("visual."):  # the vision tower of a Qwen3-VL model
         return [Piece(f"model.{name}", ())]
     match = _GROUPED_EXPERTS.fullmatch(name)
     if match is None:
         hf = name.replace(".mlp.router.", ".mlp.gate.")
-        return [Piece(hf if hf == "lm_head.weight" else f"{args.hf_prefix}{hf}", ())]
+        return [Piece(args.hf_lm_head_key if hf == "lm_head.weight" else f"{args.hf_prefix}{hf}", ())]
     layer, kind = match.groups()
     prefix = f"{args.hf_prefix}layers.{layer}.mlp.experts"
     if grouped_experts:
         return [Piece(f"{prefix}.{kind}_proj", ())]
-    if args.vision is not None and not args.is_hybrid:
+    if args.vision is not None and not args.is_hybrid and args.audio is None:
         # Released Qwen3-VL-MoE checkpoints hold fused experts, transposed against transformers' runtime layout.
         return [Piece(f"{prefix}.{kind}_proj", (), transposed=True)]
     inter = args.moe_intermediate_size
@@ -186,7 +191,7 @@ def _pieces_by_parameter(model: Qwen3Model, headers: dict[str, _Header]) -> dict
         plan[name] = pieces
     used = {piece.hf_key for pieces in plan.values() for piece in pieces}
     # A tied checkpoint may still carry a copy of the embedding as lm_head; transformers ignores it too.
-    ignored = {"lm_head.weight"} if args.tie_word_embeddings else set()
+    ignored = {args.hf_lm_head_key} if args.tie_word_embeddings else set()
     args.carried_keys = sorted(key for key in set(headers) - used if key.startswith(CARRIED_PREFIXES))
     unexpected = sorted(set(headers) - used - ignored - set(args.carried_keys))
     if unexpected:

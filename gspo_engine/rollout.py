@@ -202,8 +202,10 @@ def generate(
     slots = kv_cache_slots(model.args, batch, capacity, dtype, kv_cache_gb)
     record_routing = return_routing and bool(model.args.moe_layers)
     routing_shape = (len(model.args.moe_layers), model.args.num_experts_per_tok) if record_routing else None
-    vision_args = model.args.vision
-    banned = None if vision_args is None else torch.tensor(vision_args.special_token_ids, device=device)
+    vision_args, audio_args = model.args.vision, model.args.audio
+    banned_ids = (() if vision_args is None else vision_args.special_token_ids) + (
+        () if audio_args is None else audio_args.special_token_ids)
+    banned = torch.tensor(banned_ids, device=device) if banned_ids else None
     sampler = Sampler(temperature, top_k, top_p, _eos_ids(eos_token_id, device), max_new_tokens,
                       _sampling_keys(temperature, seed, sample_ids, batch, device), banned)
 

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from gspo_engine.decoding.sampling import sample_next, token_keys
 from gspo_engine.model import Qwen3Model
 from gspo_engine.model.kv_cache import KVCache
-from gspo_engine.model.vision import VisionFeatures
 from gspo_engine.routing_replay import stack_routing
 
 
@@ -169,7 +168,9 @@ def admit(model: Qwen3Model, cache: KVCache, slots: SlotState, out: Completions,
     position_ids = torch.arange(width, device=device)[None].expand(rows, -1)
     extra = {}
     if vision is not None and any(v is not None for v in vision):
-        position_ids, offsets, extra["image_features"] = _vision_prefill(vision, position_ids)
+        position_ids, offsets = _vision_prefill(vision, position_ids)
+        # Each row's PromptVision: the model takes its stored image (and audio) features, in row order.
+        extra["visions"] = list(vision)
         slots.position_offset[at] = offsets
     else:
         slots.position_offset[at] = 0
@@ -192,14 +193,12 @@ def admit(model: Qwen3Model, cache: KVCache, slots: SlotState, out: Completions,
 
 
 def _vision_prefill(vision: list, text_positions: torch.Tensor):
-    """Multimodal position_ids [3, R, W], each row's position offset [R] and the rows' image features, in row order."""
+    """Multimodal position_ids [3, R, W] and each row's position offset [R]."""
     position_ids = text_positions[None].expand(3, -1, -1).clone()
     offsets = torch.zeros(position_ids.shape[1], dtype=torch.long, device=position_ids.device)
-    features = []
     for row, prompt in enumerate(vision):
         if prompt is None:
             continue
         position_ids[:, row, : prompt.position_ids.shape[1]] = prompt.position_ids
         offsets[row] = prompt.delta
-        features.append(prompt.features)
-    return position_ids, offsets, VisionFeatures.concat(features)
+    return position_ids, offsets

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from gspo_engine.model.audio_args import AudioArgs
 from gspo_engine.model.vision_args import VisionArgs
 
 DENSE_ARCHITECTURE = "Qwen3ForCausalLM"
@@ -28,10 +29,14 @@ NEXT_ARCHITECTURE = "Qwen3NextForCausalLM"  # fused in_proj_qkvz / in_proj_ba, M
 QWEN3_5_ARCHITECTURE = "Qwen3_5ForCausalLM"  # split in_proj_qkv / z / b / a, dense MLP
 QWEN3_5_MOE_ARCHITECTURE = "Qwen3_5MoeForCausalLM"  # split projections, MoE with a shared expert
 HYBRID_ARCHITECTURES = (NEXT_ARCHITECTURE, QWEN3_5_ARCHITECTURE, QWEN3_5_MOE_ARCHITECTURE)
+# Qwen3-Omni: the thinker (thinker_config: text, vision and audio configs) is the model; talker and code2wav are
+# carried through checkpoints unchanged.
+OMNI_ARCHITECTURE = "Qwen3OmniMoeForConditionalGeneration"
 # Image-text checkpoints (released Qwen3.5 and Qwen3-VL): their language model is config.json's text_config,
 # its tensors sit under model.language_model.; the vision tower (model.visual.*, vision_config) is read into
 # the model too (VISION_ARCHITECTURES), and the rest of config.json is kept.
 MULTIMODAL_ARCHITECTURES = {
+    OMNI_ARCHITECTURE: MOE_ARCHITECTURE,
     "Qwen3_5ForConditionalGeneration": QWEN3_5_ARCHITECTURE,
     "Qwen3_5MoeForConditionalGeneration": QWEN3_5_MOE_ARCHITECTURE,
     "Qwen3VLForConditionalGeneration": DENSE_ARCHITECTURE,
@@ -42,6 +47,7 @@ MULTIMODAL_ARCHITECTURES = {
 VISION_ARCHITECTURES = {
     "Qwen3VLForConditionalGeneration": "qwen3_vl_text", "Qwen3VLMoeForConditionalGeneration": "qwen3_vl_moe_text",
     "Qwen3_5ForConditionalGeneration": "qwen3_5_text", "Qwen3_5MoeForConditionalGeneration": "qwen3_5_moe_text",
+    OMNI_ARCHITECTURE: "qwen3_omni_moe_text",
 }
 SUPPORTED_ARCHITECTURES = (DENSE_ARCHITECTURE, MOE_ARCHITECTURE, *HYBRID_ARCHITECTURES, *MULTIMODAL_ARCHITECTURES)
 _MODEL_TYPES = {
@@ -49,6 +55,7 @@ _MODEL_TYPES = {
     "qwen3_5_text": QWEN3_5_ARCHITECTURE, "qwen3_5_moe_text": QWEN3_5_MOE_ARCHITECTURE,
     "qwen3_5": "Qwen3_5ForConditionalGeneration", "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+    "qwen3_omni_moe": OMNI_ARCHITECTURE,
 }
 _ARCHITECTURE_TYPES = {architecture: model_type for model_type, architecture in _MODEL_TYPES.items()}
 FULL_ATTENTION, LINEAR_ATTENTION = "full_attention", "linear_attention"
@@ -139,6 +146,8 @@ class ModelArgs:
     multimodal_config: dict[str, Any] = field(default_factory=dict, repr=False)
     # The vision tower of a Qwen3-VL model (VISION_ARCHITECTURES); None for a model without one.
     vision: VisionArgs | None = None
+    # The audio encoder of a Qwen3-Omni thinker; None for a model without one.
+    audio: AudioArgs | None = None
 
     # Runtime switches, never written to config.json; the model reads them at every forward.
     activation_checkpointing: bool = False
@@ -164,7 +173,13 @@ class ModelArgs:
     @property
     def hf_prefix(self) -> str:
         """Where the language model's tensors sit in the checkpoint (lm_head.weight aside)."""
+        if self.audio is not None:
+            return "thinker.model."
         return "model.language_model." if self.multimodal_config else "model."
+
+    @property
+    def hf_lm_head_key(self) -> str:
+        return "thinker.lm_head.weight" if self.audio is not None else "lm_head.weight"
 
     @property
     def is_hybrid(self) -> bool:
@@ -259,6 +274,13 @@ class ModelArgs:
     @classmethod
     def _from_multimodal_config(cls, architecture: str, config: dict[str, Any]) -> "ModelArgs":
         """The language model of a released image-text checkpoint, from its text_config."""
+        outer = config
+        if architecture == OMNI_ARCHITECTURE:
+            if not isinstance(config.get("thinker_config"), dict):
+                raise ValueError(f"a {architecture} config.json needs a thinker_config")
+            # The weights' dtype is the whole model's; everything else is the thinker's.
+            dtypes = {key: config[key] for key in ("dtype", "torch_dtype") if key in config}
+            config = {**config["thinker_config"], **dtypes}
         if not isinstance(config.get("text_config"), dict):
             raise ValueError(f"a {architecture} config.json needs a text_config")
         text = dict(config["text_config"], architectures=[MULTIMODAL_ARCHITECTURES[architecture]])
@@ -267,24 +289,37 @@ class ModelArgs:
             if key in config:
                 text[key] = config[key]
         args = cls.from_hf_config(text)
-        args.multimodal_config = {key: value for key, value in config.items() if key != "text_config"}
+        if architecture == OMNI_ARCHITECTURE:
+            thinker = {key: value for key, value in outer["thinker_config"].items() if key != "text_config"}
+            args.multimodal_config = dict(outer, thinker_config=thinker)
+            args.audio = AudioArgs.from_hf_config(config)
+        else:
+            args.multimodal_config = {key: value for key, value in config.items() if key != "text_config"}
         if architecture in VISION_ARCHITECTURES:
             args.vision = VisionArgs.from_hf_config(config)
             if not args.is_hybrid:  # the hybrid models' rope_parameters extras (mrope_section, ...) are read already
                 text_rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
                 args.rope_extra = {key: text_rope[key] for key in ("mrope_section", "mrope_interleaved")
                                    if key in text_rope}
-                if args.is_moe:
+                if args.audio is not None:
+                    args.norm_topk_prob = text.get("norm_topk_prob", True)  # Qwen3-Omni's default
+                elif args.is_moe:
                     args.norm_topk_prob = True  # Qwen3-VL-MoE's router always renormalises its top-k weights
         return args
 
     def to_hf_config(self) -> dict[str, Any]:
         """config.json in the released spelling, with the source's other keys kept."""
         if self.multimodal_config:
-            text = dataclasses.replace(self, multimodal_config={}, vision=None).to_hf_config()
+            text = dataclasses.replace(self, multimodal_config={}, vision=None, audio=None).to_hf_config()
             del text["architectures"]
             if self.vision is not None and not self.is_hybrid:
                 _write_vision_text(self, text, VISION_ARCHITECTURES[_architecture(self.multimodal_config)])
+            if self.audio is not None:
+                thinker = dict(self.multimodal_config["thinker_config"], text_config=text,
+                               tie_word_embeddings=self.tie_word_embeddings)
+                config = dict(self.multimodal_config, thinker_config=thinker)
+                config["dtype" if "dtype" in config else "torch_dtype"] = _dtype_name(self.dtype)
+                return dict(sorted(config.items()))
             config = dict(self.multimodal_config, text_config=text, tie_word_embeddings=self.tie_word_embeddings)
             config["dtype" if "dtype" in config else "torch_dtype"] = _dtype_name(self.dtype)
             return dict(sorted(config.items()))
@@ -374,9 +409,11 @@ def _write_vision_text(args: ModelArgs, text: dict[str, Any], model_type: str) -
     rope = {"rope_type": "default", **args.rope_extra}
     text["rope_scaling"] = rope
     text["rope_parameters"] = {**rope, "rope_theta": args.rope_theta}
-    if args.is_moe:
+    if args.is_moe and args.audio is None:
         for key in ("norm_topk_prob", "use_sliding_window", "sliding_window"):  # not Qwen3VLMoeTextConfig's keys
             text.pop(key, None)
+    elif args.audio is not None:
+        text.pop("use_sliding_window", None)  # not a Qwen3OmniMoeTextConfig key
 
 
 def _write_hybrid(args: ModelArgs, config: dict[str, Any]) -> None:

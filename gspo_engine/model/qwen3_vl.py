@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from gspo_engine.model.args import ModelArgs
+from gspo_engine.model.audio import AudioInputs
 from gspo_engine.model.kv_cache import KVCache
 from gspo_engine.model.layers import attention_mask_4d
 from gspo_engine.model.mrope import mrope_cos_sin, mrope_position_ids
@@ -44,7 +45,8 @@ class PromptVision:
     features: the tower's output for the prompt's images (in their order in the prompt), without gradients;
     position_ids [3, L] of the prompt's L tokens; delta: the text position of token j >= L is j + delta;
     images: the processor's output, for a tower that computes the features again (when it trains);
-    tower: id() of the vision tower that computed `features` (another model's tower computes its own).
+    tower: id() of the vision tower that computed `features` (another model's tower computes its own);
+    audio [M, H], audios: a Qwen3-Omni prompt's audio features and the feature extractor's output (qwen3_omni.py).
     """
 
     features: VisionFeatures
@@ -52,6 +54,8 @@ class PromptVision:
     delta: int
     images: ImageInputs | None = None
     tower: int = 0
+    audio: torch.Tensor | None = None
+    audios: AudioInputs | None = None
 
     def sequence_position_ids(self, length: int) -> torch.Tensor:
         """[3, length]: the prompt's positions, then those of the tokens after it (a completion)."""
@@ -100,7 +104,7 @@ class VisionLanguage:
         computed: dict[int, VisionFeatures] = {}
         parts = []
         for vision in present:
-            if not training and vision.tower == id(self.visual):
+            if (not training and vision.tower == id(self.visual)) or not vision.features.tokens_per_image:
                 parts.append(vision.features)
                 continue
             if id(vision) not in computed:

@@ -14,6 +14,7 @@ from gspo_engine.model.layers import attention_mask_4d
 from gspo_engine.model.packed import PackedSequences
 from gspo_engine.model.qwen3 import ModelOutput, Qwen3Model, check_forced_experts, final_output, run_layers
 from gspo_engine.model.qwen3_next import Qwen3NextModel
+from gspo_engine.model.qwen3_omni import Qwen3OmniThinker
 from gspo_engine.model.qwen3_next import build_model as build_text_model
 from gspo_engine.model.qwen3_vl import ImageInputs, PromptVision, Qwen3VLModel, VisionLanguage, deepstack_after
 from gspo_engine.model.vision import VisionFeatures, VisionTower
@@ -58,8 +59,11 @@ class Qwen3_5VLModel(VisionLanguage, Qwen3NextModel):
 
 
 def build_model(args: ModelArgs) -> Qwen3Model:
-    """The model class the arguments describe: with a vision tower Qwen3VLModel (Qwen3 text layers) or
-    Qwen3_5VLModel (hybrid ones), else qwen3_next.build_model's text model."""
+    """The model class the arguments describe: with a vision tower Qwen3VLModel (Qwen3 text layers),
+    Qwen3OmniThinker (those and an audio encoder) or Qwen3_5VLModel (hybrid ones), else qwen3_next.build_model's
+    text model."""
     if args.vision is None:
         return build_text_model(args)
+    if args.audio is not None:
+        return Qwen3OmniThinker(args)
     return Qwen3_5VLModel(args) if args.is_hybrid else Qwen3VLModel(args)
