@@ -180,7 +180,12 @@ class DistributedConfig:
 # and the Gated DeltaNet projections of the hybrid models: Qwen3-Next's fused in_proj_qkvz / in_proj_ba,
 # Qwen3.5's in_proj_qkv / in_proj_z / in_proj_b / in_proj_a, and out_proj. A target the model lacks is skipped.
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "router", "experts",
-                "in_proj_qkvz", "in_proj_ba", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
+                "in_proj_qkvz", "in_proj_ba", "in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj",
+                "attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2")
+# The vision tower's blocks (Qwen3-VL, Qwen3.5): attention's qkv / proj and the MLP's linear_fc1 / linear_fc2, named
+# by the suffix PEFT matches (the mergers' linear_fc1 / fc2 and the patch embedding's proj are not adapted). Only a
+# trained tower (model.freeze_vision_tower false) takes them; they are not in the default targets.
+LORA_VISION_TARGETS = ("attn.qkv", "attn.proj", "mlp.linear_fc1", "mlp.linear_fc2")
 # Modules LoRA can train whole beside the adapters (PEFT's modules_to_save).
 LORA_MODULES_TO_SAVE = ("embed_tokens", "lm_head")
 
@@ -451,6 +456,10 @@ def _check_lora(config: Config) -> None:
     unknown = sorted(set(lora.targets) - set(LORA_TARGETS))
     if unknown or not lora.targets:
         raise ConfigError(f"lora.targets: {lora.targets} is not valid; choose some of {', '.join(LORA_TARGETS)}")
+    tower = [target for target in lora.targets if target in LORA_VISION_TARGETS]
+    if lora.rank and tower and config.model.freeze_vision_tower:
+        raise ConfigError(f"lora.targets: {tower} adapt the vision tower, which model.freeze_vision_tower true keeps "
+                          "frozen; set model.freeze_vision_tower false (--freeze_vision_tower false) to train it")
     unknown = sorted(set(lora.modules_to_save) - set(LORA_MODULES_TO_SAVE))
     if unknown:
         raise ConfigError(f"lora.modules_to_save: {lora.modules_to_save} is not valid; choose some of "

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+from contextlib import contextmanager
+
 import torch
 
 import gspo_kernels as gk
 from gspo_engine.batching import Sample
-from gspo_engine.lora import adapters_disabled
+from gspo_engine.lora import adapters_disabled, has_lora
 from gspo_engine.model import Qwen3Model
 from gspo_engine.routing_replay import stack_routing
 from gspo_engine.step_context import StepContext
@@ -45,5 +48,26 @@ def score_reference(context: StepContext, model: Qwen3Model, reference: Qwen3Mod
     if reference is not None:
         score_samples(context, reference, samples, "ref_logps")
         return
-    with adapters_disabled(model):
+    with adapters_disabled(model), tower_features_recomputed(model, samples):
         score_samples(context, model, samples, "ref_logps")
+
+
+@contextmanager
+def tower_features_recomputed(model: Qwen3Model, samples: list[Sample]):
+    """With LoRA adapters in the vision tower, the prompts' stored image features are the adapted tower's; the
+    reference (adapters off) computes its own, once per prompt and micro-batch: copies of the prompts'
+    PromptVisions that name no tower (model.qwen3_vl.VisionLanguage.features_of)."""
+    visual = getattr(model, "visual", None)
+    if visual is None or not has_lora(visual):
+        yield
+        return
+    originals = [sample.vision for sample in samples]
+    copies = {}
+    for sample in samples:
+        if sample.vision is not None:
+            sample.vision = copies.setdefault(id(sample.vision), dataclasses.replace(sample.vision, tower=0))
+    try:
+        yield
+    finally:
+        for sample, vision in zip(samples, originals):
+            sample.vision = vision

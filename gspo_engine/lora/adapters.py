@@ -2,8 +2,9 @@
 
 PEFT adapts the plain nn.Linear projections (`peft.inject_adapter_in_model` with a `peft.LoraConfig`):
 attention q / k / v / o, the dense MLP gate / up / down (in Qwen3-Next / Qwen3.5 MoE layers also those of
-the shared expert), the Gated DeltaNet's input and output projections of the hybrid models and, when
-targeted, the MoE router. The grouped
+the shared expert), the Gated DeltaNet's input and output projections of the hybrid models, when
+targeted the MoE router, and when targeted (a trained tower only, config.LORA_VISION_TARGETS) the vision
+tower's attention qkv / proj and MLP linear_fc1 / linear_fc2. The grouped
 MoE expert tensors are not nn.Linear modules; our ExpertLoRA (experts.py) adapts them. The modules of
 lora.modules_to_save (embed_tokens, lm_head) are trained whole: PEFT's ModulesToSaveWrapper keeps the
 frozen original and a trainable copy, and switching the adapters off switches back to the original.
@@ -34,12 +35,19 @@ def require_peft():
     return peft
 
 
+def targets_module(name: str, target: str) -> bool:
+    """Whether the target names the module `name`, as PEFT matches target_modules: the whole name or its last parts
+    (`attn.qkv` names `visual.blocks.0.attn.qkv`)."""
+    return name == target or name.endswith("." + target)
+
+
 def linear_targets(model: Qwen3Model, targets: list[str]) -> list[str]:
-    """The targeted nn.Linear names this model has (a dense model has no router, an all-MoE model no dense MLP)."""
+    """The targeted nn.Linear names this model has (a dense model has no router, an all-MoE model no dense MLP,
+    a text model no vision tower)."""
     # An adapted projection keeps its nn.Linear as `base_layer`.
     linear = [name.removesuffix(".base_layer") for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    present = {name.rpartition(".")[2] for name in linear}
-    return [name for name in LINEAR_TARGETS if name in targets and name in present]
+    return [target for target in LINEAR_TARGETS
+            if target in targets and any(targets_module(name, target) for name in linear)]
 
 
 def saved_module_names(model: Qwen3Model, modules_to_save: list[str]) -> list[str]:
@@ -164,7 +172,7 @@ def adapter_parameter_count(model: Qwen3Model, lora: LoraConfig) -> int:
     linear = set(linear_targets(model, lora.targets))
     count = 0
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.rpartition(".")[2] in linear:
+        if isinstance(module, nn.Linear) and any(targets_module(name, target) for target in linear):
             count += lora.rank * (module.in_features + module.out_features)
     if "experts" in lora.targets and model.args.is_moe:
         args = model.args

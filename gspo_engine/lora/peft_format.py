@@ -91,6 +91,8 @@ def _peft_name(name: str, prefix: str) -> tuple[str, Callable, Callable]:
         wrapper = "experts.base_layer" if tensor == "gate_up" else "experts"
         return (f"{prefix}{module}.{wrapper}.lora_{kind}.weight", *_expert_factor(kind))
     key = name.replace(".default.", ".").replace(".mlp.router.", ".mlp.gate.")
+    if name.startswith("visual."):  # the vision tower sits beside the language model, at model.visual.*
+        return (_PEFT_ROOT + "model." + key, *identity)
     return (prefix + key, *identity)
 
 
