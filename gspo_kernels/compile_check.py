@@ -146,12 +146,20 @@ def loss_specialisations() -> list[Specialisation]:
             specs.append(Specialisation(loss_triton._gspo_forward_kernel,
                                         f"{dtype_name(dtype)} {level} {describe(constexprs)}", tokens,
                                         dict(constexprs, **fixed)))
-        backward = dict(tokens, scale_ptr=torch.float32, grad_ptr=dtype, stride_grad=length)
+        backward = dict(tokens, grad_loss_ptr=torch.float32, num_averaged_ptr=torch.float32, grad_ptr=dtype,
+                        stride_grad=length)
         for block in loss_triton.token_blocks(loss_triton.BACKWARD_BLOCK_T):
             constexprs = dict(flags, HAS_KL=has_kl, KL_WEIGHTED=kl_weighted, BLOCK_T=block)
             specs.append(Specialisation(loss_triton._gspo_backward_kernel,
                                         f"{dtype_name(dtype)} {level} {describe(constexprs)}", backward,
                                         dict(constexprs, **fixed)))
+    reduce_args = dict(stats_ptr=torch.float32, loss_ptr=torch.float32, metrics_ptr=torch.float32,
+                       num_averaged_ptr=torch.float32, B=512)
+    for level, count_empty in itertools.product(loss_triton.LEVEL_CODES, (False, True)):
+        constexprs = dict(LEVEL=loss_triton.LEVEL_CODES[level], COUNT_EMPTY=count_empty,
+                          NUM_STATS=loss_stats.NUM_STATS, BLOCK_B=loss_triton.REDUCE_BLOCK_B)
+        specs.append(Specialisation(loss_triton._gspo_reduce_kernel, f"fp32 {level} {describe(constexprs)}",
+                                    reduce_args, constexprs))
     return specs
 
 

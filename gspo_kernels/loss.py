@@ -150,13 +150,14 @@ def torch_forward_stats(logps, old_logps, advantages, mask, ref_logps, level, ep
 
 
 def torch_backward_grad(logps, old_logps, advantages, mask, ref_logps, stats, level, eps_low, eps_high, beta,
-                        kl_weighted_by_ratio, scale):
+                        kl_weighted_by_ratio, grad_loss, num_averaged):
     """d loss / d logps [B, T], the PyTorch twin of the Triton backward kernel.
 
-    `scale` is a 0-dim tensor: d(total) / d(loss) divided by the number of sequences the loss
-    averages over.
+    `grad_loss` is d(total) / d(loss) and `num_averaged` the number of sequences the loss averages
+    over (0-dim tensors: neither is read back to the host).
     """
     dtype = stats.dtype
+    scale = grad_loss.to(dtype) / num_averaged.clamp(min=1)
     response = mask != 0
     zero = torch.zeros((), dtype=dtype, device=logps.device)
     inv_lengths = 1.0 / stats[:, Stat.LENGTH].clamp(min=1)
@@ -189,8 +190,25 @@ def torch_backward_grad(logps, old_logps, advantages, mask, ref_logps, stats, le
     return grad.to(logps.dtype)
 
 
+def torch_reduce_stats(stats, level, count_empty_sequences):
+    """(loss, metrics [5] in METRIC_NAMES order, number of sequences averaged over) from the statistics
+    rows, the PyTorch twin of the Triton reduction kernel."""
+    totals = stats.sum(dim=0)
+    num_valid = (stats[:, Stat.LENGTH] > 0).sum().to(stats.dtype)
+    num_averaged = torch.full_like(num_valid, stats.shape[0]) if count_empty_sequences else num_valid
+    num_tokens = totals[Stat.LENGTH].clamp(min=1)
+    loss = totals[Stat.LOSS] / num_averaged.clamp(min=1)
+    clip_low = totals[Stat.CLIP_LOW] / num_tokens
+    clip_high = totals[Stat.CLIP_HIGH] / num_tokens
+    ratio_denominator = num_tokens if level == "token" else num_valid.clamp(min=1)
+    metrics = torch.stack([clip_low + clip_high, clip_low, clip_high, totals[Stat.RATIO_SUM] / ratio_denominator,
+                           totals[Stat.KL_SUM] / num_tokens])
+    return loss, metrics, num_averaged
+
+
 class TorchLossKernels:
     forward_stats = staticmethod(torch_forward_stats)
+    reduce_stats = staticmethod(torch_reduce_stats)
     backward_grad = staticmethod(torch_backward_grad)
 
 
@@ -211,22 +229,8 @@ class GSPOLossFunction(torch.autograd.Function):
         stats = kernels.forward_stats(
             logps, old_logps, advantages, mask, ref_logps, level, eps_low, eps_high, beta, kl_weighted_by_ratio
         )
-        totals = stats.sum(dim=0)
-        lengths = stats[:, Stat.LENGTH]
-        num_valid = (lengths > 0).sum().to(stats.dtype)
-        num_averaged = stats.new_tensor(float(stats.shape[0])) if count_empty_sequences else num_valid
-        num_tokens = totals[Stat.LENGTH].clamp(min=1)
-        loss = totals[Stat.LOSS] / num_averaged.clamp(min=1)
-        clip_low = totals[Stat.CLIP_LOW] / num_tokens
-        clip_high = totals[Stat.CLIP_HIGH] / num_tokens
-        ratio_denominator = num_tokens if level == "token" else num_valid.clamp(min=1)
-        metrics = (
-            clip_low + clip_high,
-            clip_low,
-            clip_high,
-            totals[Stat.RATIO_SUM] / ratio_denominator,
-            totals[Stat.KL_SUM] / num_tokens,
-        )
+        loss, metrics, num_averaged = kernels.reduce_stats(stats, level, count_empty_sequences)
+        metrics = metrics.unbind()
         ctx.save_for_backward(logps, old_logps, advantages, mask, ref_logps, stats, num_averaged)
         ctx.config = (level, eps_low, eps_high, beta, kl_weighted_by_ratio, kernels)
         ctx.mark_non_differentiable(*metrics)
@@ -236,10 +240,9 @@ class GSPOLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, *unused_metric_grads):
         logps, old_logps, advantages, mask, ref_logps, stats, num_averaged = ctx.saved_tensors
         level, eps_low, eps_high, beta, kl_weighted_by_ratio, kernels = ctx.config
-        scale = grad_loss.to(stats.dtype) / num_averaged.clamp(min=1)
         grad = kernels.backward_grad(
             logps, old_logps, advantages, mask, ref_logps, stats, level, eps_low, eps_high, beta,
-            kl_weighted_by_ratio, scale,
+            kl_weighted_by_ratio, grad_loss, num_averaged,
         )
         return (grad,) + (None,) * 11
 

@@ -1,8 +1,11 @@
-"""Triton kernels of the GSPO loss: one forward kernel, one backward kernel.
+"""Triton kernels of the GSPO loss: two forward kernels, one backward kernel.
 
 forward: one program per sequence streams its T tokens in tiles, reduces the masked log-ratio
 (and, per level, the per-token clipped terms and the KL), then writes one row of per-sequence
-statistics (the columns of `gspo_kernels.loss_stats.Stat`). Per-token advantages at the sequence levels need
+statistics (the columns of `gspo_kernels.loss_stats.Stat`). One more program sums those rows into
+the loss, the metrics and the number of sequences averaged over, in a fixed order (deterministic,
+no atomics): at training sizes the loss is a few microseconds of GPU work, so each launch saved
+from the dozen small PyTorch reductions it replaces is time saved. Per-token advantages at the sequence levels need
 s_i before the per-token terms, so those rows read their tokens twice; every other case reads
 them once. With KL_WEIGHTED the KL of each token is multiplied by the importance ratio of the
 level (s_i, or the token's own ratio for "token") in the loss; the KL_SUM column stays unweighted.
@@ -28,8 +31,10 @@ MIN_BLOCK_T = 16
 # sm_100 spilled one of them (fp16, "token" level with a KL term).
 FORWARD_BLOCK_T = 512
 BACKWARD_BLOCK_T = 1024
+# rows of statistics the reduction kernel sums at a time
+REDUCE_BLOCK_B = 256
 
-# Output allocator; tests swap in one that poisons outputs with NaN to prove every element is written.
+# Output allocator (a shape tuple, dtype, device); tests swap in one that poisons outputs with NaN to prove every element is written.
 allocate_output = torch.empty
 
 
@@ -145,8 +150,54 @@ def _gspo_forward_kernel(
 
 
 @triton.jit
+def _gspo_reduce_kernel(
+    stats_ptr, loss_ptr, metrics_ptr, num_averaged_ptr, B,
+    LEVEL: tl.constexpr, COUNT_EMPTY: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """One program: loss, metrics (clip_frac, clip_frac_low, clip_frac_high, ratio_mean, kl) and the
+    number of sequences averaged over, from the [B, NUM_STATS] statistics rows."""
+    offsets = tl.arange(0, BLOCK_B)
+    loss_acc = tl.zeros([BLOCK_B], dtype=tl.float32)
+    length_acc = tl.zeros([BLOCK_B], dtype=tl.float32)
+    ratio_acc = tl.zeros([BLOCK_B], dtype=tl.float32)
+    low_acc = tl.zeros([BLOCK_B], dtype=tl.float32)
+    high_acc = tl.zeros([BLOCK_B], dtype=tl.float32)
+    kl_acc = tl.zeros([BLOCK_B], dtype=tl.float32)
+    valid_acc = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for start in range(0, B, BLOCK_B):
+        rows = (start + offsets).to(tl.int64)
+        in_batch = rows < B
+        row_ptr = stats_ptr + rows * NUM_STATS
+        length = tl.load(row_ptr + 1, mask=in_batch, other=0.0)
+        loss_acc += tl.load(row_ptr + 0, mask=in_batch, other=0.0)
+        length_acc += length
+        ratio_acc += tl.load(row_ptr + 3, mask=in_batch, other=0.0)
+        low_acc += tl.load(row_ptr + 4, mask=in_batch, other=0.0)
+        high_acc += tl.load(row_ptr + 5, mask=in_batch, other=0.0)
+        kl_acc += tl.load(row_ptr + 6, mask=in_batch, other=0.0)
+        valid_acc += (length > 0).to(tl.float32)
+    num_valid = tl.sum(valid_acc, axis=0)
+    num_tokens = tl.maximum(tl.sum(length_acc, axis=0), 1.0)
+    num_averaged = num_valid
+    if COUNT_EMPTY:
+        num_averaged = num_valid * 0.0 + B
+    clip_low = tl.sum(low_acc, axis=0) / num_tokens
+    clip_high = tl.sum(high_acc, axis=0) / num_tokens
+    ratio_denominator = tl.maximum(num_valid, 1.0)
+    if LEVEL == 2:
+        ratio_denominator = num_tokens
+    tl.store(loss_ptr, tl.sum(loss_acc, axis=0) / tl.maximum(num_averaged, 1.0))
+    tl.store(metrics_ptr + 0, clip_low + clip_high)
+    tl.store(metrics_ptr + 1, clip_low)
+    tl.store(metrics_ptr + 2, clip_high)
+    tl.store(metrics_ptr + 3, tl.sum(ratio_acc, axis=0) / ratio_denominator)
+    tl.store(metrics_ptr + 4, tl.sum(kl_acc, axis=0) / num_tokens)
+    tl.store(num_averaged_ptr, num_averaged)
+
+
+@triton.jit
 def _gspo_backward_kernel(
-    logps_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, stats_ptr, scale_ptr, grad_ptr,
+    logps_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, stats_ptr, grad_loss_ptr, num_averaged_ptr, grad_ptr,
     T, stride_logps, stride_old, stride_adv, stride_mask, stride_ref, stride_grad,
     eps_low, eps_high, beta,
     LEVEL: tl.constexpr, TOKEN_ADV: tl.constexpr, HAS_KL: tl.constexpr, KL_WEIGHTED: tl.constexpr,
@@ -157,7 +208,8 @@ def _gspo_backward_kernel(
     in_row = cols < T
     response = tl.load(mask_ptr + row * stride_mask + cols, mask=in_row, other=0) != 0
     length = tl.load(stats_ptr + row * NUM_STATS + 1)
-    row_scale = tl.load(scale_ptr) / tl.maximum(length, 1.0)
+    scale = tl.load(grad_loss_ptr).to(tl.float32) / tl.maximum(tl.load(num_averaged_ptr), 1.0)
+    row_scale = scale / tl.maximum(length, 1.0)
 
     if TOKEN_ADV:
         adv = tl.where(response, tl.load(adv_ptr + row * stride_adv + cols, mask=in_row, other=0.0).to(tl.float32), 0.0)
@@ -222,7 +274,7 @@ def forward_stats(logps, old_logps, advantages, mask, ref_logps, level, eps_low,
     """Per-sequence statistics [B, NUM_STATS] fp32 from one kernel launch."""
     logps_, old, adv, mask_, ref, token_adv = _common(logps, old_logps, advantages, mask, ref_logps)
     batch, length = logps.shape
-    stats = allocate_output(batch, NUM_STATS, dtype=torch.float32, device=logps.device)
+    stats = allocate_output((batch, NUM_STATS), dtype=torch.float32, device=logps.device)
     _gspo_forward_kernel[(batch,)](
         logps_, old, adv, mask_, ref, stats,
         length, logps_.stride(0), old.stride(0), adv.stride(0) if token_adv else 0, mask_.stride(0), ref.stride(0),
@@ -235,16 +287,28 @@ def forward_stats(logps, old_logps, advantages, mask, ref_logps, level, eps_low,
     return stats
 
 
+def reduce_stats(stats, level, count_empty_sequences):
+    """(loss, metrics [5], number of sequences averaged over), fp32, from one kernel launch."""
+    loss = allocate_output((), dtype=torch.float32, device=stats.device)
+    metrics = allocate_output((5,), dtype=torch.float32, device=stats.device)
+    num_averaged = allocate_output((), dtype=torch.float32, device=stats.device)
+    _gspo_reduce_kernel[(1,)](
+        stats, loss, metrics, num_averaged, stats.shape[0],
+        LEVEL=LEVEL_CODES[level], COUNT_EMPTY=count_empty_sequences, NUM_STATS=NUM_STATS, BLOCK_B=REDUCE_BLOCK_B,
+    )
+    return loss, metrics, num_averaged
+
+
 def backward_grad(logps, old_logps, advantages, mask, ref_logps, stats, level, eps_low, eps_high, beta,
-                  kl_weighted_by_ratio, scale):
+                  kl_weighted_by_ratio, grad_loss, num_averaged):
     """d loss / d logps [B, T] in the dtype of logps, from one kernel launch."""
     logps_, old, adv, mask_, ref, token_adv = _common(logps, old_logps, advantages, mask, ref_logps)
     batch, length = logps.shape
-    grad = allocate_output(batch, length, dtype=logps.dtype, device=logps.device)
+    grad = allocate_output((batch, length), dtype=logps.dtype, device=logps.device)
     block = token_block(length, BACKWARD_BLOCK_T)
     has_kl = ref_logps is not None and beta != 0
     _gspo_backward_kernel[(batch, triton.cdiv(length, block))](
-        logps_, old, adv, mask_, ref, stats, scale.reshape(1).to(torch.float32), grad,
+        logps_, old, adv, mask_, ref, stats, grad_loss, num_averaged, grad,
         length, logps_.stride(0), old.stride(0), adv.stride(0) if token_adv else 0, mask_.stride(0), ref.stride(0),
         grad.stride(0), eps_low, eps_high, beta,
         LEVEL=LEVEL_CODES[level], TOKEN_ADV=token_adv, HAS_KL=has_kl, KL_WEIGHTED=kl_weighted_by_ratio and has_kl,

@@ -318,7 +318,7 @@ def test_bfloat16_gradient_keeps_the_input_dtype():
 def test_triton_writes_every_output_element(level, kl_weighted_by_ratio, monkeypatch):
     from gspo_kernels import loss_triton
 
-    def poisoned(*shape, dtype, device):
+    def poisoned(shape, dtype, device):
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
 
     monkeypatch.setattr(loss_triton, "allocate_output", poisoned)
@@ -327,8 +327,12 @@ def test_triton_writes_every_output_element(level, kl_weighted_by_ratio, monkeyp
     mask, ref_logps = mask.to(TRITON_DEVICE), ref_logps.float().to(TRITON_DEVICE)
     stats = loss_triton.forward_stats(*args, mask, ref_logps, level, 0.2, 0.28, 0.1, kl_weighted_by_ratio)
     assert torch.isfinite(stats).all()
-    scale = torch.tensor(1.0, device=TRITON_DEVICE)
-    grad = loss_triton.backward_grad(*args, mask, ref_logps, stats, level, 0.2, 0.28, 0.1, kl_weighted_by_ratio, scale)
+    for count_empty_sequences in (False, True):
+        loss, metrics, num_averaged = loss_triton.reduce_stats(stats, level, count_empty_sequences)
+        assert torch.isfinite(loss) and torch.isfinite(metrics).all() and torch.isfinite(num_averaged)
+    grad_loss = torch.tensor(1.0, device=TRITON_DEVICE)
+    grad = loss_triton.backward_grad(*args, mask, ref_logps, stats, level, 0.2, 0.28, 0.1, kl_weighted_by_ratio,
+                                     grad_loss, num_averaged)
     assert torch.isfinite(grad).all()
 
 
