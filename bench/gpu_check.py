@@ -24,6 +24,8 @@ results.json (schema_version 3):
                     gspo_engine.benchmarks.cases.ROW_FIELDS, documented there
     seconds         wall time of the whole check
 gpu_check.md holds the same as markdown: the environment, then one table of the rows.
+results.json and gpu_check.md are rewritten after every stage, so a check cut short still leaves what it
+measured. Each stage's output goes to logs/<stage>.log; at the end the logs become one logs.tar.gz.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 
@@ -77,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-timeout-s", type=float, default=90,
                         help=f"At most this much for training {TRAIN_CONFIG} on the GPU.")
     parser.add_argument("--skip-tests", action="store_true", help="Only the benchmarks.")
+    parser.add_argument("--skip-compile-check", action="store_true",
+                        help="No ahead-of-time compile of every kernel (the kernel tests still build what they run).")
     args = parser.parse_args(argv)
     unknown = [name for name in args.families if name not in FAMILIES]
     if unknown:
@@ -150,14 +155,14 @@ def compile_check(out: pathlib.Path, timeout_s: float) -> dict:
 
     arch = card_arch()
     command = [sys.executable, "-m", "gspo_kernels.compile_check", "--arch", str(arch), "--json",
-               str(out / "compile_check.json")]
+               str(out / "logs" / "compile_check.json")]
     if arch is None:
         return {"status": "not run", "command": None, "seconds": None, "summary": "no GPU"}
     if arch not in SHARED_LIMIT_BYTES:
         return {"status": "not run", "command": shlex.join(command), "seconds": None,
                 "summary": f"sm_{arch} is not an architecture compile_check knows ({sorted(SHARED_LIMIT_BYTES)})"}
     status, output, seconds = run_stage(f"compile check for sm_{arch}", command, timeout_s,
-                                        out / "compile_check.log")
+                                        out / "logs" / "compile_check.log")
     summary = output.strip().splitlines()[-1] if output.strip() else "no output"
     if status == "timed out":
         summary = f"timed out after {timeout_s:.0f} s; {summary}"
@@ -173,7 +178,7 @@ def kernel_tests(out: pathlib.Path, timeout_s: float) -> dict:
         command += ["-n", str(TEST_WORKERS)]
     if not torch.cuda.is_available():
         return {"status": "not run", "command": shlex.join(command), "seconds": None, "summary": "no GPU"}
-    status, output, seconds = run_stage("kernel tests on CUDA", command, timeout_s, out / "tests.log")
+    status, output, seconds = run_stage("kernel tests on CUDA", command, timeout_s, out / "logs" / "tests.log")
     summary = output.strip().splitlines()[-1] if output.strip() else "no output"
     if status == "timed out":
         summary = f"timed out after {timeout_s:.0f} s; {summary}"
@@ -190,7 +195,7 @@ def tiny_training(out: pathlib.Path, timeout_s: float) -> dict:
                "--set", "train.cpu_threads=0"]
     if not torch.cuda.is_available():
         return {"status": "not run", "command": shlex.join(command), "seconds": None, "summary": "no GPU"}
-    status, output, seconds = run_stage(f"training {TRAIN_CONFIG} on CUDA", command, timeout_s, out / "train.log")
+    status, output, seconds = run_stage(f"training {TRAIN_CONFIG} on CUDA", command, timeout_s, out / "logs" / "train.log")
     metrics = run_dir / "run" / "metrics.jsonl"
     steps = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
     done = [line for line in output.splitlines() if line.startswith("done:")]
@@ -222,7 +227,7 @@ def family_rows(family: str, rounds: int, timeout_s: float, out: pathlib.Path) -
     runs out of time are kept as far as it got; the cases it did not reach become error rows."""
     command = [sys.executable, "-m", "gspo_engine", "bench", "--kernel", family, "--device", "cuda",
                "--scale", "gpu", "--rounds", str(rounds), "--json"]
-    status, output, _ = run_stage(f"benchmarks: {family}", command, timeout_s, out / f"bench-{family}.log")
+    status, output, _ = run_stage(f"benchmarks: {family}", command, timeout_s, out / "logs" / f"bench-{family}.log")
     rows = json_rows(output)
     if status == "ok":
         return rows
@@ -269,11 +274,31 @@ def markdown_report(results: dict) -> list[str]:
     return [*lines, "", *markdown_table(results["rows"])]
 
 
+def write_report(out: pathlib.Path, results: dict) -> list[str]:
+    """results.json and gpu_check.md from `results` (checked against the schema first)."""
+    validate_results(results)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    report = markdown_report(results)
+    (out / "gpu_check.md").write_text("\n".join(report) + "\n")
+    return report
+
+
+def archive_logs(out: pathlib.Path) -> None:
+    """logs/ into one logs.tar.gz: the device tool brings back a handful of files, not one per stage."""
+    logs = out / "logs"
+    with tarfile.open(out / "logs.tar.gz", "w:gz") as archive:
+        for path in sorted(logs.iterdir()):
+            archive.add(path, arcname=f"logs/{path.name}")
+    for path in logs.iterdir():
+        path.unlink()
+    logs.rmdir()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
     commit = _command_output(["git", "rev-parse", "--short", "HEAD"]) or "unknown"
     env = environment()
     print("\n".join(f"{key}: {value}" for key, value in env.items()), flush=True)
@@ -281,21 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     card_ceilings = ceilings(torch.device("cuda" if gpu else "cpu"))
     print(f"ceilings: {card_ceilings}", flush=True)
     deadline = start + args.budget_s
-    if args.skip_tests:
-        compiled = {"status": "not run", "command": None, "seconds": None, "summary": "--skip-tests"}
-        tests = dict(compiled)
-    else:
-        compiled = compile_check(out, min(args.compile_timeout_s, (deadline - time.perf_counter()) / 4))
-        tests = kernel_tests(out, min(args.tests_timeout_s, (deadline - time.perf_counter()) / 3))
-    training = tiny_training(out, min(args.train_timeout_s, (deadline - time.perf_counter()) / 4))
-    rows = []
-    for index, family in enumerate(args.families):
-        if not gpu:
-            rows += not_run_rows(family, "no GPU")
-            continue
-        # what is left, split among the families still to run: a quick family leaves more to the next
-        share_s = (deadline - time.perf_counter()) / (len(args.families) - index)
-        rows += family_rows(family, args.rounds, share_s, out)
+    not_run = {"status": "not run", "command": None, "seconds": None, "summary": "not reached"}
     results = {
         "schema_version": SCHEMA_VERSION,
         "date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
@@ -303,19 +314,44 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["bash", "bench/gpu_check.sh", *(argv if argv is not None else sys.argv[1:])]),
         "environment": env,
         "ceilings": card_ceilings,
-        "compile_check": compiled,
-        "tests": tests,
-        "training": training,
-        "rows": rows,
-        "seconds": round(time.perf_counter() - start, 1),
+        "compile_check": dict(not_run),
+        "tests": dict(not_run),
+        "training": dict(not_run),
+        "rows": [],
+        "seconds": None,
     }
-    validate_results(results)
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    report = markdown_report(results)
-    (out / "gpu_check.md").write_text("\n".join(report) + "\n")
+
+    def stage_done(key: str | None = None, value=None) -> None:
+        if key is not None:
+            results[key] = value
+        results["seconds"] = round(time.perf_counter() - start, 1)
+        write_report(out, results)
+
+    stage_done()
+    if args.skip_tests or args.skip_compile_check:
+        flag = "--skip-tests" if args.skip_tests else "--skip-compile-check"
+        stage_done("compile_check", {"status": "not run", "command": None, "seconds": None, "summary": flag})
+    else:
+        stage_done("compile_check", compile_check(out, min(args.compile_timeout_s, (deadline - time.perf_counter()) / 4)))
+    if args.skip_tests:
+        stage_done("tests", {"status": "not run", "command": None, "seconds": None, "summary": "--skip-tests"})
+    else:
+        stage_done("tests", kernel_tests(out, min(args.tests_timeout_s, (deadline - time.perf_counter()) / 3)))
+    stage_done("training", tiny_training(out, min(args.train_timeout_s, (deadline - time.perf_counter()) / 4)))
+    for index, family in enumerate(args.families):
+        if not gpu:
+            results["rows"] += not_run_rows(family, "no GPU")
+            continue
+        # what is left, split among the families still to run: a quick family leaves more to the next
+        share_s = (deadline - time.perf_counter()) / (len(args.families) - index)
+        results["rows"] += family_rows(family, args.rounds, share_s, out)
+        stage_done()
+    report = write_report(out, dict(results, seconds=round(time.perf_counter() - start, 1)))
+    archive_logs(out)
     print("\n" + "\n".join(report), flush=True)
-    failed = "failed" in (compiled["status"], tests["status"], training["status"]) or any(
-        row["status"] == "error" for row in rows)
+    stages = (results["compile_check"], results["tests"], results["training"])
+    failed = any(stage["status"] == "failed" for stage in stages) or any(
+        row["status"] == "error" for row in results["rows"])
     return 1 if failed else 0
 
 
