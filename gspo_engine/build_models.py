@@ -126,13 +126,16 @@ def build_models(config: Config, runtime: Runtime, device: torch.device, precisi
 
 def configure(model: Qwen3Model, config: Config, source: Path) -> Qwen3Model:
     """The run's model options on a loaded model: activation checkpointing, the router aux loss, a frozen
-    vision tower."""
+    vision tower, a frozen audio encoder."""
     model.args.source_path = str(source)  # tokenizer files travel with every save
     model.args.activation_checkpointing = config.model.activation_checkpointing
     if model.args.vision is not None:
         # A frozen tower and its mergers get no gradients, hence no optimizer state.
         model.visual.requires_grad_(not config.model.freeze_vision_tower)
         model.visual.activation_checkpointing = config.model.activation_checkpointing
+    if model.args.audio is not None:
+        # A Qwen3-Omni thinker's audio encoder is never trained: RL with text rewards trains the language model.
+        model.audio_tower.requires_grad_(False)
     model.args.router_aux_loss = config.model.router_aux_loss_coef > 0 and model.args.is_moe
     if model.args.router_aux_loss:
         model.args.router_aux_loss_coef = config.model.router_aux_loss_coef

@@ -47,6 +47,8 @@ class ModelConfig:
 BUILTIN_TASKS = ("copy", "reverse", "sort")
 # The generated image tasks (gspo_engine/vision_task.py) of data.dataset builtin_vision, for the tiny-vl model.
 VISION_TASKS = ("colour", "count")
+# The synthesised audio tasks (gspo_engine/audio_task.py) of data.dataset builtin_audio, for the tiny-omni model.
+AUDIO_TASKS = ("pitch", "beeps")
 
 
 @dataclass
@@ -65,7 +67,8 @@ class DataConfig:
     # A local JSONL / JSON / parquet file with a prompt column, a folder written by datasets'
     # save_to_disk (FOLDER or FOLDER:SPLIT), a Hub dataset (NAME, ORG/NAME, NAME:SPLIT; split "train" by
     # default), or "builtin" for the generated digit tasks of the tiny default (rewarded by digit_match
-    # unless rewards says otherwise), or "builtin_vision" for the generated image tasks of tiny-vl (the same).
+    # unless rewards says otherwise), or "builtin_vision" for the generated image tasks of tiny-vl (the same), or
+    # "builtin_audio" for the synthesised audio tasks of tiny-omni (the same).
     dataset: str = "builtin"
     subset: str | None = None  # a Hub dataset's configuration (load_dataset's name), e.g. "main" of openai/gsm8k
     prompt_column: str = "prompt"
@@ -79,6 +82,8 @@ class DataConfig:
     # tokens; None keeps the model's image processor settings.
     vision_resolution: int | None = None
     vision_min_resolution: int | None = None
+    # Prompts with audio (Qwen3-Omni): a longer audio stops the run, naming it; None takes any length.
+    max_audio_seconds: float | None = 60.0
 
 
 @dataclass
@@ -426,8 +431,8 @@ def _check_consistency(config: Config) -> None:
     if builtin.max_length < builtin.min_length:
         raise ConfigError(f"data.builtin.max_length: {builtin.max_length} is below data.builtin.min_length {builtin.min_length}")
     # builtin_vision draws image tasks, builtin digit tasks; another dataset reads neither, but a name is still checked.
-    valid_tasks = {"builtin": BUILTIN_TASKS, "builtin_vision": VISION_TASKS}.get(
-        config.data.dataset, BUILTIN_TASKS + VISION_TASKS)
+    valid_tasks = {"builtin": BUILTIN_TASKS, "builtin_vision": VISION_TASKS, "builtin_audio": AUDIO_TASKS}.get(
+        config.data.dataset, BUILTIN_TASKS + VISION_TASKS + AUDIO_TASKS)
     unknown_tasks = sorted(set(builtin.tasks) - set(valid_tasks))
     if not builtin.tasks or unknown_tasks:
         raise ConfigError(
@@ -441,7 +446,10 @@ def _check_consistency(config: Config) -> None:
     if data.vision_resolution and data.vision_min_resolution and data.vision_min_resolution > data.vision_resolution:
         raise ConfigError(f"data.vision_min_resolution: {data.vision_min_resolution} is above data.vision_resolution "
                           f"{data.vision_resolution}")
-    if not config.rewards and config.data.dataset not in ("builtin", "builtin_vision"):
+    if data.max_audio_seconds is not None and data.max_audio_seconds <= 0:
+        raise ConfigError(f"data.max_audio_seconds: {data.max_audio_seconds} is not valid; expected a positive number "
+                          "of seconds, or null for any length")
+    if not config.rewards and config.data.dataset not in ("builtin", "builtin_vision", "builtin_audio"):
         raise ConfigError("rewards: a dataset other than a built-in task needs at least one reward")
     if config.gspo.old_logps == "rollout" and (config.rollout.top_k or config.rollout.top_p < 1):
         raise ConfigError(

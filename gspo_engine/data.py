@@ -5,7 +5,8 @@ Each row has a prompt column (a string, or a list of chat messages `{"role", "co
 other column (`answer`, `tests`, ...) is kept and handed to the reward functions. Prompts longer
 than the limit are skipped and counted, never cut. A row that cannot be read is an error naming
 its file and line (or row). Rows of a Qwen3-VL model may name images (`images` column,
-vision_prompts.py), which take their places in the prompt and multiply its image tokens.
+vision_prompts.py), which take their places in the prompt and multiply its image tokens; rows of a
+Qwen3-Omni thinker may name audio too (`audio` column, audio_prompts.py), likewise.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
+from gspo_engine.audio_prompts import (
+    AudioError, AudioProcessing, audio_sources, expand_audio_pads, with_audio_places,
+)
+from gspo_engine.audio_task import generate_audio_rows
 from gspo_engine.builtin_tasks import TaskConfig, generate_task_rows
 from gspo_engine.config import DataConfig
 from gspo_engine.hub import DatasetId, HubError, hub_dataset_rows, is_saved_dataset, parse_dataset_id, saved_dataset_rows
@@ -47,6 +52,7 @@ class PromptExample:
     token_ids: list[int]
     columns: dict = field(default_factory=dict)  # the row's other columns
     images: tuple = ()  # the prompt's images in order: resolved paths, PIL images or datasets' {"bytes", "path"}
+    audio: tuple = ()  # the prompt's audio in order: resolved paths or {"array", "sampling_rate"} waveforms
 
 
 def check_dataset_file(path: str | Path) -> Path:
@@ -209,11 +215,13 @@ class PromptDataset:
         source: str = "rows",
         vision: ImageProcessing | None = None,
         image_root: Path | None = None,
+        audio: AudioProcessing | None = None,
     ) -> PromptDataset:
         """`rows`: plain dicts (generated rows) or `(where, row)` pairs from `read_rows`.
 
         vision: the image processor of a Qwen3-VL model, for rows with an `images` column (paths relative to
-        image_root); without it such a row is an error.
+        image_root); without it such a row is an error. audio: a Qwen3-Omni thinker's feature extractor, for rows
+        with an `audio` column (paths relative to image_root), likewise.
         """
         located = [
             row if isinstance(row, tuple) else (f"{source}: row {number}", row) for number, row in enumerate(rows)
@@ -224,6 +232,9 @@ class PromptDataset:
         row_images = [_row_images(where, row, vision, image_root) for where, row in located]
         prompts = [prompt if not images else _with_places(prompt, len(images), where)
                    for (where, _), prompt, images in zip(located, prompts, row_images)]
+        row_audio = [_row_audio(where, row, audio, image_root) for where, row in located]
+        prompts = [prompt if not sounds else _with_audio_places(prompt, len(sounds), audio, where)
+                   for (where, _), prompt, sounds in zip(located, prompts, row_audio)]
         texts = [
             render_prompt(tokenizer, prompt, chat_template=chat_template, enable_thinking=enable_thinking)
             for prompt in prompts
@@ -231,13 +242,16 @@ class PromptDataset:
         templated = [chat_template or not isinstance(prompt, str) for prompt in prompts]
         token_ids = encode_texts(tokenizer, texts, templated)
         examples = []
-        for (where, row), text, ids, images in zip(located, texts, token_ids, row_images):
+        for (where, row), text, ids, images, sounds in zip(located, texts, token_ids, row_images, row_audio):
             if images:
                 ids = _expand_images(ids, images, vision, where)
+            if sounds:
+                ids = _expand_audio(ids, sounds, audio, where)
             if len(ids) > max_prompt_tokens:
                 continue
-            columns = {name: value for name, value in row.items() if name not in (prompt_column, "images")}
-            examples.append(PromptExample(len(examples), text, ids, columns, tuple(source for source, _ in images)))
+            columns = {name: value for name, value in row.items() if name not in (prompt_column, "images", "audio")}
+            examples.append(PromptExample(len(examples), text, ids, columns, tuple(source for source, _ in images),
+                                          tuple(source for source, _ in sounds)))
         num_skipped = len(located) - len(examples)
         if num_skipped:
             logger.warning(
@@ -286,6 +300,38 @@ def _expand_images(ids: list[int], images: list[tuple], vision: ImageProcessing,
     try:
         return expand_image_pads(ids, counts, vision.vision, where)
     except ImageError as error:
+        raise DataError(str(error)) from error
+
+
+def _row_audio(where: str, row: dict, audio: AudioProcessing | None, root: Path | None) -> list[tuple]:
+    """(source, waveform) of each audio the row names, every one checked to read; [] without audio."""
+    try:
+        sources = audio_sources(row.get("audio"), where)
+        if sources and audio is None:
+            raise DataError(f"{where}: the row has audio, and the model takes none (it has no audio encoder)")
+        out = []
+        for source in sources:
+            wave = audio.open(source, where, root)
+            resolved = source if not isinstance(source, str) or Path(source).is_absolute() or root is None \
+                else str(root / source)
+            out.append((resolved, wave))
+        return out
+    except AudioError as error:
+        raise DataError(str(error)) from error
+
+
+def _with_audio_places(prompt, count: int, audio: AudioProcessing, where: str):
+    try:
+        return with_audio_places(prompt, count, audio.placeholder, where)
+    except AudioError as error:
+        raise DataError(str(error)) from error
+
+
+def _expand_audio(ids: list[int], sounds: list[tuple], audio: AudioProcessing, where: str) -> list[int]:
+    counts = audio.token_counts(audio.inputs([wave for _, wave in sounds]))
+    try:
+        return expand_audio_pads(ids, counts, audio.audio, where)
+    except AudioError as error:
         raise DataError(str(error)) from error
 
 
@@ -370,12 +416,16 @@ class PromptLoader:
 
 
 def build_dataset(data: DataConfig, tokenizer: PreTrainedTokenizerBase,
-                  vision: ImageProcessing | None = None) -> PromptDataset:
+                  vision: ImageProcessing | None = None, audio: AudioProcessing | None = None) -> PromptDataset:
     """The run's prompts: the built-in digit tasks (`data.dataset: builtin`), the built-in vision tasks
-    (`builtin_vision`), a local file, a save_to_disk folder or a Hub dataset. vision: a Qwen3-VL model's
-    image processing, for rows with images."""
+    (`builtin_vision`), the built-in audio tasks (`builtin_audio`), a local file, a save_to_disk folder or a Hub
+    dataset. vision: a Qwen3-VL model's image processing, for rows with images; audio: a Qwen3-Omni thinker's
+    feature extraction, for rows with audio."""
     common = dict(prompt_column=data.prompt_column, max_prompt_tokens=data.max_prompt_tokens,
-                  chat_template=data.chat_template, enable_thinking=data.enable_thinking, vision=vision)
+                  chat_template=data.chat_template, enable_thinking=data.enable_thinking, vision=vision, audio=audio)
+    if data.dataset == "builtin_audio":
+        rows = generate_audio_rows(tuple(data.builtin.tasks), data.builtin.num_rows, seed=data.seed)
+        return PromptDataset.from_rows(rows, tokenizer, source="builtin audio tasks", **common)
     if data.dataset == "builtin_vision":
         rows = generate_vision_rows(tuple(data.builtin.tasks), data.builtin.num_rows, seed=data.seed)
         return PromptDataset.from_rows(rows, tokenizer, source="builtin vision tasks", **common)

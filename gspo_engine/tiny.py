@@ -23,6 +23,7 @@ from gspo_engine.config import BUILTIN_TASKS
 from gspo_engine.hf_checkpoint import save_pretrained
 from gspo_engine.model import ModelArgs, Qwen3Model, build_model
 from gspo_engine.model.args import FULL_ATTENTION, LINEAR_ATTENTION, NEXT_ARCHITECTURE
+from gspo_engine.tiny_omni import TEXT as TINY_OMNI_TEXT, build_tiny_omni_checkpoint, tiny_omni_args
 from gspo_engine.tiny_vl import TEXT as TINY_VL_TEXT, build_tiny_vl_checkpoint, tiny_vl_args
 
 EOS, UNK = "<eos>", "<unk>"
@@ -45,6 +46,8 @@ TINY_MODELS: dict[str, dict] = {
     ),
     # A Qwen3-VL: tiny dense text layers and a tiny vision tower, with vision tokens (gspo_engine/tiny_vl.py).
     "tiny-vl": TINY_VL_TEXT,
+    # A Qwen3-Omni thinker: tiny MoE text layers, a vision tower and an audio encoder (gspo_engine/tiny_omni.py).
+    "tiny-omni": TINY_OMNI_TEXT,
 }
 INIT_STD = 0.02  # Qwen3's initializer_range
 
@@ -84,6 +87,8 @@ def tiny_model_args(name: str) -> ModelArgs:
         raise ValueError(f"unknown tiny model {name!r}; choose one of {', '.join(TINY_MODELS)}")
     if name == "tiny-vl":
         return tiny_vl_args()
+    if name == "tiny-omni":
+        return tiny_omni_args()
     return ModelArgs(vocab_size=len(tiny_vocabulary()), **TINY_MODELS[name])
 
 
@@ -111,6 +116,8 @@ def build_tiny_checkpoint(name: str, folder: str | Path, seed: int = 0) -> Path:
     """Write the random tiny model `name` (with its tokenizer) as a checkpoint folder."""
     if name == "tiny-vl":
         return build_tiny_vl_checkpoint(folder, seed)
+    if name == "tiny-omni":
+        return build_tiny_omni_checkpoint(folder, seed)
     args = tiny_model_args(name)
     model = build_model(args)
     init_weights(model, seed)

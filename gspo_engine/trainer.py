@@ -56,6 +56,7 @@ from gspo_engine.step_context import StepContext
 from gspo_engine.step_metrics import RankShare, combine_ranks
 from gspo_engine.tokenizer import eos_token_ids, load_tokenizer
 from gspo_engine.update import PolicyUpdate
+from gspo_engine.audio_prompts import AudioProcessing
 from gspo_engine.vision_prompts import ImageProcessing
 
 __all__ = ["GSPOTrainer", "TrainSummary", "TrainingError", "TrainingInterrupted"]
@@ -94,11 +95,15 @@ class GSPOTrainer:
         self.tokenizer = load_tokenizer(self.source)
         self.eos_ids = eos_token_ids(self.source, self.tokenizer)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
-        # A Qwen3-VL model reads images with its own image processor at the run's resolution.
-        vision_args = read_config(self.source).vision
+        # A Qwen3-VL model reads images with its own image processor at the run's resolution, a Qwen3-Omni
+        # thinker audio with its own feature extractor too.
+        model_args = read_config(self.source)
+        vision_args = model_args.vision
         self.images = None if vision_args is None else ImageProcessing(
             self.source, vision_args, config.data.vision_resolution, config.data.vision_min_resolution)
-        self.dataset = build_dataset(config.data, self.tokenizer, self.images)
+        self.audio = None if model_args.audio is None else AudioProcessing(
+            self.source, model_args.audio, self.tokenizer, config.data.max_audio_seconds)
+        self.dataset = build_dataset(config.data, self.tokenizer, self.images, self.audio)
         self.loader = PromptLoader(self.dataset, config.rollout.prompts_per_step, seed=config.data.seed)
         self.rewards = build_rewards(config.rewards)
         config.rewards = list(self.rewards.specs)
@@ -265,21 +270,26 @@ class GSPOTrainer:
         return record
 
     def prompt_visions(self, examples) -> list:
-        """Per example, the model.qwen3_vl.PromptVision of its images (features without gradients, multimodal
-        positions), or None for a prompt without images."""
-        if self.images is None or not any(example.images for example in examples):
+        """Per example, the model.qwen3_vl.PromptVision of its images and audio (features without gradients,
+        multimodal positions), or None for a prompt without either."""
+        if not any(example.images or example.audio for example in examples):
             return [None] * len(examples)
         out = []
         self.model.eval()
         with torch.no_grad(), self.context.autocast(), \
                 gathered_weights(self.model, self.config.distributed.reshard_after_forward):
             for example in examples:
-                if not example.images:
+                if not example.images and not example.audio:
                     out.append(None)
                     continue
                 where = f"prompt {example.index}"
-                inputs = self.images.inputs([self.images.open(source, where, None) for source in example.images])
-                out.append(self.model.prompt_vision(torch.tensor(example.token_ids), inputs))
+                inputs = None if not example.images else self.images.inputs(
+                    [self.images.open(source, where, None) for source in example.images])
+                if not example.audio:
+                    out.append(self.model.prompt_vision(torch.tensor(example.token_ids), inputs))
+                    continue
+                audios = self.audio.inputs([self.audio.open(source, where, None) for source in example.audio])
+                out.append(self.model.prompt_vision(torch.tensor(example.token_ids), inputs, audios=audios))
         return out
 
     def rollout(self, prompts: list[list[int]], sample_ids: list[int], vision: list | None = None) -> Generation:
