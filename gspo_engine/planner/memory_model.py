@@ -16,6 +16,7 @@ from gspo_engine.config import Config
 from gspo_engine.distributed.rules import check_data_parallel, check_expert_parallel
 from gspo_engine.model import ModelArgs, Qwen3Model
 from gspo_engine.planner.activations import Compute, TokenBytes, resolve_compute, token_bytes
+from gspo_engine.planner.vision import VisionPlan, prompts_in_micro_batch, vision_plan
 from gspo_engine.model.kv_cache import slot_bytes
 from gspo_engine.rollout import PREFILL_TOKENS, kv_cache_slots
 from gspo_kernels import DEFAULT_CHUNK_BUDGETS_MIB, STREAM_TILES
@@ -47,22 +48,38 @@ class ModelSizes:
     layer_experts: int  # one MoE layer's grouped expert tensors (cast to bf16 one layer at a time)
     all_experts: int
     block_experts: tuple[int, ...] = ()  # per decoder block: its grouped expert tensors (0 for a dense block)
+    tower: int = 0  # the vision tower's parameters (with its mergers)
+    tower_units: tuple[int, ...] = ()  # its FSDP2 units: each vision block, each merger, the patch and position embeddings
 
     @property
     def largest_block(self) -> int:
-        return max(self.blocks)
+        return max(self.blocks + self.tower_units)
 
     @property
     def root(self) -> int:
-        return self.total - sum(self.blocks)
+        return self.total - sum(self.blocks) - sum(self.tower_units)
 
 
-def model_sizes(model: Qwen3Model) -> ModelSizes:
+def tower_units(visual: nn.Module) -> list[nn.Module]:
+    """The vision tower's FSDP2 units, in the order they run: each block, the merger, each DeepStack merger, then
+    the tower itself (what is left: the patch and position embeddings). distributed/parallel.py shards these."""
+    return [*visual.blocks, visual.merger, *visual.deepstack_merger_list, visual]
+
+
+def model_sizes(model: Qwen3Model, frozen_tower: bool = False) -> ModelSizes:
+    """frozen_tower: autocast caches bf16 copies of trained weights only, so a frozen tower's linears have none."""
     args = model.args
     experts = sum(p.numel() for name, p in model.named_parameters() if name.endswith(("gate_up", "down")))
-    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    visual = getattr(model, "visual", None)
+    skipped = set(visual.modules()) if visual is not None and frozen_tower else set()
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m not in skipped)
     if args.tie_word_embeddings:
         matmul += args.vocab_size * args.hidden_size  # the embedding, cast for the lm_head matmul
+    units = []
+    if visual is not None:
+        inner = tower_units(visual)[:-1]
+        units = [sum(p.numel() for p in unit.parameters()) for unit in inner]
+        units.append(sum(p.numel() for p in visual.parameters()) - sum(units))
     return ModelSizes(
         total=sum(p.numel() for p in model.parameters()),
         blocks=tuple(sum(p.numel() for p in block.parameters()) for block in model.layers),
@@ -71,6 +88,8 @@ def model_sizes(model: Qwen3Model) -> ModelSizes:
         all_experts=experts,
         block_experts=tuple(sum(p.numel() for name, p in block.named_parameters() if name.endswith(("gate_up", "down")))
                             for block in model.layers),
+        tower=sum(units),
+        tower_units=tuple(units),
     )
 
 
@@ -86,7 +105,7 @@ def fsdp_sizes(sizes: ModelSizes, ep: int) -> ModelSizes:
         return sizes
     experts = sizes.block_experts or (0,) * len(sizes.blocks)
     return ModelSizes(sizes.total - sizes.all_experts, tuple(b - e for b, e in zip(sizes.blocks, experts)),
-                      sizes.matmul, 0, 0, (0,) * len(sizes.blocks))
+                      sizes.matmul, 0, 0, (0,) * len(sizes.blocks), sizes.tower, sizes.tower_units)
 
 
 def local_expert_casts(sizes: ModelSizes, compute: Compute, ep: int, saved: bool) -> float:
@@ -128,6 +147,7 @@ class States:
     optimizer: float  # AdamW exp_avg and exp_avg_sq, fp32
     reference: float  # the KL reference model (gspo.beta > 0), fp32
     lora_base: str = ""  # the frozen base's dtype under LoRA
+    images: float = 0.0  # the prompts' pixel values and image features, kept through the step (planner/vision.py)
 
 
 @dataclass(frozen=True)
@@ -142,6 +162,7 @@ class Training:
     checkpointing: bool  # which of the two the config runs
     fused_loss: float  # gspo_kernels.fused_linear working set
     backward: float  # one block's backward beyond what it keeps, and its recompute under checkpointing
+    tower_activations: float = 0.0  # what a trained vision tower keeps for the micro-batch's images
 
     @property
     def activations(self) -> float:
@@ -150,8 +171,9 @@ class Training:
     def peak(self, states: States) -> float:
         # Forward end: every kept activation and the fused loss; backward: the same activations
         # (less what is already freed) and one block's gradients. The larger of the two counts.
-        return (states.weights + states.gradients + states.optimizer + states.reference + self.compute_weights
-                + self.activations + max(self.fused_loss, self.backward + self.block_gradients))
+        return (states.weights + states.gradients + states.optimizer + states.reference + states.images
+                + self.compute_weights + self.activations + self.tower_activations
+                + max(self.fused_loss, self.backward + self.block_gradients))
 
 
 @dataclass(frozen=True)
@@ -162,7 +184,8 @@ class Scoring:
     working: float  # one block's tensors at a time, the residual stream, a streamed logits tile
 
     def peak(self, states: States) -> float:
-        return states.weights + states.optimizer + states.reference + self.compute_weights + self.working
+        return (states.weights + states.optimizer + states.reference + states.images + self.compute_weights
+                + self.working)
 
 
 @dataclass(frozen=True)
@@ -203,23 +226,27 @@ class Rollout:
     def peak(self, states: States) -> float:
         # The gather's last all-gather output is freed before the first forward (a short rollout
         # of a large model peaks there, with every other weight already gathered).
-        return (states.weights + states.optimizer + states.reference + self.generation_weights
+        return (states.weights + states.optimizer + states.reference + states.images + self.generation_weights
                 + max(self.kv_cache + max(self.sampling, self.prefill), self.gather_output))
 
 
-def states_bytes(sizes: ModelSizes, config: Config, trainable: int, gpus: int, ep: int = 1) -> States:
+def states_bytes(sizes: ModelSizes, config: Config, trainable: int, gpus: int, ep: int = 1, images: float = 0.0
+                 ) -> States:
     """FSDP2 shards every weight over the GPUs; under expert parallelism the experts are split over the
-    ep GPUs of a group instead (each holds 1/ep of them, and their AdamW states)."""
+    ep GPUs of a group instead (each holds 1/ep of them, and their AdamW states). Without LoRA every
+    weight trains but a frozen vision tower (sizes.total - trainable): no gradients, no AdamW states."""
     if config.lora.rank:
         base = sizes.total - trainable
         weights = base * (2 if config.lora.base_bf16 else 4) + trainable * 4
         # The reference is the base with the adapters off: no copy.
-        return States(weights, trainable * 4, trainable * 8, 0.0, "bf16" if config.lora.base_bf16 else "fp32")
+        return States(weights, trainable * 4, trainable * 8, 0.0, "bf16" if config.lora.base_bf16 else "fp32",
+                      images)
     per_gpu = sizes.total / gpus
     if ep > 1:
         per_gpu = (sizes.total - sizes.all_experts) / gpus + sizes.all_experts / ep
+    trained = per_gpu - (sizes.total - trainable) / gpus
     reference = per_gpu * 4 if config.gspo.beta > 0 else 0.0
-    return States(per_gpu * 4, per_gpu * 4, per_gpu * 8, reference)
+    return States(per_gpu * 4, trained * 4, trained * 8, reference, images=images)
 
 
 def forward_weights_bytes(sizes: ModelSizes, compute: Compute, config: Config, experts_saved: bool,
@@ -313,8 +340,12 @@ def fused_loss_bytes(args: ModelArgs, compute: Compute, tokens: int, response: i
 
 
 def training_bytes(args: ModelArgs, sizes: ModelSizes, compute: Compute, config: Config, per_token: TokenBytes,
-                   micro: MicroBatch, ep: int = 1) -> Training:
+                   micro: MicroBatch, ep: int = 1, vision: VisionPlan | None = None, prompts: int = 1) -> Training:
+    """prompts: this GPU's prompts per step; a trained tower runs once per prompt a micro-batch holds."""
     tokens, checkpointing = micro.tokens, config.model.activation_checkpointing
+    tower = 0.0
+    if vision is not None:
+        tower = vision.activation_bytes(prompts_in_micro_batch(micro.sequences, config.rollout.group_size, prompts))
     recompute = per_token.largest_block if checkpointing else 0
     return Training(
         micro=micro,
@@ -325,6 +356,7 @@ def training_bytes(args: ModelArgs, sizes: ModelSizes, compute: Compute, config:
         checkpointing=checkpointing,
         fused_loss=fused_loss_bytes(args, compute, tokens, micro.sequences * micro.response),
         backward=tokens * (recompute + per_token.gradients),
+        tower_activations=tower,
     )
 
 
@@ -389,6 +421,7 @@ class MemoryPlan:
     largest: Training | None  # the largest micro-batch whose training phase fits; None if not even one sequence
     largest_is_whole_minibatch: bool  # then a larger budget changes nothing
     expert_parallel: int = 1  # GPUs that split the experts between them (distributed.expert_parallel)
+    vision: VisionPlan | None = None  # an image-text model's tower and visual tokens
 
     @property
     def usable(self) -> float:
@@ -422,11 +455,14 @@ def memory_plan(config: Config, args: ModelArgs, sizes: ModelSizes, trainable: i
     ep = expert_parallel_size(config, gpus)
     compute = resolve_compute(config, gpus)
     per_token = token_bytes(args, compute, config)
-    states = states_bytes(sizes, config, trainable, gpus, ep)
-    sequences = -(-config.rollout.prompts_per_step // gpus) * config.rollout.group_size
+    prompts = -(-config.rollout.prompts_per_step // gpus)
+    sequences = prompts * config.rollout.group_size
+    vision = None if args.vision is None else vision_plan(config, args.vision, sizes.tower, compute)
+    states = states_bytes(sizes, config, trainable, gpus, ep, 0.0 if vision is None else vision.held_bytes(prompts))
 
     def training_at(budget: int) -> Training:
-        return training_bytes(args, sizes, compute, config, per_token, micro_batch_at(config, budget, sequences), ep)
+        micro = micro_batch_at(config, budget, sequences)
+        return training_bytes(args, sizes, compute, config, per_token, micro, ep, vision, prompts)
 
     def fits(training: Training) -> bool:
         scoring = scoring_bytes(args, sizes, compute, config, per_token, training.micro.tokens, ep)
@@ -438,7 +474,7 @@ def memory_plan(config: Config, args: ModelArgs, sizes: ModelSizes, trainable: i
         cluster=cluster, compute=compute, states=states, training=configured,
         scoring=scoring_bytes(args, sizes, compute, config, per_token, configured.micro.tokens, ep),
         rollout=rollout_bytes(args, sizes, compute, config, per_token, sequences, states, cluster.usable_bytes, ep),
-        expert_parallel=ep,
+        expert_parallel=ep, vision=vision,
         largest=largest, largest_is_whole_minibatch=whole,
     )
 

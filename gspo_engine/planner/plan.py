@@ -28,16 +28,20 @@ def make_plan(config: Config, gpus: int = 1, gpu_memory_gb: float = 80.0, device
     sequences = rollout.prompts_per_step * rollout.group_size
     tokens = sequences * (config.data.max_prompt_tokens + rollout.max_new_tokens)
     per_minibatch = -(-sequences // config.gspo.num_minibatches)
-    sizes = model_sizes(model)
+    # A frozen vision tower (model.freeze_vision_tower) is held, not trained: no gradients, no AdamW states.
+    frozen_tower = args.vision is not None and config.model.freeze_vision_tower
+    sizes = model_sizes(model, frozen_tower)
     if not config.lora.rank:
         # fp32 weights (4 B) + fp32 gradients (4 B) + AdamW exp_avg and exp_avg_sq (8 B) per trained parameter.
-        memory = memory_plan(config, args, sizes, total, cluster)
-        return Plan(source, args.architecture, total, active, tokens, per_minibatch, total * 16 / GIB, total,
-                    memory=memory)
+        trainable = total - (sizes.tower if frozen_tower else 0)
+        memory = memory_plan(config, args, sizes, trainable, cluster)
+        return Plan(source, args.architecture, total, active, tokens, per_minibatch,
+                    (total * 4 + trainable * 12) / GIB, trainable, memory=memory)
     # LoRA: gradients and optimizer states for the adapters (and lora.modules_to_save's copies) only;
     # the base is stored, not trained.
     adapters = adapter_parameter_count(model, config.lora)
-    sizes = ModelSizes(total + adapters, sizes.blocks, sizes.matmul, sizes.layer_experts, sizes.all_experts)
+    sizes = ModelSizes(total + adapters, sizes.blocks, sizes.matmul, sizes.layer_experts, sizes.all_experts,
+                       sizes.block_experts, sizes.tower, sizes.tower_units)
     base_bytes = 2 if config.lora.base_bf16 else 4
     memory = memory_plan(config, args, sizes, adapters, cluster)
     return Plan(source, args.architecture, total + adapters, active, tokens, per_minibatch,

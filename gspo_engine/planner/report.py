@@ -18,6 +18,7 @@ from gspo_engine.planner.memory_model import (
     MemoryPlan,
     Rollout,
 )
+from gspo_engine.planner.vision import VisionPlan
 
 @dataclass
 class Plan:
@@ -55,9 +56,39 @@ class Plan:
         else:
             lines.append(f"weights + gradients + AdamW states: {self.train_memory_gib:.2f} GiB "
                          "(fp32 master weights, all GPUs together, before activations and the KV cache)")
+        if self.memory is not None and self.memory.vision is not None:
+            lines += vision_lines(self.memory.vision, self.lora_rank, self.base_dtype)
         if self.memory is not None:
             lines += memory_lines(self.memory)
         return lines
+
+
+def vision_lines(vision: VisionPlan, lora_rank: int, base_dtype: str) -> list[str]:
+    """The tower's parameters and whether they train, and the visual tokens an image and a prompt bring."""
+    size = _count(vision.parameters)
+    if lora_rank:
+        held = f"a frozen {base_dtype} base under LoRA" + (", adapted (lora.targets name its blocks' linears)"
+                                                           if vision.trained else "")
+    elif vision.trained:
+        held = (f"trained (model.freeze_vision_tower false): {_gib(vision.parameters * 16)} of fp32 weights, "
+                "gradients and AdamW states")
+    else:
+        held = (f"frozen (model.freeze_vision_tower): {_gib(vision.parameters * 4)} of fp32 weights, no gradients "
+                "or AdamW states; its features are computed once per prompt and step")
+    lines = [f"vision tower: {size} parameters, {held}"]
+    if vision.tokens_per_image is None:
+        lines.append("visual tokens per image: not capped (data.vision_resolution unset); they count in "
+                     f"data.max_prompt_tokens, so one image may fill a prompt: at most {vision.tokens_per_prompt:,}")
+    else:
+        lines.append(f"visual tokens per image: at most {vision.tokens_per_image:,} (data.vision_resolution "
+                     f"{vision.resolution}: at most {vision.resolution} x {vision.resolution} pixels, a token per "
+                     f"{vision.merged_patch_pixels} x {vision.merged_patch_pixels}); they count in data.max_prompt_tokens: a prompt holds at most "
+                     f"{vision.tokens_per_prompt:,} ({vision.images_per_prompt} images, "
+                     f"{vision.patches_per_prompt:,} patches through the tower)")
+        if vision.tokens_per_prompt < vision.tokens_per_image:
+            lines.append(f"  an image at the full resolution does not fit in data.max_prompt_tokens: such prompts "
+                         "are skipped; raise it or lower data.vision_resolution")
+    return lines
 
 
 def memory_lines(memory: MemoryPlan) -> list[str]:
@@ -83,6 +114,8 @@ def memory_lines(memory: MemoryPlan) -> list[str]:
     ]
     if states.reference:
         lines.append(_row(f"  reference model for the KL (fp32{sharded})", states.reference))
+    if states.images:
+        lines.append(_row("  prompts' pixel values + image features (through the step)", states.images))
     lines += [
         f"  training, micro_batch_tokens {micro.budget:,}: {micro.sequences} sequences of {micro.length:,} tokens "
         f"({micro.tokens:,} tokens) per micro-batch",
@@ -99,6 +132,8 @@ def memory_lines(memory: MemoryPlan) -> list[str]:
         _row("    fused lm_head loss working set" + (f" (logits recomputed in {TILE_ROWS} x {TILE_VOCAB} tiles)"
                                                   if memory.cluster.device == "GPU" else ""),
              training.fused_loss),
+        *([_row("    vision tower activations (its micro-batch's images)", training.tower_activations)]
+          if training.tower_activations else []),
         _row("    backward of one block" + (", recomputed" if training.checkpointing else ""), training.backward),
         _verdict("    training peak (the larger of loss and backward counts)", training.peak(states),
                  memory.usable),
