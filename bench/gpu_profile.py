@@ -1,7 +1,7 @@
 """Where the GPU time goes: the fused linear loss's tile strategies side by side, and profiles of
 the GSPO loss and of one end-to-end update step (ours and transformers'). Needs a GPU.
 
-    PYTHONPATH=. python bench/gpu_profile.py --out bench/out
+    PYTHONPATH=. python bench/gpu_profile.py --out bench/out [--parts fused-linear,loss,e2e]
 
 Prints, and writes to OUT/profile.json and OUT/profile.txt:
 - fused-linear: for each strategy, median ms of forward + backward and the peak memory above the
@@ -29,6 +29,7 @@ from gspo_kernels import fused_linear_stream
 
 # (row chunk, vocabulary chunk) of the PyTorch tile path: logits tiles through cuBLAS.
 TILES = [(512, 8192), (2048, 8192), (4096, 8192), (4096, 16384), (8192, 8192)]
+PARTS = ("fused-linear", "loss", "e2e")
 
 
 def timed(step, device: torch.device, rounds: int = 3, warmup: int = 2) -> tuple[float, float | None]:
@@ -88,7 +89,7 @@ def fused_linear_strategies(batch: int, steps: int, hidden_size: int, vocab: int
     return rows
 
 
-def kernel_table(step, device: torch.device, row_limit: int = 14) -> str:
+def kernel_table(step, device: torch.device, row_limit: int = 30) -> str:
     for _ in range(2):
         step()
     synchronize(device)
@@ -142,19 +143,30 @@ def loss_host_profile() -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="bench/out")
+    parser.add_argument("--parts", default=",".join(PARTS), type=lambda text: text.split(","),
+                        help=f"Comma-separated parts to run (default: {','.join(PARTS)}).")
     args = parser.parse_args()
+    unknown = [part for part in args.parts if part not in PARTS]
+    if unknown:
+        parser.error(f"unknown part {unknown[0]!r}; choose from {', '.join(PARTS)}")
     if not torch.cuda.is_available():
         print("no GPU: nothing to profile")
         return 0
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cuda = torch.device("cuda")
-    results = {"fused_linear": fused_linear_strategies(4, 4096, 4096, 151936, cuda, mask_prompt=False)
-               + fused_linear_strategies(8, 1024, 4096, 151936, cuda, mask_prompt=True)}
-    results["loss"] = loss_host_profile()
-    results["e2e"] = e2e_profiles(cuda, "gpu")
+    results, tables = {}, []
+    if "fused-linear" in args.parts:
+        results["fused_linear"] = (fused_linear_strategies(4, 4096, 4096, 151936, cuda, mask_prompt=False)
+                                   + fused_linear_strategies(8, 1024, 4096, 151936, cuda, mask_prompt=True))
+    if "loss" in args.parts:
+        results["loss"] = loss_host_profile()
+        tables.append(results["loss"]["table"])
+    if "e2e" in args.parts:
+        results["e2e"] = e2e_profiles(cuda, "gpu")
+        tables += results["e2e"].values()
     (out / "profile.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "profile.txt").write_text(results["loss"]["table"] + "\n" + "\n".join(results["e2e"].values()))
+    (out / "profile.txt").write_text("\n".join(tables) + "\n")
     return 0
 
 
