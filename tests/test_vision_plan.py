@@ -14,11 +14,11 @@ from transformers import Qwen2VLImageProcessorPil
 from gspo_engine.build_models import configure
 from gspo_engine.config import config_from_dict, load_config
 from gspo_engine.model import build_model
-from gspo_engine.model.vision import VisionTower
+from gspo_engine.model.vision import VisionTower, tower_parts
 from gspo_engine.model.vision_args import VisionArgs
 from gspo_engine.planner import make_plan
 from gspo_engine.planner.activations import resolve_compute
-from gspo_engine.planner.memory_model import model_sizes, tower_units
+from gspo_engine.planner.memory_model import model_sizes
 from gspo_engine.planner.vision import (
     image_bytes_per_token,
     prompts_in_micro_batch,
@@ -135,7 +135,7 @@ def test_a_frozen_tower_has_no_gradients_or_adamw_states(frozen):
     assert (plan.memory.training.tower_activations > 0) == (not frozen)
     # The tower's FSDP2 units cover it, each parameter once.
     units = model_sizes(model).tower_units
-    assert sum(units) == tower and len(units) == len(tower_units(model.visual))
+    assert sum(units) == tower and len(units) == len(tower_parts(model.visual))
 
 
 def test_the_report_states_the_visual_tokens_and_the_tower():

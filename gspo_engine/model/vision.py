@@ -228,6 +228,13 @@ class VisionTower(nn.Module):
         return angles.cos(), angles.sin()
 
 
+def tower_parts(tower: VisionTower) -> list[nn.Module]:
+    """The tower's parts in the order they run, each to be sharded on its own (distributed/parallel.py) and planned
+    so (planner/memory_model.py): each block, the merger, each DeepStack merger, and the tower itself last, which
+    then holds what is left (the patch and position embeddings)."""
+    return [*tower.blocks, tower.merger, *tower.deepstack_merger_list, tower]
+
+
 def _bilinear_taps(index: torch.Tensor, size: int, side: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The two source positions [n, 2] on a side-long axis for target positions index of a size-long one, and weights."""
     source = index.to(torch.float32) * (side - 1) / max(size - 1, 1)

@@ -18,6 +18,7 @@ from gspo_engine.model import ModelArgs, Qwen3Model
 from gspo_engine.planner.activations import Compute, TokenBytes, resolve_compute, token_bytes
 from gspo_engine.planner.vision import VisionPlan, prompts_in_micro_batch, vision_plan
 from gspo_engine.model.kv_cache import slot_bytes
+from gspo_engine.model.vision import tower_parts
 from gspo_engine.rollout import PREFILL_TOKENS, kv_cache_slots
 from gspo_kernels import DEFAULT_CHUNK_BUDGETS_MIB, STREAM_TILES
 
@@ -49,7 +50,7 @@ class ModelSizes:
     all_experts: int
     block_experts: tuple[int, ...] = ()  # per decoder block: its grouped expert tensors (0 for a dense block)
     tower: int = 0  # the vision tower's parameters (with its mergers)
-    tower_units: tuple[int, ...] = ()  # its FSDP2 units: each vision block, each merger, the patch and position embeddings
+    tower_units: tuple[int, ...] = ()  # its FSDP2 units (model.vision.tower_parts): blocks, mergers, the embeddings
 
     @property
     def largest_block(self) -> int:
@@ -58,12 +59,6 @@ class ModelSizes:
     @property
     def root(self) -> int:
         return self.total - sum(self.blocks) - sum(self.tower_units)
-
-
-def tower_units(visual: nn.Module) -> list[nn.Module]:
-    """The vision tower's FSDP2 units, in the order they run: each block, the merger, each DeepStack merger, then
-    the tower itself (what is left: the patch and position embeddings). distributed/parallel.py shards these."""
-    return [*visual.blocks, visual.merger, *visual.deepstack_merger_list, visual]
 
 
 def model_sizes(model: Qwen3Model, frozen_tower: bool = False) -> ModelSizes:
@@ -77,7 +72,7 @@ def model_sizes(model: Qwen3Model, frozen_tower: bool = False) -> ModelSizes:
         matmul += args.vocab_size * args.hidden_size  # the embedding, cast for the lm_head matmul
     units = []
     if visual is not None:
-        inner = tower_units(visual)[:-1]
+        inner = tower_parts(visual)[:-1]
         units = [sum(p.numel() for p in unit.parameters()) for unit in inner]
         units.append(sum(p.numel() for p in visual.parameters()) - sum(units))
     return ModelSizes(
