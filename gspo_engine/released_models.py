@@ -74,6 +74,35 @@ _VL_8B = dict(
         num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],
     ),
 )
+# Qwen3-Omni-30B-A3B-Instruct's thinker (the model trained; the talker and code2wav are only carried through
+# saves): Qwen3-30B-A3B-like text layers, the 27-block vision tower and the 32-layer audio encoder.
+_OMNI_30B = dict(
+    architectures=["Qwen3OmniMoeForConditionalGeneration"], model_type="qwen3_omni_moe", enable_audio_output=True,
+    thinker_config=dict(
+        model_type="qwen3_omni_moe_thinker", audio_token_id=151675, audio_start_token_id=151669,
+        audio_end_token_id=151670, image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+        vision_end_token_id=151653, position_id_per_seconds=13, tie_word_embeddings=False,
+        text_config=dict(
+            vocab_size=152064, hidden_size=2048, intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+            num_key_value_heads=4, head_dim=128, max_position_embeddings=65536, rope_theta=1000000,
+            rope_scaling={"rope_type": "default", "mrope_section": [24, 20, 20], "interleaved": True,
+                          "mrope_interleaved": True},
+            num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+            decoder_sparse_step=1, mlp_only_layers=[], model_type="qwen3_omni_moe_text",
+        ),
+        vision_config=dict(
+            depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, hidden_act="gelu_pytorch_tanh",
+            in_channels=3, patch_size=16, temporal_patch_size=2, spatial_merge_size=2, out_hidden_size=2048,
+            num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24],
+        ),
+        audio_config=dict(
+            num_mel_bins=128, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120, d_model=1280,
+            output_dim=2048, max_source_positions=1500, n_window=50, n_window_infer=800, conv_chunksize=500,
+            downsample_hidden_size=480, activation_function="gelu",
+        ),
+    ),
+    dtype="bfloat16",
+)
 # Shapes of released checkpoints, as their config.json files publish them.
 RELEASED_SHAPES: dict[str, dict] = {
     "Qwen3-4B": _DENSE_4B,
@@ -89,6 +118,8 @@ RELEASED_SHAPES: dict[str, dict] = {
     "Qwen3-Next-80B-A3B-Instruct": _NEXT_80B,
     "Qwen3-Next-80B-A3B-Thinking": _NEXT_80B,
     "Qwen3-VL-8B-Instruct": _VL_8B,
+    "Qwen3-Omni-30B-A3B-Instruct": _OMNI_30B,
+    "Qwen3-Omni-30B-A3B-Thinking": _OMNI_30B,
 }
 
 

@@ -98,14 +98,18 @@ def tiny_omni_args() -> ModelArgs:
 
 
 def build_tiny_omni_checkpoint(folder: str | Path, seed: int = 0) -> Path:
-    """Write tiny-omni with random weights: matrices N(0, INIT_STD), norm weights 1, biases 0."""
+    """Write tiny-omni with random weights: matrices N(0, INIT_STD), the audio encoder's N(0, 1 / fan_in) (at
+    INIT_STD its convolutions' output would vanish under the sinusoidal positions, and every audio would look
+    alike), norm weights 1, biases 0."""
     args = tiny_omni_args()
     model = build_model(args)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in sorted(model.named_parameters()):
             if parameter.dim() >= 2:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * INIT_STD)
+                fan_in = parameter[0].numel()
+                std = fan_in**-0.5 if name.startswith("audio_tower.") else INIT_STD
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
             else:
                 parameter.fill_(0.0 if name.endswith("bias") else 1.0)
     with tempfile.TemporaryDirectory() as processor_folder:
