@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_plan import measure_phases
 from transformers import Qwen2VLImageProcessorPil
 
 from gspo_engine.build_models import configure
@@ -149,3 +150,27 @@ def test_the_report_states_the_visual_tokens_and_the_tower():
     frozen = make_plan(config, gpus=2, gpu_memory_gb=141)
     tower = frozen.memory.vision.parameters
     assert trained.memory.states.gradients - frozen.memory.states.gradients == pytest.approx(4 * tower / 2)
+
+
+def test_estimate_against_measured_peaks_with_the_tower_frozen_and_trained(tmp_path, monkeypatch):
+    """One GSPO step of tiny-vl on the CPU (tests/test_plan.py's tracker) against the plan, phase by phase, with the
+    tower frozen and trained; the trained tower's extra (gradients, AdamW states, activations) as measured."""
+    torch.set_num_threads(1)
+    peaks = {}
+    for frozen in (True, False):
+        config = load_config(CONFIGS / "tiny-vl.yaml", [
+            "train.steps=1", "rollout.prompts_per_step=8", "rollout.group_size=4", "rollout.max_new_tokens=30",
+            "gspo.num_minibatches=1", "gspo.micro_batch_tokens=4096", "data.builtin.num_rows=64",
+            "data.max_prompt_tokens=8", "train.precision=fp32", f"model.freeze_vision_tower={str(frozen).lower()}",
+            f"output_dir={tmp_path / str(frozen)}"])
+        with monkeypatch.context() as patched:
+            measured = measure_phases(config, patched)
+        memory = make_plan(config).memory
+        assert memory.vision.tokens_per_prompt == 4  # one 32 x 32 image, as the prompts hold
+        estimated = {"rollout": memory.rollout_peak, "scoring": memory.scoring.peak(memory.states),
+                     "training": memory.training.peak(memory.states)}
+        for phase, value in estimated.items():
+            assert value == pytest.approx(measured[phase], rel=0.1), (frozen, phase)
+        peaks[frozen] = measured["training"], estimated["training"]
+    measured_extra, estimated_extra = (peaks[False][i] - peaks[True][i] for i in (0, 1))
+    assert estimated_extra == pytest.approx(measured_extra, rel=0.3)
