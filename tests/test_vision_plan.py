@@ -15,6 +15,7 @@ from transformers import Qwen2VLImageProcessorPil
 from gspo_engine.build_models import configure
 from gspo_engine.config import config_from_dict, load_config
 from gspo_engine.model import build_model
+from gspo_engine.model.qwen3_vl import ImageInputs
 from gspo_engine.model.vision import VisionTower, tower_parts
 from gspo_engine.model.vision_args import VisionArgs
 from gspo_engine.planner import make_plan
@@ -113,8 +114,6 @@ def test_a_prompt_vision_holds_what_is_planned(autocast):
     patches = int((grid[:, 1] * grid[:, 2]).sum())
     tokens = patches // vision.spatial_merge_size**2
     input_ids = torch.tensor([0] + [vision.image_token_id] * 6 + [1, vision.image_token_id, 2])
-    from gspo_engine.model.qwen3_vl import ImageInputs
-
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         prompt = model.prompt_vision(input_ids, ImageInputs(torch.randn(patches, vision.patch_dim), grid))
     held = [prompt.images.pixel_values, prompt.features.embeds, *prompt.features.deepstack]
