@@ -122,7 +122,7 @@ _FLAG_KEYS = {
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override one config key (repeatable).")
 @click.option("--model_name_or_path",
               help="Model folder (config.json + safetensors), Hub id ORG/NAME[@REVISION], or tiny-moe / tiny-dense / "
-                   "tiny-next / tiny-vl.")
+                   "tiny-next / tiny-vl / tiny-omni.")
 @click.option("--dataset", help="Local JSONL / JSON / parquet file, save_to_disk folder, Hub dataset NAME[:SPLIT], "
                                 "or builtin.")
 @click.option("--gspo_group_size", type=int, help="Completions sampled per prompt.")

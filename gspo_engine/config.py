@@ -25,7 +25,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     # A Hugging Face Qwen3 / Qwen3-MoE folder (config.json, safetensors, tokenizer files), a Hub id
     # ORG/NAME[@REVISION] (downloaded into the Hugging Face cache; a local folder of that name wins), or
-    # "tiny-moe" / "tiny-dense" / "tiny-next" / "tiny-vl": a small random model built on the fly with the tiny tokenizer.
+    # "tiny-moe" / "tiny-dense" / "tiny-next" / "tiny-vl" / "tiny-omni": a small random model built on the fly with the
+    # tiny tokenizer.
     name_or_path: str = "tiny-moe"
     # A Hub branch, tag or commit of name_or_path (or write ORG/NAME@REVISION). A run's config.yaml records
     # the commit it read here, and the folder it read in resolved_folder, which is only a record: a run

@@ -61,6 +61,33 @@ def test_dataset_rows_with_audio(tiny_omni, tmp_path):
     assert features.lengths.tolist() == [50, 130] and features.features.shape == (args.audio.num_mel_bins, 180)
 
 
+# The audio and text parts of a message as Qwen3-Omni's chat template renders them (its role markers left out).
+PARTS_TEMPLATE = (
+    "{%- for m in messages %}{%- if m.content is string %}{{ m.content }}{%- else %}{%- for p in m.content %}"
+    "{%- if p.type == 'audio' %}<|audio_start|><|audio_pad|><|audio_end|>{%- elif p.type == 'text' %}{{ p.text }}"
+    "{%- endif %}{%- endfor %}{%- endif %}{%- endfor %}"
+)
+
+
+def test_chat_messages_with_audio_parts(tiny_omni, tmp_path):
+    tokenizer = load_tokenizer(tiny_omni)
+    tokenizer.chat_template = PARTS_TEMPLATE
+    audio = read_config(tiny_omni).audio
+    save_wav(tmp_path / "a.wav", 0.5)
+    rows = [
+        {"prompt": [{"role": "user", "content": [{"type": "text", "text": "1"}, {"type": "audio"},
+                                                 {"type": "text", "text": "<pitch>="}]}], "audio": ["a.wav"]},
+        {"prompt": [{"role": "user", "content": "<pitch>="}], "audio": "a.wav"},
+    ]
+    dataset = PromptDataset.from_rows(rows, tokenizer, audio=AudioProcessing(tiny_omni, audio, tokenizer),
+                                      image_root=tmp_path)
+    parts, plain = (example.token_ids for example in dataset.examples)
+    audio_tokens = [audio.audio_start_token_id] + [audio.audio_token_id] * 7 + [audio.audio_end_token_id]
+    one, pitch, equals = (tokenizer.convert_tokens_to_ids(t) for t in ("1", "<pitch>", "="))
+    assert parts == [one, *audio_tokens, pitch, equals]
+    assert plain == [*audio_tokens, pitch, equals]  # string content: the audio goes in front of the text
+
+
 def test_bad_audio_is_an_error_naming_file_and_line(tiny_omni, tmp_path):
     tokenizer = load_tokenizer(tiny_omni)
     processing = AudioProcessing(tiny_omni, read_config(tiny_omni).audio, tokenizer, max_seconds=1)
