@@ -249,8 +249,11 @@ def train(config_path, config_option, overrides, stage, resume, dry_run, gpus, g
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when present).")
 @click.option("--image", "images", multiple=True, type=click.Path(),
               help="Qwen3-VL: an image every prompt shows (repeatable), at its <image> marks or before its text.")
+@click.option("--audio", "audio", multiple=True, type=click.Path(),
+              help="Qwen3-Omni: a WAV / FLAC file every prompt plays (repeatable), at its <audio> marks or before "
+                   "its text.")
 def generate(model_dir, prompts, chat, max_new_tokens, temperature, top_p, top_k, samples, seed, device,
-             images) -> None:
+             images, audio) -> None:
     """Sample completions from a checkpoint or LoRA adapter folder (e.g. OUTPUT_DIR/final)."""
     from pathlib import Path
 
@@ -269,8 +272,8 @@ def generate(model_dir, prompts, chat, max_new_tokens, temperature, top_p, top_k
     else:
         model = load_pretrained(model_dir, dtype=dtype, device=target).eval()
     vision = None
-    if images:
-        vision_prompts, vision = _image_prompts(model, model_dir, prompts, images)
+    if images or audio:
+        vision_prompts, vision = _media_prompts(model, model_dir, tokenizer, prompts, images, audio)
         texts = [render_prompt(tokenizer, prompt, chat_template=chat) for prompt in vision_prompts]
     else:
         texts = [render_prompt(tokenizer, prompt, chat_template=chat) for prompt in prompts]
@@ -289,34 +292,49 @@ def generate(model_dir, prompts, chat, max_new_tokens, temperature, top_p, top_k
         click.echo(f"[{index}] {prompt!r} -> {completion!r}{'' if out.finished[index] else ' (cut at max-new-tokens)'}")
 
 
-def _image_prompts(model, model_dir, prompts, images):
-    """The prompts with places for the images, and a function from their token ids to the ids with the images'
-    tokens and each prompt's PromptVision."""
+def _media_prompts(model, model_dir, tokenizer, prompts, images, audio):
+    """The prompts with places for the images and audio, and a function from their token ids to the ids with the
+    images' and audio's tokens and each prompt's PromptVision."""
     from pathlib import Path
 
     import torch
 
+    from gspo_engine.audio_prompts import AudioError, AudioProcessing, expand_audio_pads, with_audio_places
     from gspo_engine.vision_prompts import ImageError, ImageProcessing, expand_image_pads, with_image_places
 
-    if model.args.vision is None:
-        raise click.ClickException(f"--image needs a Qwen3-VL model; {model_dir} has no vision tower")
+    if images and model.args.vision is None:
+        raise click.ClickException(f"--image needs a Qwen3-VL or Qwen3-Omni model; {model_dir} has no vision tower")
+    if audio and model.args.audio is None:
+        raise click.ClickException(f"--audio needs a Qwen3-Omni model; {model_dir} has no audio encoder")
+    inputs = audios = None
+    placed = list(prompts)
     try:
-        processing = ImageProcessing(model_dir, model.args.vision)
-        inputs = processing.inputs([processing.open(path, "--image", Path.cwd()) for path in images])
-        placed = [with_image_places(prompt, len(images), "--prompt") for prompt in prompts]
-    except ImageError as error:
+        if images:
+            processing = ImageProcessing(model_dir, model.args.vision)
+            inputs = processing.inputs([processing.open(path, "--image", Path.cwd()) for path in images])
+            image_counts = processing.token_counts(inputs)
+            placed = [with_image_places(prompt, len(images), "--prompt") for prompt in placed]
+        if audio:
+            hearing = AudioProcessing(model_dir, model.args.audio, tokenizer)
+            audios = hearing.inputs([hearing.open(path, "--audio", Path.cwd()) for path in audio])
+            audio_counts = hearing.token_counts(audios)
+            placed = [with_audio_places(prompt, len(audio), hearing.placeholder, "--prompt") for prompt in placed]
+    except (ImageError, AudioError) as error:
         raise click.ClickException(str(error)) from error
-    counts = processing.token_counts(inputs)
 
-    def with_images(prompt_ids):
+    def with_media(prompt_ids):
         try:
-            expanded = [expand_image_pads(ids, counts, model.args.vision, "--prompt") for ids in prompt_ids]
-        except ImageError as error:
+            if images:
+                prompt_ids = [expand_image_pads(ids, image_counts, model.args.vision, "--prompt") for ids in prompt_ids]
+            if audio:
+                prompt_ids = [expand_audio_pads(ids, audio_counts, model.args.audio, "--prompt") for ids in prompt_ids]
+        except (ImageError, AudioError) as error:
             raise click.ClickException(str(error)) from error
+        extra = {} if audios is None else {"audios": audios}
         with torch.no_grad():
-            return expanded, [model.prompt_vision(torch.tensor(ids), inputs) for ids in expanded]
+            return prompt_ids, [model.prompt_vision(torch.tensor(ids), inputs, **extra) for ids in prompt_ids]
 
-    return placed, with_images
+    return placed, with_media
 
 
 @main.command()

@@ -109,7 +109,8 @@ def test_bad_audio_is_an_error_naming_file_and_line(tiny_omni, tmp_path):
     message = error([ok, ok, {"prompt": "<pitch>=", "audio": "broken.wav"}])
     assert f"{data}:3" in message and "broken.wav" in message and "cannot be read" in message
     message = error([{"prompt": "<pitch>=", "audio": "long.wav"}])
-    assert f"{data}:1" in message and "long.wav" in message and "1.5 s" in message and "data.max_audio_seconds" in message
+    assert f"{data}:1" in message and "long.wav" in message and "1.5 s" in message
+    assert "data.max_audio_seconds" in message
     assert "unknown audio format '.mp3'" in error([{"prompt": "<pitch>=", "audio": "a.mp3"}])
     assert "2 <audio> places for 1 audios" in error([{"prompt": "<audio><audio>=", "audio": "ok.wav"}])
     assert "no audio encoder" in error([ok], audio=None)
@@ -153,3 +154,18 @@ def test_trainer_trains_the_thinker_and_keeps_the_towers(tiny_omni, tmp_path, mo
     assert encoded == [False] * 4  # once per prompt per step: the group, the scoring and the update reuse it
     saved = Qwen3OmniMoeForConditionalGeneration.from_pretrained(tmp_path / "run" / "final", dtype=torch.float32)
     torch.testing.assert_close(saved.thinker.lm_head.weight, model.lm_head.weight, atol=0, rtol=0)
+
+
+def test_cli_generate_with_audio(tiny_omni, tmp_path):
+    from click.testing import CliRunner
+
+    from gspo_engine.cli import main
+
+    save_wav(tmp_path / "a.wav", 0.5)
+    result = CliRunner().invoke(main, ["generate", str(tiny_omni), "--prompt", "<pitch>=", "--audio",
+                                       str(tmp_path / "a.wav"), "--temperature", "0", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("[0] '<pitch>=' -> ")
+    result = CliRunner().invoke(main, ["generate", str(tiny_omni), "--prompt", "<pitch>=", "--audio",
+                                       str(tmp_path / "missing.wav")])
+    assert result.exit_code != 0 and "missing.wav does not exist" in result.output

@@ -18,7 +18,8 @@ TEXT = dict(
     vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=16, max_position_embeddings=512, moe_intermediate_size=24, num_experts=4,
     num_experts_per_tok=2, initializer_range=0.1,
-    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True},
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                     "mrope_interleaved": True},
 )
 VISION = dict(
     depth=2, hidden_size=24, num_heads=2, intermediate_size=40, patch_size=4, temporal_patch_size=2,
@@ -51,7 +52,8 @@ CODE2WAV = dict(
 
 
 def build_hf_omni_model(seed: int = 0) -> torch.nn.Module:
-    """A random fp32 Qwen3OmniMoeForConditionalGeneration in eval mode; norms randomised too, so every weight matters."""
+    """A random fp32 Qwen3OmniMoeForConditionalGeneration in eval mode; norms randomised too, so every weight
+    matters."""
     torch.manual_seed(seed)
     thinker = dict(text_config=TEXT, vision_config=VISION, audio_config=AUDIO, **TOKENS)
     config = Qwen3OmniMoeConfig(thinker_config=thinker, talker_config=TALKER, code2wav_config=CODE2WAV)

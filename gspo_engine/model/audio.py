@@ -87,7 +87,8 @@ class AudioAttention(nn.Module):
     def forward(self, x: torch.Tensor, windows: list[int]) -> torch.Tensor:
         """x [N, D]; windows: frame counts of the attention windows, in order (they sum to N)."""
         n = x.shape[0]
-        q, k, v = (proj(x).view(n, self.num_heads, -1).transpose(0, 1)[None] for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (proj(x).view(n, self.num_heads, -1).transpose(0, 1)[None]
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         outputs = [
             F.scaled_dot_product_attention(q_i, k_i, v_i)
             for q_i, k_i, v_i in zip(*(t.split(windows, dim=2) for t in (q, k, v)))

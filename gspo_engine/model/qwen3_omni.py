@@ -86,7 +86,8 @@ class Qwen3OmniThinker(Qwen3VLModel):
         vision = self.args.vision
         device = self.embed_tokens.weight.device
         grid = None if images is None else images.grid_thw.cpu()
-        position_ids, delta = mrope_position_ids(input_ids.cpu(), grid, vision.image_token_id, vision.spatial_merge_size)
+        position_ids, delta = mrope_position_ids(input_ids.cpu(), grid, vision.image_token_id,
+                                                 vision.spatial_merge_size)
         with torch.no_grad():
             if features is None:
                 features = self.no_image_features() if images is None else self.encode_images(images.to(device))
