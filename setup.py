@@ -50,6 +50,8 @@ setup(
         # flash-linear-attention's kernels for the Gated DeltaNet layers of Qwen3-Next / Qwen3.5 on CUDA
         # (gspo_engine/model/fla_backend.py, checked against 0.6.0); CPUs run our PyTorch path without it.
         "next": ["fla-core>=0.6.0,<0.7"],
+        # Qwen3-Omni prompts with audio: WAV files and resampling (scipy), FLAC files (soundfile).
+        "omni": ["scipy", "soundfile"],
     },
     entry_points={"console_scripts": ["gspo-engine=gspo_engine.cli:main"]},
 )

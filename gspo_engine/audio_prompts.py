@@ -85,8 +85,7 @@ class AudioProcessing:
             samples = samples.astype(np.float32) / float(np.iinfo(samples.dtype).max)
         samples = samples.astype(np.float32)
         if rate != self.sampling_rate:
-            from scipy.signal import resample_poly
-
+            resample_poly = _scipy(what, "resampling audio").signal.resample_poly
             common = math.gcd(rate, self.sampling_rate)
             samples = resample_poly(samples, self.sampling_rate // common, rate // common).astype(np.float32)
         return samples
@@ -149,6 +148,15 @@ def expand_audio_pads(token_ids: list[int], counts: list[int], audio: AudioArgs,
     return out
 
 
+def _scipy(what: str, purpose: str):
+    try:
+        import scipy.io.wavfile
+        import scipy.signal
+    except ImportError as error:
+        raise AudioError(f"{what}: {purpose} needs the scipy package (pip install scipy, or the omni extra)") from error
+    return scipy
+
+
 def _read(path: Path, what: str) -> tuple[np.ndarray, int]:
     reader = READERS.get(path.suffix.lower())
     if reader is None:
@@ -157,14 +165,14 @@ def _read(path: Path, what: str) -> tuple[np.ndarray, int]:
         try:
             import soundfile
         except ImportError as error:
-            raise AudioError(f"{what}: reading FLAC needs the soundfile package (pip install soundfile)") from error
+            raise AudioError(f"{what}: reading FLAC needs the soundfile package (pip install soundfile, or the omni "
+                             "extra)") from error
         try:
             samples, rate = soundfile.read(str(path), dtype="float32", always_2d=False)
-        except (RuntimeError, soundfile.LibsndfileError) as error:
+        except RuntimeError as error:  # libsndfile's errors for a damaged or non-FLAC file
             raise AudioError(f"{what} cannot be read as audio: {error}") from error
         return samples, rate
-    from scipy.io import wavfile
-
+    wavfile = _scipy(what, "reading WAV").io.wavfile
     try:
         rate, samples = wavfile.read(path)
     except (ValueError, OSError, EOFError) as error:  # scipy's errors for a damaged or non-WAV file

@@ -112,6 +112,14 @@ def test_bad_audio_is_an_error_naming_file_and_line(tiny_omni, tmp_path):
     assert f"{data}:1" in message and "long.wav" in message and "1.5 s" in message
     assert "data.max_audio_seconds" in message
     assert "unknown audio format '.mp3'" in error([{"prompt": "<pitch>=", "audio": "a.mp3"}])
+    (tmp_path / "a.flac").write_bytes(b"fLaC")
+    try:
+        import soundfile  # noqa: F401
+    except ImportError:  # FLAC needs soundfile: said, with the file and line
+        message = error([ok, {"prompt": "<pitch>=", "audio": "a.flac"}])
+        assert f"{data}:2" in message and "a.flac" in message and "pip install soundfile" in message
+    else:
+        assert "cannot be read" in error([ok, {"prompt": "<pitch>=", "audio": "a.flac"}])
     assert "2 <audio> places for 1 audios" in error([{"prompt": "<audio><audio>=", "audio": "ok.wav"}])
     assert "no audio encoder" in error([ok], audio=None)
 
