@@ -62,6 +62,31 @@ def test_logits_match_transformers(models, image_sizes, audio_seconds):
     assert torch.equal(positions, hf_positions.long()) and int(delta[0]) == int(hf_delta[0, 0])
 
 
+def test_left_padded_batch_with_audio_in_both_rows(models):
+    hf, ours, _ = models
+    first, audio_a, images = omni_prompt([(16, 24)], [0.7], seed=50)
+    second, audio_b, _ = omni_prompt([], [1.4], seed=51, text=2)
+    width = max(len(first), len(second))
+    input_ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.long)
+    for row, ids in enumerate((first, second)):
+        input_ids[row, width - len(ids):] = ids
+        mask[row, width - len(ids):] = 1
+    features = [AudioInputs.from_extractor(a["input_features"], a["attention_mask"]) for a in (audio_a, audio_b)]
+    frames = max(f.features.shape[1] for f in features)
+    padded = torch.zeros(2, features[0].features.shape[0], frames)
+    frame_mask = torch.zeros(2, frames, dtype=torch.long)
+    for row, f in enumerate(features):
+        padded[row, :, : f.features.shape[1]] = f.features
+        frame_mask[row, : f.features.shape[1]] = 1
+    with torch.no_grad():
+        expected = hf.thinker(input_ids=input_ids, attention_mask=mask, input_features=padded,
+                              feature_attention_mask=frame_mask, **hf_inputs(None, images)).logits
+        got = ours(input_ids, mask, audios=AudioInputs.concat(features), images=our_inputs(None, images)["images"])
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=TOLERANCE, rtol=0)
+
+
 def test_audio_token_count_is_the_processors(models):
     _, ours, _ = models
     for frames in (1, 7, 99, 100, 101, 250, 437):
