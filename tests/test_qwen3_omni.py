@@ -8,13 +8,15 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_omni_checkpoints import AUDIO_PAD, IMAGE, SPECIAL, build_hf_omni_model, hf_inputs, omni_prompt
+from tiny_omni_checkpoints import (
+    AUDIO_PAD, SPECIAL, VIDEO, VISION_END, VISION_START, build_hf_omni_model, hf_inputs, omni_prompt,
+)
 from transformers import Qwen3OmniMoeForConditionalGeneration
 
 from gspo_engine.hf_checkpoint import load_pretrained, save_pretrained
 from gspo_engine.model import ImageInputs
 from gspo_engine.model.audio import AudioInputs, audio_token_count
-from gspo_engine.model.qwen3_omni import Qwen3OmniThinker
+from gspo_engine.model.qwen3_omni import Qwen3OmniThinker, VideoInputs
 from gspo_engine.rollout import generate
 
 TOLERANCE = 2e-4
@@ -60,6 +62,32 @@ def test_logits_match_transformers(models, image_sizes, audio_seconds):
     hf_positions, hf_delta = hf.thinker.model.get_rope_index(input_ids[None], grid, None, mask, False, lengths)
     positions, delta = ours.position_ids_for(input_ids[None], grid)
     assert torch.equal(positions, hf_positions.long()) and int(delta[0]) == int(hf_delta[0, 0])
+
+
+def test_video_positions_and_logits_match_transformers(models):
+    """A video beside an image and an audio: its temporal patches position_id_per_seconds x seconds apart."""
+    hf, ours, _ = models
+    input_ids, audio, images = omni_prompt([(16, 24)], [0.6], seed=60)
+    grid = torch.tensor([[2, 4, 6]])  # two temporal patches of 4 x 6 patches: 12 video tokens
+    pixels = torch.randn(48, ours.args.vision.patch_dim, generator=torch.Generator().manual_seed(61))
+    video = torch.tensor([VISION_START] + [VIDEO] * 12 + [VISION_END, 3, 4])
+    input_ids = torch.cat((input_ids, video))
+    mask = torch.ones(1, len(input_ids), dtype=torch.long)
+    seconds = torch.tensor([2.0])
+    with torch.no_grad():
+        expected = hf.thinker(input_ids=input_ids[None], attention_mask=mask, pixel_values_videos=pixels,
+                              video_grid_thw=grid, video_second_per_grid=seconds, **hf_inputs(audio, images)).logits
+        got = ours(input_ids[None], videos=VideoInputs(pixels, grid, [2.0]), **our_inputs(audio, images))
+    torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=0)
+    hf_positions, hf_delta = hf.thinker.model.get_rope_index(
+        input_ids[None], images["image_grid_thw"], grid, mask, False, audio["attention_mask"].sum(-1), seconds)
+    positions, delta = ours.position_ids_for(input_ids[None], images["image_grid_thw"], videos=VideoInputs(
+        pixels, grid, [2.0]))
+    assert torch.equal(positions, hf_positions.long()) and int(delta[0]) == int(hf_delta[0, 0])
+    # The video's tokens are the 16th to 5th from the end, 6 per temporal patch: the second starts 2 s x 25 later.
+    assert int(positions[0, 0, -9]) - int(positions[0, 0, -15]) == 2 * 25
+    with pytest.raises(ValueError, match="not a whole number"):
+        ours.position_ids_for(input_ids[None], images["image_grid_thw"], videos=VideoInputs(pixels, grid, [0.3]))
 
 
 def test_left_padded_batch_with_audio_in_both_rows(models):

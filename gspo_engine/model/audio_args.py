@@ -37,6 +37,8 @@ class AudioArgs:
     audio_token_id: int = _TOKEN_DEFAULTS["audio_token_id"]
     audio_start_token_id: int = _TOKEN_DEFAULTS["audio_start_token_id"]
     audio_end_token_id: int = _TOKEN_DEFAULTS["audio_end_token_id"]
+    # The thinker's positions per second of video (model/omni_positions.py), kept here with its other audio-era keys.
+    position_id_per_seconds: float = 25.0
 
     @property
     def head_dim(self) -> int:
@@ -74,4 +76,4 @@ class AudioArgs:
                 f"({2 * values['n_window']})"
             )
         tokens = {key: thinker.get(key, default) for key, default in _TOKEN_DEFAULTS.items()}
-        return cls(**values, **tokens)
+        return cls(**values, **tokens, position_id_per_seconds=float(thinker.get("position_id_per_seconds", 25)))
