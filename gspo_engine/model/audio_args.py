@@ -37,7 +37,7 @@ class AudioArgs:
     audio_token_id: int = _TOKEN_DEFAULTS["audio_token_id"]
     audio_start_token_id: int = _TOKEN_DEFAULTS["audio_start_token_id"]
     audio_end_token_id: int = _TOKEN_DEFAULTS["audio_end_token_id"]
-    # The thinker's positions per second of video (model/omni_positions.py), kept here with its other audio-era keys.
+    # The thinker's positions per second of video (model/omni_positions.py), a thinker key like the audio tokens.
     position_id_per_seconds: float = 25.0
 
     @property

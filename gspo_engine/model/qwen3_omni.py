@@ -1,9 +1,9 @@
 """The Qwen3-Omni thinker: Qwen3-VL's vision tower (vision.py), the audio encoder (audio.py) and Qwen3-MoE text
 layers under multimodal RoPE.
 
-A forward embeds the tokens, puts the tower's image features in place of the image tokens and the audio
-encoder's features in place of the audio tokens (each in prompt order), and runs the text layers as
-Qwen3VLModel does, DeepStack included (images only).
+A forward embeds the tokens, puts the tower's image (and video) features in place of the image (and video)
+tokens and the audio encoder's features in place of the audio tokens (each in prompt order), and runs the
+text layers as Qwen3VLModel does, DeepStack included (at the image and video tokens).
 
 Positions (omni_positions.py): an image's or a video's tokens get (start + time, start + row, start +
 column), time counting position_id_per_seconds per second of video; an audio's tokens get consecutive
@@ -44,7 +44,7 @@ def omni_tower_key(name: str) -> str:
     match = _MERGER.fullmatch(name)
     if match is None:
         return f"thinker.{name}"
-    merger, index, part, leaf = match.groups()
+    _, index, part, leaf = match.groups()
     where = "merger" if index is None else f"merger_list.{index}"
     return f"thinker.visual.{where}.{_MERGER_PARTS[part]}.{leaf}"
 
