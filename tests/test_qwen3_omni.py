@@ -14,7 +14,7 @@ from tiny_omni_checkpoints import (
 from transformers import Qwen3OmniMoeForConditionalGeneration
 
 from gspo_engine.hf_checkpoint import load_pretrained, save_pretrained
-from gspo_engine.model import ImageInputs
+from gspo_engine.model import ImageInputs, PackedSequences
 from gspo_engine.model.audio import AudioInputs, audio_token_count
 from gspo_engine.model.qwen3_omni import Qwen3OmniThinker, VideoInputs
 from gspo_engine.rollout import generate
@@ -113,6 +113,28 @@ def test_left_padded_batch_with_audio_in_both_rows(models):
         got = ours(input_ids, mask, audios=AudioInputs.concat(features), images=our_inputs(None, images)["images"])
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], atol=TOLERANCE, rtol=0)
+
+
+def test_packed_row_of_prompts_with_audio_matches_their_own_forwards(models):
+    """The update's form: prompts (with completions) end to end in one row, their features from PromptVisions."""
+    _, ours, _ = models
+    prompts = [omni_prompt([(16, 24)], [0.6], seed=70), omni_prompt([], [1.2], seed=71), omni_prompt([], [], seed=72)]
+    rows, visions, positions = [], [], []
+    for input_ids, audio, images in prompts:
+        completion = torch.randint(0, AUDIO_PAD, (3,), generator=torch.Generator().manual_seed(len(rows)))
+        sequence = torch.cat((input_ids, completion))
+        vision = ours.prompt_vision(input_ids, **our_inputs(audio, images)) if audio or images else None
+        rows.append(sequence)
+        visions.append(vision)
+        positions.append(torch.arange(len(sequence)).expand(3, -1) if vision is None
+                         else vision.sequence_position_ids(len(sequence)))
+    packed = PackedSequences.from_lengths([len(r) for r in rows])
+    with torch.no_grad():
+        hidden = ours.forward_hidden(torch.cat(rows)[None], position_ids=torch.cat(positions, dim=1)[:, None],
+                                     packed=packed, visions=visions).hidden_states[0]
+        alone = [ours.forward_hidden(r[None], **our_inputs(a, i)).hidden_states[0]
+                 for r, (_, a, i) in zip(rows, prompts)]
+    torch.testing.assert_close(hidden, torch.cat(alone), atol=TOLERANCE, rtol=0)
 
 
 def test_audio_token_count_is_the_processors(models):
