@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gspo_engine.model import fla_backend
 from gspo_engine.model.fla_backend import chunk_gated_delta_rule as fla_chunk_gated_delta_rule
 
 DEFAULT_CHUNK_SIZE = 64
@@ -56,11 +57,15 @@ def gated_delta_rule(
     qk_l2norm: bool = False,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The chunked rule on the inputs' device: flash-linear-attention's kernels on CUDA, ours elsewhere.
+    """The chunked rule on the inputs' device: flash-linear-attention's kernels on CUDA, ours elsewhere
+    (and on CUDA where fla would refuse the backward a training call needs: fla_backend.use_for).
 
     backend "fla" or "torch" forces one (tests compare them on the same CUDA inputs).
     """
-    backend = backend or ("fla" if q.is_cuda else "torch")
+    if backend is None:
+        needs_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (q, k, v, g, beta, initial_state) if t is not None)
+        backend = "fla" if q.is_cuda and fla_backend.use_for(needs_grad) else "torch"
     if backend == "fla":
         return fla_chunk_gated_delta_rule(
             q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
