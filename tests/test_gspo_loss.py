@@ -397,3 +397,24 @@ def test_forcing_triton_on_cpu_tensors_without_the_interpreter_says_what_to_do(m
     logps = torch.zeros(2, 3)
     with gk.use_backend("triton"), pytest.raises(ValueError, match="runs CUDA tensors.*TRITON_INTERPRET=1"):
         gk.gspo_loss(logps, logps, torch.zeros(2), torch.ones(2, 3))
+
+
+def test_backward_fills_no_zero_gradients_for_the_metrics():
+    """Each zero tensor autograd would materialise for the five metrics is one more kernel launch on a GPU."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountFills(TorchDispatchMode):
+        fills = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.fill_, torch.ops.aten.zero_, torch.ops.aten.zeros):
+                CountFills.fills += 1
+            return func(*args, **(kwargs or {}))
+
+    logps, old_logps, advantages, mask, _ = make_inputs(13)
+    logps.requires_grad_()
+    loss, _ = gk.gspo_loss(logps, old_logps, advantages, mask)
+    with CountFills():
+        loss.backward()
+    # the PyTorch path's own 0-dim zero (aten.zeros, then its fill); none for the metrics
+    assert CountFills.fills <= 2 and logps.grad is not None
