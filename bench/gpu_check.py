@@ -75,11 +75,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--families", default=",".join(FAMILIES), type=lambda text: text.split(","),
                         help=f"Comma-separated benchmark families (default: {','.join(FAMILIES)}).")
     parser.add_argument("--rounds", type=int, default=10, help="Timed calls per case, at most.")
-    parser.add_argument("--budget-s", type=float, default=420, help="Time for the whole check; stages share it.")
+    parser.add_argument("--budget-s", type=float, default=540, help="Time for the whole check; stages share it.")
     parser.add_argument("--compile-timeout-s", type=float, default=120,
                         help="At most this much for compiling every kernel for the card (gspo_kernels.compile_check).")
-    parser.add_argument("--tests-timeout-s", type=float, default=120, help="At most this much for the kernel tests.")
-    parser.add_argument("--train-timeout-s", type=float, default=90,
+    parser.add_argument("--tests-timeout-s", type=float, default=240, help="At most this much for the kernel tests.")
+    parser.add_argument("--train-timeout-s", type=float, default=150,
                         help=f"At most this much for training {TRAIN_CONFIG} on the GPU.")
     parser.add_argument("--skip-tests", action="store_true", help="Only the benchmarks.")
     parser.add_argument("--skip-compile-check", action="store_true",
@@ -172,9 +172,17 @@ def compile_check(out: pathlib.Path, timeout_s: float) -> dict:
             "summary": summary}
 
 
+def failed_tests(pytest_output: str) -> list[str]:
+    """The node ids of pytest's short summary (-rfE): its FAILED and ERROR lines."""
+    return [line.split()[1] for line in pytest_output.splitlines()
+            if line.startswith(("FAILED ", "ERROR ")) and len(line.split()) > 1]
+
+
 def kernel_tests(out: pathlib.Path, timeout_s: float) -> dict:
     tests = [path for path in KERNEL_TESTS if pathlib.Path(path.split("::")[0]).exists()]
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
+    # -rfE --tb=line: one line per failure and its name in the summary; --durations: where the time went
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "--tb=line", "--durations=15",
+               *tests]
     if importlib.util.find_spec("xdist") is not None:
         # some 235 tests, most of them compiling Triton kernels: compilation is CPU work, spread it
         command += ["-n", str(TEST_WORKERS)]
@@ -182,6 +190,9 @@ def kernel_tests(out: pathlib.Path, timeout_s: float) -> dict:
         return {"status": "not run", "command": shlex.join(command), "seconds": None, "summary": "no GPU"}
     status, output, seconds = run_stage("kernel tests on CUDA", command, timeout_s, out / "logs" / "tests.log")
     summary = output.strip().splitlines()[-1] if output.strip() else "no output"
+    failed = failed_tests(output)
+    if failed:
+        summary += "; failed: " + ", ".join(failed)
     if status == "timed out":
         summary = f"timed out after {timeout_s:.0f} s; {summary}"
     return {"status": "passed" if status == "ok" else "failed", "command": shlex.join(command), "seconds": seconds,
@@ -338,8 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.skip_tests:
         stage_done("tests", {"status": "not run", "command": None, "seconds": None, "summary": "--skip-tests"})
     else:
-        stage_done("tests", kernel_tests(out, min(args.tests_timeout_s, (deadline - time.perf_counter()) / 3)))
-    stage_done("training", tiny_training(out, min(args.train_timeout_s, (deadline - time.perf_counter()) / 4)))
+        stage_done("tests", kernel_tests(out, min(args.tests_timeout_s, (deadline - time.perf_counter()) / 2)))
+    stage_done("training", tiny_training(out, min(args.train_timeout_s, (deadline - time.perf_counter()) / 3)))
     for index, family in enumerate(args.families):
         if not gpu:
             results["rows"] += not_run_rows(family, "no GPU")

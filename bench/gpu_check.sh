@@ -3,8 +3,12 @@
 # architecture (gspo_kernels.compile_check, so that a kernel which cannot build or fit there is told
 # apart from one that computes wrong), kernel tests on CUDA, the tiny default trained on the GPU,
 # every benchmark family at its target shapes, results.json and a markdown table (bench/gpu_check.py
-# documents both). Runs from the source tree (nothing is installed there); without the compile
-# stage it took 5.5 minutes on an H200 (bench/RESULTS.md).
+# documents both). Runs from the source tree (nothing is installed there). The stages share a budget of
+# 9 minutes (--budget-s 540): give the device call a limit of about 590 s. On an H200 the kernel tests
+# took over 3 minutes (fla-core's autotuning, compiled FlexAttention, CUDA graphs) and the tiny
+# training 75 s; the ahead-of-time compile stage adds about a minute on 16 cores and repeats what CI's
+# compile check and the kernel tests already show, so --skip-compile-check saves it (bench/RESULTS.md).
+# The machine stays warm only 30 s after a call: have the rerun of what may fail ready before calling.
 # Results land in $OUT when set (the device tool's folder), else bench/out/. On a machine without
 # a GPU it measures nothing, marks every GPU row "not run" and exits 0.
 #

@@ -194,3 +194,11 @@ def test_every_fused_linear_step_runs_again(name):
     step()
     step()
     assert inputs["hidden"].grad is not None and torch.isfinite(inputs["hidden"].grad).all()
+
+
+def test_failed_tests_are_named_from_pytest_s_short_summary():
+    output = ("....F.E\n=== short test summary info ===\n"
+              "FAILED tests/test_a.py::test_one[bf16] - AssertionError: x\n"
+              "ERROR tests/test_b.py::test_two - RuntimeError\nFAILED\n2 failed, 5 passed in 3.1s\n")
+    assert gpu_check.failed_tests(output) == ["tests/test_a.py::test_one[bf16]", "tests/test_b.py::test_two"]
+    assert gpu_check.failed_tests("....\n4 passed in 1s\n") == []
