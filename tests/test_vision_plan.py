@@ -173,3 +173,15 @@ def test_estimate_against_measured_peaks_with_the_tower_frozen_and_trained(tmp_p
         peaks[frozen] = measured["training"], estimated["training"]
     measured_extra, estimated_extra = (peaks[False][i] - peaks[True][i] for i in (0, 1))
     assert estimated_extra == pytest.approx(measured_extra, rel=0.3)
+
+
+def test_the_omni_audio_encoder_is_planned_frozen():
+    """Qwen3-Omni's audio encoder never trains: no gradients or AdamW states in the plan, as in the configured model."""
+    config = load_config(CONFIGS / "tiny-omni.yaml")
+    model = configure(build_model(tiny_model_args("tiny-omni")), config, Path("."))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    audio = sum(p.numel() for p in model.audio_tower.parameters())
+    plan = make_plan(config)
+    assert audio > 0 and model_sizes(model).audio_tower == audio
+    assert plan.trainable_params == trained
+    assert plan.memory.states.gradients == 4 * trained and plan.memory.states.optimizer == 8 * trained

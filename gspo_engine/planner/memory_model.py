@@ -51,6 +51,7 @@ class ModelSizes:
     block_experts: tuple[int, ...] = ()  # per decoder block: its grouped expert tensors (0 for a dense block)
     tower: int = 0  # the vision tower's parameters (with its mergers)
     tower_units: tuple[int, ...] = ()  # its FSDP2 units (model.vision.tower_parts): blocks, mergers, the embeddings
+    audio_tower: int = 0  # the audio encoder's (Qwen3-Omni), always frozen (build_models.configure)
 
     @property
     def largest_block(self) -> int:
@@ -65,8 +66,10 @@ def model_sizes(model: Qwen3Model, frozen_tower: bool = False) -> ModelSizes:
     """frozen_tower: autocast caches bf16 copies of trained weights only, so a frozen tower's linears have none."""
     args = model.args
     experts = sum(p.numel() for name, p in model.named_parameters() if name.endswith(("gate_up", "down")))
-    visual = getattr(model, "visual", None)
+    visual, audio = getattr(model, "visual", None), getattr(model, "audio_tower", None)
     skipped = set(visual.modules()) if visual is not None and frozen_tower else set()
+    if audio is not None:
+        skipped |= set(audio.modules())
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear) and m not in skipped)
     if args.tie_word_embeddings:
         matmul += args.vocab_size * args.hidden_size  # the embedding, cast for the lm_head matmul
@@ -85,6 +88,7 @@ def model_sizes(model: Qwen3Model, frozen_tower: bool = False) -> ModelSizes:
                             for block in model.layers),
         tower=sum(units),
         tower_units=tuple(units),
+        audio_tower=sum(p.numel() for p in audio.parameters()) if audio is not None else 0,
     )
 
 
@@ -100,7 +104,7 @@ def fsdp_sizes(sizes: ModelSizes, ep: int) -> ModelSizes:
         return sizes
     experts = sizes.block_experts or (0,) * len(sizes.blocks)
     return ModelSizes(sizes.total - sizes.all_experts, tuple(b - e for b, e in zip(sizes.blocks, experts)),
-                      sizes.matmul, 0, 0, (0,) * len(sizes.blocks), sizes.tower, sizes.tower_units)
+                      sizes.matmul, 0, 0, (0,) * len(sizes.blocks), sizes.tower, sizes.tower_units, sizes.audio_tower)
 
 
 def local_expert_casts(sizes: ModelSizes, compute: Compute, ep: int, saved: bool) -> float:

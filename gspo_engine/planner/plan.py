@@ -33,7 +33,8 @@ def make_plan(config: Config, gpus: int = 1, gpu_memory_gb: float = 80.0, device
     sizes = model_sizes(model, frozen_tower)
     if not config.lora.rank:
         # fp32 weights (4 B) + fp32 gradients (4 B) + AdamW exp_avg and exp_avg_sq (8 B) per trained parameter.
-        trainable = total - (sizes.tower if frozen_tower else 0)
+        # Qwen3-Omni's audio encoder never trains (build_models.configure).
+        trainable = total - (sizes.tower if frozen_tower else 0) - sizes.audio_tower
         memory = memory_plan(config, args, sizes, trainable, cluster)
         return Plan(source, args.architecture, total, active, tokens, per_minibatch,
                     (total * 4 + trainable * 12) / GIB, trainable, memory=memory)
@@ -41,7 +42,7 @@ def make_plan(config: Config, gpus: int = 1, gpu_memory_gb: float = 80.0, device
     # the base is stored, not trained.
     adapters = adapter_parameter_count(model, config.lora)
     sizes = ModelSizes(total + adapters, sizes.blocks, sizes.matmul, sizes.layer_experts, sizes.all_experts,
-                       sizes.block_experts, sizes.tower, sizes.tower_units)
+                       sizes.block_experts, sizes.tower, sizes.tower_units, sizes.audio_tower)
     base_bytes = 2 if config.lora.base_bf16 else 4
     memory = memory_plan(config, args, sizes, adapters, cluster)
     return Plan(source, args.architecture, total + adapters, active, tokens, per_minibatch,
