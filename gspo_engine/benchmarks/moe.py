@@ -4,6 +4,10 @@ Implementations: "gspo_kernels" (Triton on a GPU, the grouped PyTorch path elsew
 "transformers-grouped_mm" and "transformers-eager" (Qwen3MoeExperts with that experts
 implementation) and "reference" (the per-expert loop of gspo_kernels.reference). FLOPs below
 count the experts' three GEMMs.
+
+Each shape also has a routing case: the router's linear, softmax and top-k (gk.moe_route against
+gspo_kernels.reference's), forward + backward, in tokens/s; its median beside the experts' median of
+the same shape tells the routing's share of the layer.
 """
 
 from __future__ import annotations
@@ -99,6 +103,24 @@ def forward_backward_step(layer, implementation):
     return step
 
 
+ROUTING_IMPLEMENTATIONS = ("reference", "gspo_kernels")
+
+
+def routing_step(tokens, experts, top_k, hidden, device, dtype, implementation, seed=0):
+    """Router linear -> softmax -> top-k (renormalised), forward + backward into the hidden states and the router."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(tokens, hidden, generator=gen, device=device).to(dtype).requires_grad_()
+    router = (torch.randn(experts, hidden, generator=gen, device=device) / math.sqrt(hidden)).to(dtype).requires_grad_()
+    grad_weights = torch.randn(tokens, top_k, generator=gen, device=device)
+    route = reference.moe_route_reference if implementation == "reference" else gk.moe_route
+
+    def step():
+        weights, _ = route(x @ router.T, top_k, norm_topk_prob=True)
+        weights.backward(grad_weights.to(weights.dtype))
+
+    return step
+
+
 def saved_for_backward_mib(forward, inputs) -> float:
     """Activation memory: what autograd keeps from the forward pass for backward, inputs and weights aside."""
     skip = {tensor.untyped_storage().data_ptr() for tensor in inputs}
@@ -134,6 +156,15 @@ def cases(device: torch.device, scale: str) -> list[Case]:
             work=experts_flops(tokens, top_k, hidden, intermediate),
             builders={name: builder(name) for name in names},
             skipped=skipped,
+            max_rounds=10 if device.type == "cuda" else 3,
+        ))
+        result.append(Case(
+            kernel="moe",
+            name=f"{label} routing E={experts} k={top_k} H={hidden} {str(dtype).removeprefix('torch.')}",
+            unit="tokens/s",
+            work=tokens,
+            builders={name: (lambda name=name, shape=(tokens, experts, top_k, hidden):
+                             routing_step(*shape, device, dtype, name)) for name in ROUTING_IMPLEMENTATIONS},
             max_rounds=10 if device.type == "cuda" else 3,
         ))
     return result
