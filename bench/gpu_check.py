@@ -60,7 +60,9 @@ KERNEL_TESTS = ["tests/test_gspo_loss.py", "tests/test_fused_linear.py", "tests/
                 # flash-linear-attention (fla-core, carried as a wheel) against our PyTorch path and transformers
                 "tests/test_qwen3_next_cuda.py",
                 # packed micro-batches' attention: compiled FlexAttention (and flash-attn varlen where installed)
-                "tests/test_packing_cuda.py"]
+                "tests/test_packing_cuda.py",
+                # the trainer's AdamW, fused on CUDA, against the foreach one
+                "tests/test_optim.py"]
 TOP_KEYS = ("schema_version", "date", "commit", "command", "environment", "ceilings", "compile_check", "tests",
             "training", "rows", "seconds")
 TRAIN_CONFIG = "configs/tiny-moe.yaml"

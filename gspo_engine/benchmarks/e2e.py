@@ -141,7 +141,9 @@ def update_step(implementation: str, model: dict, batch: int, length: int, devic
             logps = selective_log_softmax(net(input_ids=inputs, use_cache=False).logits, targets)
             return reference.gspo_loss_reference(logps, logps.detach(), advantages, mask, level="sequence")[0]
 
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-6)
+    # Fused on CUDA for both: our trainer's AdamW (gspo_engine.optim) and transformers' Trainer default
+    # (adamw_torch_fused on torch >= 2.8), which TRL's GRPOTrainer inherits.
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-6, fused=device.type == "cuda" or None)
 
     def step():
         loss().backward()

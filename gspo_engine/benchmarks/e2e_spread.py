@@ -78,7 +78,7 @@ def engine_step(packing: bool, model: dict, samples: list[Sample], budget: int, 
                           packing=packing)
     score_samples(context, net, samples, "old_logps")
     gspo = GSPOConfig(num_minibatches=1, micro_batch_tokens=budget, packing=packing)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-6, fused=device.type == "cuda" or None)  # as e2e.update_step
     update = PolicyUpdate(context, net, optimizer, gspo, max_grad_norm=1.0, routing_replay=False,
                           max_consecutive_skips=2**31)
 
@@ -90,7 +90,7 @@ def engine_step(packing: bool, model: dict, samples: list[Sample], budget: int, 
 
 def transformers_step(model: dict, samples: list[Sample], budget: int, device: torch.device, dtype):
     net = transformers_model(model, device, dtype)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-6, fused=device.type == "cuda" or None)
     micro_batches = [collate(micro, 0, device) for micro in split_micro_batches(samples, budget)]
     valid = sum(1 for s in samples if s.completion_ids)
 
