@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -47,17 +48,62 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _launcher(ranks: int | None) -> list[str]:
+    """Plain Python (ranks None), or torchrun with `ranks` processes, standalone: a free port of its own."""
+    launcher = [sys.executable]
+    if ranks is not None:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    return launcher
+
+
 def train(config: Path, output: Path, ranks: int | None, *extra: str) -> subprocess.CompletedProcess:
     """`gspo-engine train` in a fresh process: plain (ranks None) or under torchrun with `ranks` processes."""
-    launcher = [sys.executable]
-    if ranks is not None:  # torchrun, standalone: a free port of its own on this machine
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
-    command = [*launcher, "-m", "gspo_engine", "train", str(config), "--set", f"output_dir={output}", *extra]
+    command = [*_launcher(ranks), "-m", "gspo_engine", "train", *train_args(config, output, *extra)]
     return subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S)
 
 
+def train_args(config: Path, output: Path, *extra: str) -> list[str]:
+    return ["train", str(config), "--set", f"output_dir={output}", *extra]
+
+
+# ranks (None: plain); by name, gspo-engine's arguments or {"module": a rank script of tests/, "args": its main's};
+# the folder for the logs.
+Launch = tuple[int | None, dict[str, list[str] | dict], Path]
+
+
+def run_together(*launches: Launch) -> list[dict[str, subprocess.CompletedProcess]]:
+    """Each launch runs its commands one after another in one process, or in one torchrun process group
+    (tests/run_commands.py); the launches run side by side. Every command's exit status and output
+    (all ranks' joined) by name, as a process of its own would give them."""
+    started = []
+    for ranks, commands, logs in launches:
+        logs.mkdir(parents=True, exist_ok=True)
+        spec = {"folder": str(logs), "commands": [{"name": name, **(args if isinstance(args, dict) else {"args": args})}
+                                                  for name, args in commands.items()]}
+        (logs / "commands.json").write_text(json.dumps(spec))
+        started.append(subprocess.Popen([*_launcher(ranks), str(ROOT / "tests" / "run_commands.py"),
+                                         str(logs / "commands.json")], cwd=ROOT, env=_env(), text=True,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True))
+    out = []
+    for process, (ranks, commands, logs) in zip(started, launches):
+        try:
+            stdout, stderr = process.communicate(timeout=TIMEOUT_S * len(commands))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # torchrun and its ranks
+            stdout, stderr = process.communicate()
+        assert process.returncode == 0, f"launch of {list(commands)}: " + stdout[-3000:] + stderr[-6000:]
+        results = {}
+        for name, args in commands.items():
+            logs_of_ranks = [json.loads((logs / f"{name}.rank{rank}.json").read_text()) for rank in range(ranks or 1)]
+            code = next((log["returncode"] for log in logs_of_ranks if log["returncode"]), 0)
+            results[name] = subprocess.CompletedProcess(args, code, "".join(log["stdout"] for log in logs_of_ranks),
+                                                        "".join(log["stderr"] for log in logs_of_ranks))
+        out.append(results)
+    return out
+
+
 def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert result.returncode == 0, f"{result.args}: " + result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
 
@@ -89,14 +135,32 @@ def resume_from(checkpoint: Path, run: Path) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """One process, one rank and two ranks under torchrun train the same 2 steps; then their checkpoints
+    resume across those layouts and export. Runs that need the same number of processes share a launch."""
     base = tmp_path_factory.mktemp("distributed")
     config = base / "config.yaml"
     config.write_text(yaml.safe_dump(SETTINGS))
-    out = {"config": config, "base": base}
-    out["single"] = base / "single"
-    ok(train(config, out["single"], None))
-    out["two"] = base / "two"
-    out["two_log"] = ok(train(config, out["two"], 2))
+    out = {name: base / name for name in ("single", "one", "two", "resumed_from_two", "resumed_from_one",
+                                          "from_single", "hf")}
+    out["config"] = config
+    single, one, two = run_together(
+        (None, {"single": train_args(config, out["single"])}, base / "logs_plain"),
+        (1, {"one": train_args(config, out["one"])}, base / "logs_one"),
+        (2, {"two": train_args(config, out["two"])}, base / "logs_two"),
+    )
+    ok(single["single"]), ok(one["one"])
+    out["two_log"] = ok(two["two"])
+    resume_from(out["two"] / "checkpoint-1", out["resumed_from_two"])
+    resume_from(out["one"] / "checkpoint-1", out["resumed_from_one"])
+    resume_from(out["single"] / "checkpoint-1", out["from_single"])
+    plain, two_ranks = run_together(
+        (None, {"resumed_from_two": train_args(config, out["resumed_from_two"], "--resume"),
+                "export": ["export", str(out["two"] / "checkpoint-1"), "--output", str(out["hf"])]},
+         base / "logs_plain_after"),
+        (2, {"resumed_from_one": train_args(config, out["resumed_from_one"], "--resume"),
+             "from_single": train_args(config, out["from_single"], "--resume")}, base / "logs_two_after"),
+    )
+    out["logs"] = plain | two_ranks
     return out
 
 
@@ -126,34 +190,26 @@ def test_distributed_checkpoints_are_sharded_and_the_final_model_loads_in_transf
     torch.testing.assert_close(model.model.embed_tokens.weight.detach(), final["model.embed_tokens.weight"])
 
 
-def test_a_two_rank_checkpoint_resumes_on_one_process(runs, tmp_path):
-    run = tmp_path / "resumed"
-    resume_from(runs["two"] / "checkpoint-1", run)
-    result = ok(train(runs["config"], run, None, "--resume"))
+def test_a_two_rank_checkpoint_resumes_on_one_process(runs):
+    run = runs["resumed_from_two"]
+    result = ok(runs["logs"]["resumed_from_two"])
     assert "resumed from" in result.stdout and "at step 1" in result.stdout
     assert_same_weights(runs["single"] / "final", run / "final")
     assert metrics(run)[-1]["loss"] == pytest.approx(metrics(runs["single"])[-1]["loss"], rel=1e-5, abs=1e-7)
 
 
-def test_a_one_rank_checkpoint_resumes_on_two_ranks(runs, tmp_path):
-    one = tmp_path / "one"
-    ok(train(runs["config"], one, 1))
-    assert is_sharded_checkpoint(one / "checkpoint-1")
-    run = tmp_path / "resumed"
-    resume_from(one / "checkpoint-1", run)
-    ok(train(runs["config"], run, 2, "--resume"))
-    assert_same_weights(runs["single"] / "final", run / "final")
+def test_a_one_rank_checkpoint_resumes_on_two_ranks(runs):
+    assert is_sharded_checkpoint(runs["one"] / "checkpoint-1")
+    result = ok(runs["logs"]["resumed_from_one"])
+    assert "resumed from" in result.stdout and "at step 1" in result.stdout
+    assert_same_weights(runs["single"] / "final", runs["resumed_from_one"] / "final")
 
 
-def test_export_of_a_sharded_checkpoint_loads_in_transformers(runs, tmp_path):
+def test_export_of_a_sharded_checkpoint_loads_in_transformers(runs):
     from transformers import AutoModelForCausalLM
 
-    out = tmp_path / "hf"
-    result = subprocess.run(
-        [sys.executable, "-m", "gspo_engine", "export", str(runs["two"] / "checkpoint-1"), "--output", str(out)],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
-    )
-    ok(result)
+    ok(runs["logs"]["export"])
+    out = runs["hf"]
     assert_same_weights(runs["single"] / "checkpoint-1", out)
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = torch.tensor([[1, 2, 3, 4]])
@@ -164,39 +220,44 @@ def test_export_of_a_sharded_checkpoint_loads_in_transformers(runs, tmp_path):
         torch.testing.assert_close(model(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
 
 
-def test_a_single_process_checkpoint_is_refused_under_torchrun_with_a_clear_error(runs, tmp_path):
-    run = tmp_path / "from_single"
-    resume_from(runs["single"] / "checkpoint-1", run)
-    result = train(runs["config"], run, 2, "--resume")
+def test_a_single_process_checkpoint_is_refused_under_torchrun_with_a_clear_error(runs):
+    result = runs["logs"]["from_single"]
     assert result.returncode != 0
     assert "written by a single-process run" in result.stdout + result.stderr
+    assert not (runs["from_single"] / "final").exists()
 
 
-@pytest.mark.parametrize("fault, message", [
-    ("die_on_rank_one", "exitcode"),
-    ("hang_on_rank_one", "stopped answering"),
-])
-def test_a_rank_that_dies_or_hangs_fails_the_run_and_keeps_the_last_checkpoint(runs, tmp_path, fault, message):
-    config = tmp_path / "faulty.yaml"
-    config.write_text(yaml.safe_dump(SETTINGS | {
-        "rewards": [{"function": f"rank_faults:{fault}"}],
-        "train": {"steps": 3, "cpu_threads": 1},
-        "distributed": {"timeout_s": 15},
-    }))
-    run = tmp_path / "run"
-    start = time.monotonic()
-    result = train(config, run, 2)
-    elapsed = time.monotonic() - start
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert message in output, output[-4000:]
-    assert elapsed < 120
-    assert (run / "checkpoint-1").is_dir() and not (run / "checkpoint-2").exists()
-    # The last checkpoint loads: exported whole and read back.
+FAULTS = [("die_on_rank_one", "exitcode"), ("hang_on_rank_one", "stopped answering")]
+
+
+def test_a_rank_that_dies_or_hangs_fails_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    """Both faults at once, each in a launch of its own (the hung run mostly waits for its timeout)."""
     from gspo_engine.export import load_sharded_model
 
-    model = load_sharded_model(run / "checkpoint-1")
-    assert all(torch.isfinite(p).all() for p in model.parameters())
+    started = {}
+    for fault, _ in FAULTS:
+        config = tmp_path / f"{fault}.yaml"
+        config.write_text(yaml.safe_dump(SETTINGS | {
+            "rewards": [{"function": f"rank_faults:{fault}"}],
+            "train": {"steps": 3, "cpu_threads": 1},
+            "distributed": {"timeout_s": 15},
+        }))
+        command = [*_launcher(2), "-m", "gspo_engine", *train_args(config, tmp_path / fault)]
+        started[fault] = (time.monotonic(), subprocess.Popen(command, cwd=ROOT, env=_env(), text=True,
+                                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    for fault, message in FAULTS:
+        start, process = started[fault]
+        stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+        elapsed = time.monotonic() - start
+        output = stdout + stderr
+        assert process.returncode != 0, fault
+        assert message in output, f"{fault}: " + output[-4000:]
+        assert elapsed < 120, fault
+        run = tmp_path / fault
+        assert (run / "checkpoint-1").is_dir() and not (run / "checkpoint-2").exists(), fault
+        # The last checkpoint loads: exported whole and read back.
+        model = load_sharded_model(run / "checkpoint-1")
+        assert all(torch.isfinite(p).all() for p in model.parameters()), fault
 
 
 def test_the_split_across_ranks_is_checked():
