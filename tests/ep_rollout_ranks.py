@@ -1,7 +1,8 @@
 """Run by tests/test_expert_parallel_training.py under torchrun (gloo): the ranks split the experts of a MoE
 checkpoint (distributed.expert_parallel = world size) and FSDP2 shards the rest, as the trainer does; each
 rank generates an uneven share of the prompts (so the ranks finish after different numbers of forwards),
-joins its peers' exchanges until they all finish, and rank 0 writes every rank's completions.
+joins its peers' exchanges until they all finish, and rank 0 writes every rank's completions. Also run
+from tests/run_commands.py, in a process group that other runs of the launch share.
 
     torchrun --nproc_per_node N tests/ep_rollout_ranks.py CHECKPOINT PROMPTS.json OUT.pt
 """
@@ -19,7 +20,9 @@ from gspo_engine.distributed.runtime import Runtime
 
 
 def main(checkpoint: str, prompts_file: str, out_file: str) -> None:
-    dist.init_process_group("gloo")
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     spec = json.loads(open(prompts_file).read())
@@ -38,7 +41,8 @@ def main(checkpoint: str, prompts_file: str, out_file: str) -> None:
                                     "forwards": out.decode_steps, "idle_forwards": idle_forwards})
     if rank == 0:
         torch.save(shares, out_file)
-    dist.destroy_process_group()
+    if own_group:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
