@@ -45,7 +45,8 @@ setup(
     ],
     extras_require={
         # liger-kernel: the parity test against its sequence-level GRPO loss runs in CI too.
-        "test": ["pytest>=7", "pytest-benchmark>=4", "liger-kernel", "trl"],
+        # scipy: the Qwen3-Omni tests write and read WAV files (the omni extra's reader).
+        "test": ["pytest>=7", "pytest-benchmark>=4", "liger-kernel", "trl", "scipy"],
         "bench": ["pytest-benchmark>=4", "liger-kernel"],
         # flash-linear-attention's kernels for the Gated DeltaNet layers of Qwen3-Next / Qwen3.5 on CUDA
         # (gspo_engine/model/fla_backend.py, checked against 0.6.0); CPUs run our PyTorch path without it.
