@@ -78,19 +78,24 @@ def run_together(*launches: Launch) -> list[dict[str, subprocess.CompletedProces
     started = []
     for ranks, commands, logs in launches:
         logs.mkdir(parents=True, exist_ok=True)
-        spec = {"folder": str(logs), "commands": [{"name": name, **(args if isinstance(args, dict) else {"args": args})}
-                                                  for name, args in commands.items()]}
+        spec = {"folder": str(logs), "timeout_s": TIMEOUT_S,
+                "commands": [{"name": name, **(args if isinstance(args, dict) else {"args": args})}
+                             for name, args in commands.items()]}
         (logs / "commands.json").write_text(json.dumps(spec))
         started.append(subprocess.Popen([*_launcher(ranks), str(ROOT / "tests" / "run_commands.py"),
                                          str(logs / "commands.json")], cwd=ROOT, env=_env(), text=True,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True))
     out = []
     for process, (ranks, commands, logs) in zip(started, launches):
-        try:
-            stdout, stderr = process.communicate(timeout=TIMEOUT_S * len(commands))
+        try:  # a command that hangs ends its launch after TIMEOUT_S; this is the launch's own bound
+            stdout, stderr = process.communicate(timeout=TIMEOUT_S * len(commands) + 60)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # torchrun and its ranks
-            stdout, stderr = process.communicate()
+            process.terminate()  # torchrun stops its ranks, which run in sessions of their own
+            try:
+                stdout, stderr = process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                stdout, stderr = process.communicate()
         assert process.returncode == 0, f"launch of {list(commands)}: " + stdout[-3000:] + stderr[-6000:]
         results = {}
         for name, args in commands.items():
