@@ -1,5 +1,6 @@
 """Run by tests/test_decoding.py under torchrun (gloo): each rank generates its share of the prompts, rows
-rank, rank + N, ..., under a KV cache budget of 3 sequences, and rank 0 writes every rank's completions.
+rank, rank + N, ..., under a KV cache budget of 3 sequences, and rank 0 writes every rank's completions. Also
+run from tests/run_commands.py, in a process group that other runs of the launch share.
 
     torchrun --nproc_per_node 2 tests/rollout_ranks.py CHECKPOINT PROMPTS.json OUT.pt TEMPERATURE EOS
 """
@@ -15,7 +16,9 @@ from gspo_engine.model.kv_cache import slot_bytes
 
 
 def main(checkpoint: str, prompts_file: str, out_file: str, temperature: float, eos: int) -> None:
-    dist.init_process_group("gloo")
+    own_group = not dist.is_initialized()
+    if own_group:
+        dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     model = load_pretrained(checkpoint)
@@ -32,7 +35,8 @@ def main(checkpoint: str, prompts_file: str, out_file: str, temperature: float, 
     dist.all_gather_object(shares, {"rows": rows, "tokens": out.tokens, "logps": [l.tolist() for l in out.logps]})
     if rank == 0:
         torch.save(shares, out_file)
-    dist.destroy_process_group()
+    if own_group:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

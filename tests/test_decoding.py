@@ -3,6 +3,7 @@ the shapes a CUDA graph runs (checked eagerly here), and on CUDA the captured de
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -222,40 +223,38 @@ def test_routed_experts_is_moe_experts_without_the_range_check():
         gk.moe_experts(x, experts + 5, weights, gate_up, down)
 
 
-@pytest.mark.slow
-def test_two_ranks_under_a_budget_draw_what_one_unbounded_process_draws(model, tmp_path):
-    # Greedy on the dense model, sampled on the MoE one: one torchrun launch each (every pairing of
-    # the two runs in one process in test_completions_do_not_depend_on_the_budget).
-    temperature = 0.9 if model.args.is_moe else 0.0
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
+@pytest.fixture(scope="module")
+def rollouts_on_two_ranks(tmp_path_factory):
+    """Greedy on the dense model, sampled on the MoE one (every pairing of the two runs in one process in
+    test_completions_do_not_depend_on_the_budget): both in one torchrun launch of 2 ranks, each rank drawing
+    its share under a budget, beside what one unbounded process draws for every prompt."""
+    from test_distributed import run_together
 
-    root = Path(__file__).resolve().parents[1]
+    base = tmp_path_factory.mktemp("rollout_ranks")
     prompts = make_prompts()
-    checkpoint = tmp_path / "checkpoint"
-    from gspo_engine.hf_checkpoint import save_pretrained
+    (base / "prompts.json").write_text(json.dumps({"prompts": prompts, "max_new_tokens": MAX_NEW, "seed": 4}))
+    commands, singles = {}, {}
+    for name, temperature in (("dense", 0.0), ("moe", 0.9)):
+        checkpoint = save_hf_model(build_hf_model(**MODELS[name]), base / name)
+        model = load_pretrained(checkpoint)
+        free_run = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=temperature, seed=4,
+                            sample_ids=list(range(len(prompts))))
+        eos = an_eos_mid_way(free_run.tokens)
+        singles[name] = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=temperature, seed=4,
+                                 sample_ids=list(range(len(prompts))), eos_token_id=eos)
+        commands[name] = {"module": "rollout_ranks",
+                          "args": [str(checkpoint), str(base / "prompts.json"), str(base / f"{name}.pt"), temperature, eos]}
+    (logs,) = run_together((2, commands, base / "logs"))
+    return base, logs, singles
 
-    save_pretrained(model, checkpoint)
-    free_run = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=temperature, seed=4,
-                        sample_ids=list(range(len(prompts))))
-    eos = an_eos_mid_way(free_run.tokens)
-    single = generate(model, prompts, max_new_tokens=MAX_NEW, temperature=temperature, seed=4,
-                      sample_ids=list(range(len(prompts))), eos_token_id=eos)
-    (tmp_path / "prompts.json").write_text(json.dumps({"prompts": prompts, "max_new_tokens": MAX_NEW, "seed": 4}))
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(root / "tests" / "rollout_ranks.py"), str(checkpoint), str(tmp_path / "prompts.json"),
-         str(tmp_path / "out.pt"), str(temperature), str(eos)],
-        cwd=root, env=env, capture_output=True, text=True, timeout=240,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    shares = torch.load(tmp_path / "out.pt")
-    assert sorted(row for share in shares for row in share["rows"]) == list(range(len(prompts)))
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_two_ranks_under_a_budget_draw_what_one_unbounded_process_draws(rollouts_on_two_ranks, name):
+    base, logs, singles = rollouts_on_two_ranks
+    assert logs[name].returncode == 0, logs[name].stdout[-3000:] + logs[name].stderr[-3000:]
+    shares, single = torch.load(base / f"{name}.pt"), singles[name]
+    assert sorted(row for share in shares for row in share["rows"]) == list(range(len(single.tokens)))
     for share in shares:
         for row, tokens, logps in zip(share["rows"], share["tokens"], share["logps"]):
             assert tokens == single.tokens[row]
