@@ -252,7 +252,9 @@ def test_fused_loss_is_exactly_gspo_loss_of_token_logprobs():
             assert all(torch.allclose(metrics[k], chained_metrics[k], rtol=1e-6, atol=1e-7) for k in metrics)
 
 
-@pytest.mark.parametrize("tile", [(3, 5), (8192, 8192)], ids=["awkward", "gpu-default"])
+# (3, 5): some thousand tiles of 3 x 5 in the PyTorch loop, 13 s on 2 cores: with the slow tests.
+@pytest.mark.parametrize("tile", [pytest.param((3, 5), marks=pytest.mark.slow), (8192, 8192)],
+                         ids=["awkward", "gpu-default"])
 def test_tile_shape_changes_nothing(monkeypatch, tile):
     from gspo_kernels import fused_linear_stream
 

@@ -280,7 +280,7 @@ def measure_phases(config, monkeypatch) -> dict[str, int]:
         ("tiny-moe", []),
         ("tiny-dense", []),
         ("tiny-dense", ["model.activation_checkpointing=true"]),
-        ("tiny-moe", ["train.precision=bf16-mixed"]),
+        pytest.param("tiny-moe", ["train.precision=bf16-mixed"], marks=pytest.mark.slow),  # 8 s on 2 cores
     ],
     ids=["tiny-moe", "tiny-dense", "tiny-dense-checkpointing", "tiny-moe-bf16-mixed"],
 )
