@@ -12,6 +12,8 @@ frozen original and a trainable copy, and switching the adapters off switches ba
 
 from __future__ import annotations
 
+import re
+
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -41,11 +43,22 @@ def targets_module(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
+# Modules never adapted, whatever lora.targets names: Qwen3-Omni's audio encoder is always frozen (its attention
+# projections share the text layers' names q_proj / k_proj / v_proj and Qwen3-Next's out_proj). A regular
+# expression PEFT matches against whole module names (LoraConfig.exclude_modules).
+NEVER_ADAPTED = r"(.*\.)?audio_tower(\..*)?"
+
+
+def never_adapted(name: str) -> bool:
+    return re.fullmatch(NEVER_ADAPTED, name) is not None
+
+
 def linear_targets(model: Qwen3Model, targets: list[str]) -> list[str]:
     """The targeted nn.Linear names this model has (a dense model has no router, an all-MoE model no dense MLP,
     a text model no vision tower)."""
     # An adapted projection keeps its nn.Linear as `base_layer`.
-    linear = [name.removesuffix(".base_layer") for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    linear = [name.removesuffix(".base_layer") for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and not never_adapted(name)]
     return [target for target in LINEAR_TARGETS
             if target in targets and any(targets_module(name, target) for name in linear)]
 
@@ -73,7 +86,7 @@ def add_lora(model: Qwen3Model, lora: LoraConfig) -> None:
         peft = require_peft()
     if linear:
         config = peft.LoraConfig(r=lora.rank, lora_alpha=lora.scale_alpha, lora_dropout=lora.dropout,
-                                 target_modules=linear, bias="none")
+                                 target_modules=linear, exclude_modules=NEVER_ADAPTED, bias="none")
         peft.inject_adapter_in_model(config, model)
     if adapt_experts:
         args = model.args
@@ -172,7 +185,8 @@ def adapter_parameter_count(model: Qwen3Model, lora: LoraConfig) -> int:
     linear = set(linear_targets(model, lora.targets))
     count = 0
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and any(targets_module(name, target) for target in linear):
+        if (isinstance(module, nn.Linear) and not never_adapted(name)
+                and any(targets_module(name, target) for target in linear)):
             count += lora.rank * (module.in_features + module.out_features)
     if "experts" in lora.targets and model.args.is_moe:
         args = model.args

@@ -112,6 +112,9 @@ def _ties_saved_embedding(model: Qwen3Model) -> bool:
     return model.lm_head is None and any(".modules_to_save." in name for name, _ in named_adapter_parameters(model))
 
 
+OMNI_NOT_ADAPTED = r"(.*\.)?(audio_tower|talker|code2wav)(\..*)?"
+
+
 def _peft_config(model: Qwen3Model, lora: LoraConfig, base_path: str):
     linear = linear_targets(model, lora.targets)
     modules = [name for name in linear if name != "router"]
@@ -129,9 +132,12 @@ def _peft_config(model: Qwen3Model, lora: LoraConfig, base_path: str):
     if "experts" in lora.targets and model.args.is_moe:
         parameters += _EXPERT_PARAMETERS
     saved = saved_module_names(model, lora.modules_to_save)
+    # Loaded onto a full Qwen3-Omni model, target names such as q_proj would also match the audio encoder, the
+    # talker and code2wav, none of which trains.
+    excluded = OMNI_NOT_ADAPTED if getattr(model, "audio_tower", None) is not None else None
     return require_peft().LoraConfig(
         r=lora.rank, lora_alpha=lora.scale_alpha, lora_dropout=0.0 if parameters else lora.dropout,
-        target_modules=modules or None, target_parameters=parameters or None, bias="none",
+        target_modules=modules or None, target_parameters=parameters or None, exclude_modules=excluded, bias="none",
         modules_to_save=saved or None, ensure_weight_tying=bool(saved) and model.lm_head is None,
         task_type="CAUSAL_LM", base_model_name_or_path=base_path,
     )
