@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from gspo_engine.media_places import MediaError, MediaKind, expand_pads, with_places
 from gspo_engine.model.audio import AudioInputs, audio_token_count
 from gspo_engine.model.audio_args import AudioArgs
 
@@ -28,8 +29,11 @@ AUDIO_MARKER = "<audio>"  # where a string prompt puts an audio
 READERS = {".wav": "scipy", ".flac": "soundfile"}
 
 
-class AudioError(ValueError):
+class AudioError(MediaError):
     """An audio that cannot be used, with the dataset row that names it."""
+
+
+AUDIOS = MediaKind("audio", "audios", AUDIO_MARKER, "the audio needs", AudioError)
 
 
 class AudioProcessing:
@@ -48,7 +52,7 @@ class AudioProcessing:
         self.max_seconds = max_seconds
         start, pad, end = tokenizer.convert_ids_to_tokens(
             [audio.audio_start_token_id, audio.audio_token_id, audio.audio_end_token_id])
-        self.placeholder = start + pad + end
+        self.place = start + pad + end  # one audio's place in a string prompt
 
     def open(self, source: Any, where: str, root: Path | None) -> np.ndarray:
         """The waveform `source` names (a path, or {"array", "sampling_rate"}) as mono float32 at the extractor's
@@ -111,41 +115,15 @@ def audio_sources(value: Any, where: str) -> list[Any]:
     raise AudioError(f"{where}: audio must be a path or a list of paths, got {type(value).__name__}")
 
 
-def with_audio_places(prompt: str | list[dict], count: int, placeholder: str, where: str) -> str | list[dict]:
-    """The prompt with `count` audio places: those it marks, or as many put in front of its text."""
-    if isinstance(prompt, str):
-        marked = prompt.count(AUDIO_MARKER)
-        if marked == 0:
-            return placeholder * count + prompt
-        if marked != count:
-            raise AudioError(f"{where}: the prompt marks {marked} {AUDIO_MARKER} places for {count} audios")
-        return prompt.replace(AUDIO_MARKER, placeholder)
-    marked = sum(1 for message in prompt if isinstance(message.get("content"), list)
-                 for part in message["content"] if isinstance(part, dict) and part.get("type") == "audio")
-    if marked == 0:
-        messages = [dict(message) for message in prompt]
-        first_user = next((m for m in messages if m.get("role") == "user"), None)
-        if first_user is None:
-            raise AudioError(f"{where}: the audio needs a user message to go in")
-        content = first_user["content"]
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
-        first_user["content"] = [{"type": "audio"} for _ in range(count)] + parts
-        return messages
-    if marked != count:
-        raise AudioError(f"{where}: the messages hold {marked} audio parts for {count} audios")
-    return prompt
+def with_audio_places(prompt: str | list[dict], count: int, place: str, where: str) -> str | list[dict]:
+    """The prompt with `count` audio places (each `place` in a string prompt): those it marks, or as many put in
+    front of its text."""
+    return with_places(prompt, count, place, AUDIOS, where)
 
 
 def expand_audio_pads(token_ids: list[int], counts: list[int], audio: AudioArgs, where: str) -> list[int]:
     """token_ids with the i-th audio pad repeated counts[i] times (the processor's expansion)."""
-    pads = sum(1 for token in token_ids if token == audio.audio_token_id)
-    if pads != len(counts):
-        raise AudioError(f"{where}: the rendered prompt holds {pads} audio places for {len(counts)} audios")
-    out: list[int] = []
-    audios = iter(counts)
-    for token in token_ids:
-        out.extend([token] * next(audios) if token == audio.audio_token_id else [token])
-    return out
+    return expand_pads(token_ids, counts, audio.audio_token_id, AUDIOS, where)
 
 
 def _scipy(what: str, purpose: str):

@@ -318,7 +318,7 @@ def _media_prompts(model, model_dir, tokenizer, prompts, images, audio):
             hearing = AudioProcessing(model_dir, model.args.audio, tokenizer)
             audios = hearing.inputs([hearing.open(path, "--audio", Path.cwd()) for path in audio])
             audio_counts = hearing.token_counts(audios)
-            placed = [with_audio_places(prompt, len(audio), hearing.placeholder, "--prompt") for prompt in placed]
+            placed = [with_audio_places(prompt, len(audio), hearing.place, "--prompt") for prompt in placed]
     except (ImageError, AudioError) as error:
         raise click.ClickException(str(error)) from error
 

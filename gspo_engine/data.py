@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -21,16 +22,17 @@ from typing import Literal
 from transformers import PreTrainedTokenizerBase
 
 from gspo_engine.audio_prompts import (
-    AudioError, AudioProcessing, audio_sources, expand_audio_pads, with_audio_places,
+    AudioProcessing, audio_sources, expand_audio_pads, with_audio_places,
 )
 from gspo_engine.audio_task import generate_audio_rows
 from gspo_engine.builtin_tasks import TaskConfig, generate_task_rows
 from gspo_engine.config import DataConfig
 from gspo_engine.hub import DatasetId, HubError, hub_dataset_rows, is_saved_dataset, parse_dataset_id, saved_dataset_rows
+from gspo_engine.media_places import MediaError
 from gspo_engine.tokenizer import encode_texts, render_prompt
 from gspo_engine.vision_task import generate_vision_rows
 from gspo_engine.vision_prompts import (
-    ImageError, ImageProcessing, expand_image_pads, image_sources, with_image_places,
+    ImageProcessing, expand_image_pads, image_sources, with_image_places,
 )
 
 logger = logging.getLogger(__name__)
@@ -271,68 +273,61 @@ class PromptDataset:
         return self.examples[index]
 
 
-def _row_images(where: str, row: dict, vision: ImageProcessing | None, root: Path | None) -> list[tuple]:
-    """(source, opened image) of each image the row names, every one checked to open; [] without images."""
+@contextmanager
+def _as_data_error():
+    """An image or audio that cannot be placed or read stops loading as a DataError with the same message."""
     try:
-        sources = image_sources(row.get("images"), where)
-        if sources and vision is None:
-            raise DataError(f"{where}: the row has images, and the model takes none (it has no vision tower)")
+        yield
+    except MediaError as error:
+        raise DataError(str(error)) from error
+
+
+def _row_media(where: str, sources_of, processing, root: Path | None, refusal: str) -> list[tuple]:
+    """(source, opened item) of each image or audio a row names, every one checked to open; [] without any.
+    sources_of() lists them; `refusal` says why a model without the matching tower takes none."""
+    with _as_data_error():
+        sources = sources_of()
+        if sources and processing is None:
+            raise DataError(f"{where}: {refusal}")
         out = []
         for source in sources:
-            image = vision.open(source, where, root)
+            opened = processing.open(source, where, root)
             resolved = source if not isinstance(source, str) or Path(source).is_absolute() or root is None \
                 else str(root / source)
-            out.append((resolved, image))
+            out.append((resolved, opened))
         return out
-    except ImageError as error:
-        raise DataError(str(error)) from error
+
+
+def _row_images(where: str, row: dict, vision: ImageProcessing | None, root: Path | None) -> list[tuple]:
+    return _row_media(where, lambda: image_sources(row.get("images"), where), vision, root,
+                      "the row has images, and the model takes none (it has no vision tower)")
+
+
+def _row_audio(where: str, row: dict, audio: AudioProcessing | None, root: Path | None) -> list[tuple]:
+    return _row_media(where, lambda: audio_sources(row.get("audio"), where), audio, root,
+                      "the row has audio, and the model takes none (it has no audio encoder)")
 
 
 def _with_places(prompt, count: int, where: str):
-    try:
+    with _as_data_error():
         return with_image_places(prompt, count, where)
-    except ImageError as error:
-        raise DataError(str(error)) from error
+
+
+def _with_audio_places(prompt, count: int, audio: AudioProcessing, where: str):
+    with _as_data_error():
+        return with_audio_places(prompt, count, audio.place, where)
 
 
 def _expand_images(ids: list[int], images: list[tuple], vision: ImageProcessing, where: str) -> list[int]:
     counts = vision.token_counts(vision.inputs([image for _, image in images]))
-    try:
+    with _as_data_error():
         return expand_image_pads(ids, counts, vision.vision, where)
-    except ImageError as error:
-        raise DataError(str(error)) from error
-
-
-def _row_audio(where: str, row: dict, audio: AudioProcessing | None, root: Path | None) -> list[tuple]:
-    """(source, waveform) of each audio the row names, every one checked to read; [] without audio."""
-    try:
-        sources = audio_sources(row.get("audio"), where)
-        if sources and audio is None:
-            raise DataError(f"{where}: the row has audio, and the model takes none (it has no audio encoder)")
-        out = []
-        for source in sources:
-            wave = audio.open(source, where, root)
-            resolved = source if not isinstance(source, str) or Path(source).is_absolute() or root is None \
-                else str(root / source)
-            out.append((resolved, wave))
-        return out
-    except AudioError as error:
-        raise DataError(str(error)) from error
-
-
-def _with_audio_places(prompt, count: int, audio: AudioProcessing, where: str):
-    try:
-        return with_audio_places(prompt, count, audio.placeholder, where)
-    except AudioError as error:
-        raise DataError(str(error)) from error
 
 
 def _expand_audio(ids: list[int], sounds: list[tuple], audio: AudioProcessing, where: str) -> list[int]:
     counts = audio.token_counts(audio.inputs([wave for _, wave in sounds]))
-    try:
+    with _as_data_error():
         return expand_audio_pads(ids, counts, audio.audio, where)
-    except AudioError as error:
-        raise DataError(str(error)) from error
 
 
 def reward_inputs(examples: list[PromptExample], group_size: int) -> tuple[list[str], dict[str, list]]:

@@ -24,15 +24,19 @@ import torch
 from PIL import Image
 
 from gspo_engine.model.qwen3_vl import ImageInputs
+from gspo_engine.media_places import MediaError, MediaKind, expand_pads, with_places
 from gspo_engine.model.vision_args import VisionArgs
 
 IMAGE_MARKER = "<image>"  # where a string prompt puts an image
 VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
-PLACEHOLDER = VISION_START + IMAGE_PAD + VISION_END
+IMAGE_PLACE = VISION_START + IMAGE_PAD + VISION_END  # one image's place in a string prompt
 
 
-class ImageError(ValueError):
+class ImageError(MediaError):
     """An image that cannot be used, with the dataset row that names it."""
+
+
+IMAGES = MediaKind("image", "images", IMAGE_MARKER, "the images need", ImageError)
 
 
 class ImageProcessing:
@@ -100,39 +104,12 @@ def image_sources(value: Any, where: str) -> list[Any]:
 
 def with_image_places(prompt: str | list[dict], count: int, where: str) -> str | list[dict]:
     """The prompt with `count` image places: those it marks, or as many put in front of its text."""
-    if isinstance(prompt, str):
-        marked = prompt.count(IMAGE_MARKER)
-        if marked == 0:
-            return PLACEHOLDER * count + prompt
-        if marked != count:
-            raise ImageError(f"{where}: the prompt marks {marked} {IMAGE_MARKER} places for {count} images")
-        return prompt.replace(IMAGE_MARKER, PLACEHOLDER)
-    marked = sum(1 for message in prompt if isinstance(message.get("content"), list)
-                 for part in message["content"] if isinstance(part, dict) and part.get("type") == "image")
-    if marked == 0:
-        messages = [dict(message) for message in prompt]
-        first_user = next((m for m in messages if m.get("role") == "user"), None)
-        if first_user is None:
-            raise ImageError(f"{where}: the images need a user message to go in")
-        content = first_user["content"]
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
-        first_user["content"] = [{"type": "image"} for _ in range(count)] + parts
-        return messages
-    if marked != count:
-        raise ImageError(f"{where}: the messages hold {marked} image parts for {count} images")
-    return prompt
+    return with_places(prompt, count, IMAGE_PLACE, IMAGES, where)
 
 
 def expand_image_pads(token_ids: list[int], counts: list[int], vision: VisionArgs, where: str) -> list[int]:
     """token_ids with the i-th image pad repeated counts[i] times (the processor's expansion)."""
-    pads = sum(1 for token in token_ids if token == vision.image_token_id)
-    if pads != len(counts):
-        raise ImageError(f"{where}: the rendered prompt holds {pads} image places for {len(counts)} images")
-    out: list[int] = []
-    images = iter(counts)
-    for token in token_ids:
-        out.extend([token] * next(images) if token == vision.image_token_id else [token])
-    return out
+    return expand_pads(token_ids, counts, vision.image_token_id, IMAGES, where)
 
 
 def _read(file, what: str) -> Image.Image:
