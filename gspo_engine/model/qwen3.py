@@ -115,10 +115,7 @@ class Qwen3Model(nn.Module):
             position_ids = torch.arange(seq, device=input_ids.device)[None]
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(self.args, position_ids, x.dtype)
-        if cache is not None:
-            attn_mask = cache.attention_mask(attention_mask, seq)
-        else:
-            attn_mask = None if attention_mask is None else attention_mask_4d(attention_mask)
+        attn_mask = layer_attention_mask(attention_mask, cache, seq)
 
         x, routing = run_layers(self, x, (cos, sin, attn_mask), forced_experts, cache, packed)
         return final_output(self, x, routing, attention_mask)
@@ -136,6 +133,14 @@ class Qwen3Model(nn.Module):
             input_ids, attention_mask, position_ids, forced_experts, packed=packed
         ).hidden_states
         return F.linear(hidden, self.lm_head_weight)
+
+
+def layer_attention_mask(attention_mask: torch.Tensor | None, cache, seq: int) -> torch.Tensor | None:
+    """The attention layers' mask: the cache's over its columns while decoding, else the padding mask made
+    [B, 1, T, T] (None without padding: causal attention alone)."""
+    if cache is not None:
+        return cache.attention_mask(attention_mask, seq)
+    return None if attention_mask is None else attention_mask_4d(attention_mask)
 
 
 def check_forced_experts(args: ModelArgs, forced_experts: Sequence[torch.Tensor | None] | None) -> None:

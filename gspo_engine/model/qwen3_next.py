@@ -23,10 +23,10 @@ from torch import nn
 from gspo_engine.model.args import NEXT_ARCHITECTURE, ModelArgs
 from gspo_engine.model.gated_deltanet import GatedDeltaNet
 from gspo_engine.model.kv_cache import LayerKVCache
-from gspo_engine.model.layers import FeedForward, attention_mask_4d, grouped_query_attention
+from gspo_engine.model.layers import FeedForward, grouped_query_attention
 from gspo_engine.model.moe import Routing, SparseMoE
 from gspo_engine.model.packed import PackedSequences, packed_attention
-from gspo_engine.model.qwen3 import ModelOutput, Qwen3Model, check_forced_experts, final_output, run_layers
+from gspo_engine.model.qwen3 import ModelOutput, Qwen3Model, check_forced_experts, final_output, layer_attention_mask, run_layers
 from gspo_engine.model.rope import apply_rotary, rotary_cos_sin
 
 
@@ -194,10 +194,7 @@ class Qwen3NextModel(Qwen3Model):
             position_ids = torch.arange(seq, device=input_ids.device)[None]
         x = self.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(self.args, position_ids, x.dtype)
-        if cache is not None:
-            attn_mask = cache.attention_mask(attention_mask, seq)
-        else:
-            attn_mask = None if attention_mask is None else attention_mask_4d(attention_mask)
+        attn_mask = layer_attention_mask(attention_mask, cache, seq)
         token_mask = None if attention_mask is None else attention_mask.to(torch.bool)
 
         x, routing = run_layers(self, x, (cos, sin, attn_mask, token_mask), forced_experts, cache, packed)

@@ -27,10 +27,9 @@ import torch.nn.functional as F
 from gspo_engine.model.args import ModelArgs
 from gspo_engine.model.audio import AudioEncoder, AudioInputs
 from gspo_engine.model.kv_cache import KVCache
-from gspo_engine.model.layers import attention_mask_4d
 from gspo_engine.model.omni_positions import omni_position_ids
 from gspo_engine.model.packed import PackedSequences
-from gspo_engine.model.qwen3 import ModelOutput, check_forced_experts, final_output, run_layers
+from gspo_engine.model.qwen3 import ModelOutput, check_forced_experts, final_output, layer_attention_mask, run_layers
 from gspo_engine.model.qwen3_vl import ImageInputs, PromptVision, Qwen3VLModel, _image_runs, deepstack_after
 from gspo_engine.model.vision import VisionFeatures
 
@@ -218,10 +217,7 @@ class Qwen3OmniThinker(Qwen3VLModel):
             audio_features = self.audio_features_of(visions)
         if audio_features is not None:
             x = place_audio(x, input_ids, self.args.audio.audio_token_id, audio_features)
-        if cache is not None:
-            attn_mask = cache.attention_mask(attention_mask, seq)
-        else:
-            attn_mask = None if attention_mask is None else attention_mask_4d(attention_mask)
+        attn_mask = layer_attention_mask(attention_mask, cache, seq)
 
         x, routing = run_layers(self, x, (cos, sin, attn_mask), forced_experts, cache, packed,
                                 lambda index, x: deepstack_after(index, x, image_mask, deepstack))

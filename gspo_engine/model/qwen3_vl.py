@@ -20,10 +20,9 @@ import torch.nn.functional as F
 from gspo_engine.model.args import ModelArgs
 from gspo_engine.model.audio import AudioInputs
 from gspo_engine.model.kv_cache import KVCache
-from gspo_engine.model.layers import attention_mask_4d
 from gspo_engine.model.mrope import mrope_cos_sin, mrope_position_ids
 from gspo_engine.model.packed import PackedSequences
-from gspo_engine.model.qwen3 import ModelOutput, Qwen3Model, check_forced_experts, final_output, run_layers
+from gspo_engine.model.qwen3 import ModelOutput, Qwen3Model, check_forced_experts, final_output, layer_attention_mask, run_layers
 from gspo_engine.model.vision import VisionFeatures, VisionTower
 
 
@@ -264,10 +263,7 @@ class Qwen3VLModel(VisionLanguage, Qwen3Model):
         x, cos, sin, image_mask, deepstack = self._multimodal_inputs(
             input_ids, attention_mask, position_ids, cache, packed, images, image_features, visions
         )
-        if cache is not None:
-            attn_mask = cache.attention_mask(attention_mask, seq)
-        else:
-            attn_mask = None if attention_mask is None else attention_mask_4d(attention_mask)
+        attn_mask = layer_attention_mask(attention_mask, cache, seq)
 
         x, routing = run_layers(self, x, (cos, sin, attn_mask), forced_experts, cache, packed,
                                 lambda index, x: deepstack_after(index, x, image_mask, deepstack))

@@ -10,9 +10,8 @@ from typing import Sequence
 import torch
 
 from gspo_engine.model.args import ModelArgs
-from gspo_engine.model.layers import attention_mask_4d
 from gspo_engine.model.packed import PackedSequences
-from gspo_engine.model.qwen3 import ModelOutput, Qwen3Model, check_forced_experts, final_output, run_layers
+from gspo_engine.model.qwen3 import ModelOutput, Qwen3Model, check_forced_experts, final_output, layer_attention_mask, run_layers
 from gspo_engine.model.qwen3_next import Qwen3NextModel
 from gspo_engine.model.qwen3_omni import Qwen3OmniThinker
 from gspo_engine.model.qwen3_next import build_model as build_text_model
@@ -47,10 +46,7 @@ class Qwen3_5VLModel(VisionLanguage, Qwen3NextModel):
         x, cos, sin, image_mask, deepstack = self._multimodal_inputs(
             input_ids, attention_mask, position_ids, cache, packed, images, image_features, visions
         )
-        if cache is not None:
-            attn_mask = cache.attention_mask(attention_mask, seq)
-        else:
-            attn_mask = None if attention_mask is None else attention_mask_4d(attention_mask)
+        attn_mask = layer_attention_mask(attention_mask, cache, seq)
         token_mask = None if attention_mask is None else attention_mask.to(torch.bool)
 
         x, routing = run_layers(self, x, (cos, sin, attn_mask, token_mask), forced_experts, cache, packed,
