@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from gspo_engine.media_places import MediaError, MediaKind, expand_pads, with_places
+from gspo_engine.media_places import MediaError, MediaKind, expand_pads, source_path, with_places
 from gspo_engine.model.audio import AudioInputs, audio_token_count
 from gspo_engine.model.audio_args import AudioArgs
 
@@ -63,13 +63,7 @@ class AudioProcessing:
             if not isinstance(rate, (int, float)) or rate <= 0:
                 raise AudioError(f"{what}: an audio array needs a positive sampling_rate, got {rate!r}")
         else:
-            if isinstance(source, dict) and source.get("path"):
-                source = source["path"]
-            if not isinstance(source, str) or not source:
-                raise AudioError(f"{where}: an audio must be a file path, got {type(source).__name__} {source!r}")
-            path = Path(source)
-            if not path.is_absolute() and root is not None:
-                path = root / path
+            path = source_path(source, AUDIOS, where, root)
             what = f"{where}: audio file {path}"
             if not path.is_file():
                 raise AudioError(f"{what} does not exist")

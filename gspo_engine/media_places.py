@@ -6,6 +6,8 @@ its text; after the chat template, each place's single pad token repeated as man
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 
 class MediaError(ValueError):
@@ -57,3 +59,13 @@ def expand_pads(token_ids: list[int], counts: list[int], pad_id: int, kind: Medi
     for token in token_ids:
         out.extend([token] * next(repeats) if token == pad_id else [token])
     return out
+
+
+def source_path(source: Any, kind: MediaKind, where: str, root: Path | None) -> Path:
+    """The file an image or audio source names (a path, or a dict with one), relative paths under `root`."""
+    if isinstance(source, dict) and source.get("path"):
+        source = source["path"]
+    if not isinstance(source, str) or not source:
+        raise kind.error(f"{where}: an {kind.part} must be a file path, got {type(source).__name__} {source!r}")
+    path = Path(source)
+    return root / path if not path.is_absolute() and root is not None else path

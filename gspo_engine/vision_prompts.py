@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from gspo_engine.model.qwen3_vl import ImageInputs
-from gspo_engine.media_places import MediaError, MediaKind, expand_pads, with_places
+from gspo_engine.media_places import MediaError, MediaKind, expand_pads, source_path, with_places
 from gspo_engine.model.vision_args import VisionArgs
 
 IMAGE_MARKER = "<image>"  # where a string prompt puts an image
@@ -69,13 +69,7 @@ class ImageProcessing:
             return source.convert("RGB")
         if isinstance(source, dict) and source.get("bytes") is not None:
             return _read(io.BytesIO(source["bytes"]), f"{where}: image {source.get('path') or 'bytes'}")
-        if isinstance(source, dict) and source.get("path"):
-            source = source["path"]
-        if not isinstance(source, str) or not source:
-            raise ImageError(f"{where}: an image must be a file path, got {type(source).__name__} {source!r}")
-        path = Path(source)
-        if not path.is_absolute() and root is not None:
-            path = root / path
+        path = source_path(source, IMAGES, where, root)
         if not path.is_file():
             raise ImageError(f"{where}: image file {path} does not exist")
         return _read(path, f"{where}: image file {path}")
