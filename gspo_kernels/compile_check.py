@@ -13,7 +13,7 @@ Which specialisations: each kernel's constexpr flags and levels, every float dty
 functions run on the Triton path (fp32, bf16, fp16; fp64 runs the PyTorch path; the launchers
 turn indices, masks and routing weights into one dtype each), and every block size and autotune
 config the launchers can pick on each architecture, read from the tables the launchers use
-(`moe_triton.GEMM_TILES`, `loss_triton.token_blocks`, `fused_linear_triton.TILE_BLOCKS`, ...), so a
+(`moe_triton.GEMM_TILES`, `loss_triton.token_blocks`, `fused_linear_triton.STATS_BLOCK_V`, ...), so a
 config added there is checked here. Scalar arguments take their values at Qwen3 shapes (dimensions and row
 strides multiples of 16, unit strides of contiguous rows) and pointers are 16-byte aligned, which
 is what Triton's JIT infers from a real launch. A module-level `@triton.jit` function that no
@@ -167,30 +167,27 @@ def fused_linear_specialisations() -> list[Specialisation]:
     from gspo_kernels import fused_linear_triton as flt
 
     specs = []
-    rows, hidden, vocab = 8192, 4096, 151936
-    # hidden and weight share a dtype (the matmul needs it); a bias is in theirs or in fp32
-    biases = [(dtype, bias, bias is not None) for dtype in FLOAT_DTYPES
-              for bias in dict.fromkeys((None, dtype, torch.float32))]
-    for (dtype, bias, has_bias), with_entropy in itertools.product(biases, (False, True)):
-        blocks = flt.tile_blocks(dtype)
-        flags = dict(HAS_BIAS=has_bias, WITH_ENTROPY=with_entropy, PRECISION=dot_precision(dtype))
-        constexprs = dict(flags, **blocks.constexprs)
-        bias_text = f" bias {dtype_name(bias)}" if has_bias else ""
-        label = f"{dtype_name(dtype)}{bias_text} {describe(constexprs, **blocks.options)}"
-        common = dict(hidden_ptr=dtype, weight_ptr=dtype, bias_ptr=bias or dtype, targets_ptr=torch.int64,
-                      num_rows=rows - 3, hidden_size=hidden, stride_hm=hidden, stride_wv=hidden,
-                      inv_temperature=1.0)
-        options = blocks.options
+    width = 8192  # the vocabulary chunk of a streamed tile on a GPU (gspo_kernels.stream_tile)
+    # the logits tile is fp32 (cuBLAS's fp32 result); a bias is in the operands' dtype or in fp32; d logits are
+    # written in the operands' dtype
+    biases = [(dtype, bias) for dtype in FLOAT_DTYPES for bias in dict.fromkeys((None, dtype, torch.float32))]
+    for (dtype, bias), with_entropy in itertools.product(biases, (False, True)):
+        bias_text = f" bias {dtype_name(bias)}" if bias is not None else ""
+        options = {"num_warps": flt.NUM_WARPS}
+        common = dict(logits_ptr=torch.float32, bias_ptr=bias or torch.float32, targets_ptr=torch.int64,
+                      width=width, vocab_start=width, stride_lm=width, inv_temperature=1.0)
+        flags = dict(HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy)
+        stats = dict(flags, BLOCK_V=flt.STATS_BLOCK_V)
         specs.append(Specialisation(
-            flt._logprob_stats_kernel, label,
-            dict(common, logp_ptr=torch.float32, lse_ptr=torch.float32, entropy_ptr=torch.float32,
-                 vocab_size=vocab), constexprs, **options,
+            flt._tile_stats_kernel, f"{dtype_name(dtype)}{bias_text} {describe(stats, **options)}",
+            dict(common, max_ptr=torch.float32, sum_exp_ptr=torch.float32, sum_exp_z_ptr=torch.float32,
+                 target_logit_ptr=torch.float32), stats, **options,
         ))
+        dlogits = dict(flags, BLOCK_V=flt.DLOGITS_BLOCK_V)
         specs.append(Specialisation(
-            flt._dlogits_kernel, label,
+            flt._tile_dlogits_kernel, f"{dtype_name(dtype)}{bias_text} {describe(dlogits, **options)}",
             dict(common, lse_ptr=torch.float32, entropy_ptr=torch.float32, grad_logp_ptr=torch.float32,
-                 grad_entropy_ptr=torch.float32, out_ptr=dtype, vocab_start=8192, vocab_end=16384,
-                 stride_om=8192), constexprs, **options,
+                 grad_entropy_ptr=torch.float32, out_ptr=dtype, stride_om=width), dlogits, **options,
         ))
     return specs
 

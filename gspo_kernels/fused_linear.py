@@ -23,10 +23,9 @@ of sequences under a memory budget, `chunk_budget_mib`, that does not depend on 
   unknown, so it saves only the per-token log-sum-exp).
 
 Only response tokens (mask != 0) are computed at all in `fused_linear_gspo_loss`; in
-`token_logprobs`' backward, rows whose gradient is zero are skipped. On CUDA the tile statistics
-and the tile d logits are Triton kernels (gspo_kernels/fused_linear_triton.py); the matmuls of a
-kept chunk and the two matmuls that turn d logits into d hidden and d weight run on the tensor
-cores through cuBLAS. Which strategy the default budget picks at which shape, and the extra
+`token_logprobs`' backward, rows whose gradient is zero are skipped. Every matmul runs on the
+tensor cores through cuBLAS; on CUDA a streamed tile's statistics and its d logits are Triton
+kernels that read the tile once (gspo_kernels/fused_linear_triton.py). Which strategy the default budget picks at which shape, and the extra
 memory of each: docs/fused_linear.md.
 """
 
@@ -58,10 +57,10 @@ from gspo_kernels.validation import holds_integers, value_range
 DEFAULT_CHUNK_BUDGETS_MIB = {"cpu": 512, "cuda": 0}
 
 
-# On CUDA the streamed tiles run through cuBLAS by default: the Triton tile kernels
-# (fused_linear_triton.py, forced with use_backend("triton")) took 308 ms on an H200 where
-# 8192 x 8192 cuBLAS tiles took 194 ms (N = 16,384, H = 4096, V = 151,936; bench/RESULTS.md).
-CUDA_DEFAULT_BACKEND = "torch"
+# On CUDA the streamed tiles' matmuls run in cuBLAS and their epilogues in Triton, which read
+# each logit once per pass where the PyTorch epilogue makes about eight passes (the estimate is in
+# gspo_kernels/fused_linear_triton.py); use_backend("torch") forces the PyTorch epilogue.
+CUDA_DEFAULT_BACKEND = "triton"
 
 
 def default_chunk_budget_mib(device: torch.device) -> float:

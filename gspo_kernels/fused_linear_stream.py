@@ -3,9 +3,11 @@
 Nothing here holds more than one tile of logits [rows, vocabulary chunk] at a time, except
 `kept_logits`, which holds the logits of a group of rows on purpose (see gspo_kernels/fused_linear.py
 for when that pays), in a buffer its caller allocates once for every group. On the "triton"
-backend the two inner steps (statistics over the vocabulary, d logits of a tile) run as Triton
-kernels (gspo_kernels/fused_linear_triton.py); the matmuls that turn d logits into d hidden and
-d weight stay with the BLAS library of the device, as do the matmuls that fill a kept buffer.
+backend the two epilogues of a tile (its statistics over the vocabulary, its d logits) run as
+Triton kernels (gspo_kernels/fused_linear_triton.py); every matmul (the logits of a tile, the
+two that turn d logits into d hidden and d weight, those that fill a kept buffer) stays with the
+BLAS library of the device, with fp32 results from bf16 operands where torch supports them
+(gspo_kernels/wide_matmul.py).
 
 Notation: z = (hidden @ weight.T + bias) / temperature, lse = logsumexp(z), p = exp(z - lse).
     d logp(target) / d z_j = onehot_j - p_j
@@ -18,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from gspo_kernels.wide_matmul import add_product_, mm_fp32
 
 # Rows x vocabulary entries of one logits tile, by device type. CPU: 512 x 8192, a 16 MiB fp32
 # tile whose matmuls run near the BLAS peak (about 100 GFLOP/s for H = 512 on 2 cores, against 70
@@ -49,7 +53,7 @@ def logits_tile(hidden_rows, weight, bias, v0, v1, inv_temperature, out=None):
     """z for rows [R, H] and vocabulary [v0, v1): [R, v1 - v0] in the accumulation dtype, in `out` if given."""
     weight_tile = weight[v0:v1].t()
     if out is None:
-        tile = (hidden_rows @ weight_tile).to(accumulation_dtype(hidden_rows.dtype))
+        tile = mm_fp32(hidden_rows, weight_tile)
     elif out.dtype == hidden_rows.dtype:
         tile = torch.mm(hidden_rows, weight_tile, out=out)
     else:
@@ -140,16 +144,9 @@ def accumulate_tile_grads(dlogits, hidden_rows, weight_tile, hidden_grad, weight
         bias_grad += dlogits.sum(dim=0).to(bias_grad.dtype)
     dlogits = dlogits.to(hidden_rows.dtype)
     if hidden_grad is not None:
-        _add_product(hidden_grad, dlogits, weight_tile)
+        add_product_(hidden_grad, dlogits, weight_tile)
     if weight_grad is not None:
-        _add_product(weight_grad, dlogits.t(), hidden_rows)
-
-
-def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    if out.dtype == a.dtype:
-        out.addmm_(a, b)
-    else:
-        out += (a @ b).to(out.dtype)
+        add_product_(weight_grad, dlogits.t(), hidden_rows)
 
 
 def _chunk_accumulator(grad: torch.Tensor | None, v0: int, v1: int) -> torch.Tensor | None:

@@ -1,148 +1,113 @@
-"""Triton kernels of the streamed lm_head: log-prob statistics, and d logits of a tile.
+"""Triton epilogues of the streamed lm_head: a logits tile's statistics, and its d logits.
 
-Both kernels compute logits tiles themselves: `tl.dot` of a [BLOCK_M, BLOCK_K] block of hidden
-by a [BLOCK_K, BLOCK_V] block of weight.T, in the input dtype (bf16 on the tensor cores, fp32 as
-tf32x3: gspo_kernels/dot_triton.py), with an fp32 accumulator; block sizes per dtype in TILE_BLOCKS. Neither writes anything of size V per token except `dlogits_tile`'s output,
-whose width is the caller's vocabulary chunk.
+cuBLAS computes each tile of logits [rows, vocabulary chunk] (gspo_kernels/wide_matmul.py: fp32
+results from bf16 operands, no rounding), and one Triton kernel then reads the tile once:
 
-- `logprob_stats`: one program per BLOCK_M rows sweeps the whole vocabulary with an online
-  max / sum-exp (and sum-exp * z for the entropy), picks the target logit on the fly, and writes
-  logp, lse and entropy per row.
-- `dlogits_tile`: one program per (BLOCK_M rows, BLOCK_V vocabulary) block recomputes z and
-  writes d loss / d logits = (g_logp (onehot - p) - g_entropy p (log p + entropy)) / temperature
-  in the input dtype; the caller turns it into d hidden and d weight with two matmuls.
+- `_tile_stats_kernel`, one program per row, folds the tile into the row's running max, sum of
+  exp (and sum of exp * z for the entropy) and picks the target logit, applying the bias and the
+  temperature as it reads;
+- `_tile_dlogits_kernel`, one program per (row, BLOCK_V columns), writes
+  d loss / d logits = (g_logp (onehot - p) - g_entropy p (log p + entropy)) / temperature
+  in the operand dtype, ready for the two matmuls that give d hidden and d weight.
+
+Why not the PyTorch epilogue: it makes about eight passes over each fp32 tile (convert, bias,
+temperature, max, exp, sums, gather; then subtract, exp, scale, scatter, convert), some 58 bytes
+of memory traffic per logit against 8 here for the statistics and 10 for d logits (logit read,
+d logit written). At N = 16,384 tokens and V = 151,936 that is about 145 GB against 45 GB per
+forward + backward, 40 ms against 13 ms at an H200's 3.5 TB/s. Why not the logits in Triton too:
+a `tl.dot` tile kernel measured 187.8 ms at that shape on an H200, no faster than cuBLAS tiles
+with the PyTorch epilogue (189.5 ms; bench/RESULTS.md, second H200 run), against 104 ms for the
+8NHV FLOPs at the card's matmul ceiling.
 
 Imported lazily by gspo_kernels/fused_linear.py, so gspo_kernels imports without triton.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
-from gspo_kernels.dot_triton import dot_precision
+from gspo_kernels.fused_linear_stream import stream_tile
+from gspo_kernels.wide_matmul import mm_fp32
 
-class TileBlocks(NamedTuple):
-    """Block sizes and launch options of both kernels for one input dtype."""
+# Columns a program handles per step. The statistics kernel loops over the tile's width in
+# steps of it; the d logits kernel takes one step per program.
+STATS_BLOCK_V = 2048
+DLOGITS_BLOCK_V = 2048
+NUM_WARPS = 8
 
-    BLOCK_M: int
-    BLOCK_V: int
-    BLOCK_K: int
-    num_warps: int
-    num_stages: int
-
-    @property
-    def constexprs(self) -> dict:
-        return {"BLOCK_M": self.BLOCK_M, "BLOCK_V": self.BLOCK_V, "BLOCK_K": self.BLOCK_K}
-
-    @property
-    def options(self) -> dict:
-        return {"num_warps": self.num_warps, "num_stages": self.num_stages}
-
-
-# 8 warps: the softmax epilogue holds several fp32 [BLOCK_M, BLOCK_V] tiles, which spill from 4
-# warps' registers (sm_80 and sm_90); with 3 stages ptxas for sm_100 spilled one register of the
-# bf16 statistics kernel. fp32 operands split in two for tf32x3: a K step of 16 keeps them in
-# registers on sm_80 (gspo_kernels/compile_check.py checks every entry).
-TILE_BLOCKS = {
-    torch.float32: TileBlocks(64, 128, 16, num_warps=8, num_stages=3),
-    torch.bfloat16: TileBlocks(64, 128, 64, num_warps=8, num_stages=4),
-    torch.float16: TileBlocks(64, 128, 64, num_warps=8, num_stages=4),
-}
-
-
-def tile_blocks(dtype: torch.dtype) -> TileBlocks:
-    return TILE_BLOCKS[dtype]
+# Output allocator (a shape tuple, dtype, device); tests swap in one that poisons outputs with NaN to prove every
+# element is written.
+allocate_output = torch.empty
 
 
 @triton.jit
-def _logits_block(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, hidden_size,
-                  stride_hm, stride_wv, inv_temperature, HAS_BIAS: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
-    """z = (hidden[rows] @ weight[cols].T + bias[cols]) * inv_temperature, fp32 [BLOCK_M, BLOCK_V]."""
-    acc = tl.zeros((BLOCK_M, BLOCK_V), dtype=tl.float32)
-    for k0 in range(0, hidden_size, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < hidden_size
-        h = tl.load(hidden_ptr + rows[:, None] * stride_hm + ks[None, :],
-                    mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(weight_ptr + cols[None, :] * stride_wv + ks[:, None],
-                    mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc = tl.dot(h, w, acc, input_precision=PRECISION)
+def _scaled_logits(row_ptr, bias_ptr, cols, col_ok, vocab_start, inv_temperature, other, HAS_BIAS: tl.constexpr):
+    """z = (logits + bias) * inv_temperature of one row's columns, fp32; `other` where col_ok is False."""
+    z = tl.load(row_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    return acc * inv_temperature
+        z += tl.load(bias_ptr + vocab_start + cols, mask=col_ok, other=0.0).to(tl.float32)
+    return tl.where(col_ok, z * inv_temperature, other)
 
 
 @triton.jit
-def _logprob_stats_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, logp_ptr, lse_ptr, entropy_ptr,
-                          num_rows, vocab_size, hidden_size, stride_hm, stride_wv, inv_temperature,
-                          HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < num_rows
-    targets = tl.load(targets_ptr + rows, mask=row_ok, other=0)
-    run_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    sum_exp = tl.zeros((BLOCK_M,), tl.float32)
-    sum_exp_z = tl.zeros((BLOCK_M,), tl.float32)
-    target_logit = tl.zeros((BLOCK_M,), tl.float32)
-    for v0 in range(0, vocab_size, BLOCK_V):
-        cols = v0 + tl.arange(0, BLOCK_V)
-        col_ok = cols < vocab_size
-        z = _logits_block(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, hidden_size,
-                          stride_hm, stride_wv, inv_temperature, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
-        z = tl.where(col_ok[None, :], z, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+def _tile_stats_kernel(logits_ptr, bias_ptr, targets_ptr, max_ptr, sum_exp_ptr, sum_exp_z_ptr, target_logit_ptr,
+                       width, vocab_start, stride_lm, inv_temperature,
+                       HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * stride_lm
+    run_max = tl.load(max_ptr + row)
+    sum_exp = tl.load(sum_exp_ptr + row)
+    sum_exp_z = 0.0
+    if WITH_ENTROPY:
+        sum_exp_z = tl.load(sum_exp_z_ptr + row)
+    for c0 in range(0, width, BLOCK_V):
+        cols = c0 + tl.arange(0, BLOCK_V)
+        col_ok = cols < width
+        z = _scaled_logits(row_ptr, bias_ptr, cols, col_ok, vocab_start, inv_temperature, float("-inf"), HAS_BIAS)
+        new_max = tl.maximum(run_max, tl.max(z, axis=0))
         rescale = tl.exp(run_max - new_max)
-        p = tl.exp(z - new_max[:, None])
-        sum_exp = sum_exp * rescale + tl.sum(p, axis=1)
+        p = tl.exp(z - new_max)
+        sum_exp = sum_exp * rescale + tl.sum(p, axis=0)
         if WITH_ENTROPY:
             # padding columns hold z = -inf and p = 0: multiply p by 0 there, not by -inf
-            sum_exp_z = sum_exp_z * rescale + tl.sum(p * tl.where(col_ok[None, :], z, 0.0), axis=1)
+            sum_exp_z = sum_exp_z * rescale + tl.sum(p * tl.where(col_ok, z, 0.0), axis=0)
         run_max = new_max
-        target_logit += tl.sum(tl.where(cols[None, :] == targets[:, None], z, 0.0), axis=1)
-    lse = run_max + tl.log(sum_exp)
-    tl.store(logp_ptr + rows, target_logit - lse, mask=row_ok)
-    tl.store(lse_ptr + rows, lse, mask=row_ok)
+    tl.store(max_ptr + row, run_max)
+    tl.store(sum_exp_ptr + row, sum_exp)
     if WITH_ENTROPY:
-        tl.store(entropy_ptr + rows, lse - sum_exp_z / sum_exp, mask=row_ok)
+        tl.store(sum_exp_z_ptr + row, sum_exp_z)
+    target = tl.load(targets_ptr + row) - vocab_start
+    in_tile = (target >= 0) & (target < width)
+    safe = tl.where(in_tile, target, 0)
+    z_target = tl.load(row_ptr + safe, mask=in_tile, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z_target += tl.load(bias_ptr + vocab_start + safe, mask=in_tile, other=0.0).to(tl.float32)
+    tl.store(target_logit_ptr + row, z_target * inv_temperature, mask=in_tile)
 
 
 @triton.jit
-def _dlogits_kernel(hidden_ptr, weight_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr,
-                    grad_entropy_ptr, out_ptr, num_rows, vocab_start, vocab_end, hidden_size,
-                    stride_hm, stride_wv, stride_om, inv_temperature,
-                    HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    local_cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    cols = vocab_start + local_cols
-    row_ok = rows < num_rows
-    col_ok = cols < vocab_end
-    z = _logits_block(hidden_ptr, weight_ptr, bias_ptr, rows, cols, row_ok, col_ok, hidden_size,
-                      stride_hm, stride_wv, inv_temperature, HAS_BIAS, BLOCK_M, BLOCK_V, BLOCK_K, PRECISION)
-    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
-    grad_logp = tl.load(grad_logp_ptr + rows, mask=row_ok, other=0.0)
-    targets = tl.load(targets_ptr + rows, mask=row_ok, other=0)
-    log_p = z - lse[:, None]
+def _tile_dlogits_kernel(logits_ptr, bias_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logp_ptr, grad_entropy_ptr,
+                         out_ptr, width, vocab_start, stride_lm, stride_om, inv_temperature,
+                         HAS_BIAS: tl.constexpr, WITH_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    col_ok = cols < width
+    z = _scaled_logits(logits_ptr + row * stride_lm, bias_ptr, cols, col_ok, vocab_start, inv_temperature, 0.0,
+                       HAS_BIAS)
+    grad_logp = tl.load(grad_logp_ptr + row)
+    log_p = z - tl.load(lse_ptr + row)
     p = tl.exp(log_p)
     if WITH_ENTROPY:
-        entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
-        grad_entropy = tl.load(grad_entropy_ptr + rows, mask=row_ok, other=0.0)
-        dz = -p * (grad_logp[:, None] + grad_entropy[:, None] * (log_p + entropy[:, None]))
+        entropy = tl.load(entropy_ptr + row)
+        grad_entropy = tl.load(grad_entropy_ptr + row)
+        dz = -p * (grad_logp + grad_entropy * (log_p + entropy))
     else:
-        dz = -p * grad_logp[:, None]
-    dz += tl.where(cols[None, :] == targets[:, None], grad_logp[:, None], 0.0)
-    dz = dz * inv_temperature
-    out = out_ptr + rows[:, None] * stride_om + local_cols[None, :]
-    tl.store(out, dz.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
-
-
-def _contiguous_rows(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+        dz = -p * grad_logp
+    target = tl.load(targets_ptr + row) - vocab_start
+    dz = tl.where(cols == target, dz + grad_logp, dz) * inv_temperature
+    tl.store(out_ptr + row * stride_om + cols, dz.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 def _token_ids(targets: torch.Tensor) -> torch.Tensor:
@@ -150,42 +115,50 @@ def _token_ids(targets: torch.Tensor) -> torch.Tensor:
     return targets.to(torch.int64).contiguous()
 
 
+def _logits(hidden_rows: torch.Tensor, weight: torch.Tensor, v0: int, v1: int) -> torch.Tensor:
+    """hidden_rows @ weight[v0:v1].T in fp32, through cuBLAS (or the CPU's BLAS under the interpreter)."""
+    return mm_fp32(hidden_rows, weight[v0:v1].t())
+
+
 def logprob_stats(hidden_rows, weight, bias, targets, inv_temperature, with_entropy):
     """(logp, lse, entropy or None) fp32 [R] for hidden rows [R, H]; see the module docstring."""
-    hidden_rows, weight = _contiguous_rows(hidden_rows), _contiguous_rows(weight)
-    num_rows, hidden_size = hidden_rows.shape
-    poison = {"dtype": torch.float32, "device": hidden_rows.device}
-    logp = torch.full((num_rows,), float("nan"), **poison)
-    lse = torch.full((num_rows,), float("nan"), **poison)
-    entropy = torch.full((num_rows,), float("nan"), **poison) if with_entropy else lse
-    if num_rows == 0:
-        return logp, lse, entropy if with_entropy else None
-    blocks = tile_blocks(hidden_rows.dtype)
-    _logprob_stats_kernel[(triton.cdiv(num_rows, blocks.BLOCK_M),)](
-        hidden_rows, weight, bias if bias is not None else weight, _token_ids(targets), logp, lse, entropy,
-        num_rows, weight.shape[0], hidden_size, hidden_rows.stride(0), weight.stride(0), inv_temperature,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, PRECISION=dot_precision(hidden_rows.dtype),
-        **blocks.constexprs, **blocks.options,
-    )
-    return logp, lse, entropy if with_entropy else None
+    num_rows = hidden_rows.shape[0]
+    state = {"dtype": torch.float32, "device": hidden_rows.device}
+    run_max = torch.full((num_rows,), float("-inf"), **state)
+    sum_exp = torch.zeros(num_rows, **state)
+    sum_exp_z = torch.zeros(num_rows, **state) if with_entropy else sum_exp
+    # NaN until the tile holding a row's target writes it: a target no tile holds shows as NaN
+    target_logit = torch.full((num_rows,), float("nan"), **state)
+    token_ids = _token_ids(targets)
+    row_chunk, vocab_chunk = stream_tile(hidden_rows.device)
+    for r0 in range(0, num_rows, row_chunk):
+        r1 = min(r0 + row_chunk, num_rows)
+        for v0 in range(0, weight.shape[0], vocab_chunk):
+            v1 = min(v0 + vocab_chunk, weight.shape[0])
+            tile = _logits(hidden_rows[r0:r1], weight, v0, v1)
+            _tile_stats_kernel[(r1 - r0,)](
+                tile, bias if bias is not None else tile, token_ids[r0:r1], run_max[r0:r1], sum_exp[r0:r1],
+                sum_exp_z[r0:r1], target_logit[r0:r1], v1 - v0, v0, tile.stride(0), inv_temperature,
+                HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, BLOCK_V=STATS_BLOCK_V, num_warps=NUM_WARPS,
+            )
+    lse = run_max + torch.log(sum_exp)
+    entropy = lse - sum_exp_z / sum_exp if with_entropy else None
+    return target_logit - lse, lse, entropy
 
 
 def dlogits_tile(hidden_rows, weight, bias, v0, v1, targets, lse, entropy, grad_logp, grad_entropy, inv_temperature):
-    """d loss / d logits [R, v1 - v0] in the dtype of hidden, recomputed from hidden rows [R, H]."""
-    hidden_rows, weight = _contiguous_rows(hidden_rows), _contiguous_rows(weight)
-    num_rows, hidden_size = hidden_rows.shape
-    out = torch.full((num_rows, v1 - v0), float("nan"), dtype=hidden_rows.dtype, device=hidden_rows.device)
-    if num_rows == 0:
+    """d loss / d logits [R, v1 - v0] in the dtype of hidden, from hidden rows [R, H] and their statistics."""
+    num_rows = hidden_rows.shape[0]
+    out = allocate_output((num_rows, v1 - v0), dtype=hidden_rows.dtype, device=hidden_rows.device)
+    if num_rows == 0 or v1 == v0:
         return out
+    tile = _logits(hidden_rows, weight, v0, v1)
     with_entropy = grad_entropy is not None
-    blocks = tile_blocks(hidden_rows.dtype)
-    grid = (triton.cdiv(num_rows, blocks.BLOCK_M), triton.cdiv(v1 - v0, blocks.BLOCK_V))
-    _dlogits_kernel[grid](
-        hidden_rows, weight, bias if bias is not None else weight, _token_ids(targets), lse.float().contiguous(),
-        entropy.float().contiguous() if with_entropy else lse, grad_logp.float().contiguous(),
-        grad_entropy.float().contiguous() if with_entropy else lse, out,
-        num_rows, v0, v1, hidden_size, hidden_rows.stride(0), weight.stride(0), out.stride(0), inv_temperature,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, PRECISION=dot_precision(hidden_rows.dtype),
-        **blocks.constexprs, **blocks.options,
+    row_stats = [t.float().contiguous() for t in (lse, grad_logp)]
+    entropy_stats = [t.float().contiguous() for t in (entropy, grad_entropy)] if with_entropy else row_stats
+    _tile_dlogits_kernel[(num_rows, triton.cdiv(v1 - v0, DLOGITS_BLOCK_V))](
+        tile, bias if bias is not None else tile, _token_ids(targets), row_stats[0], entropy_stats[0], row_stats[1],
+        entropy_stats[1], out, v1 - v0, v0, tile.stride(0), out.stride(0), inv_temperature,
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, BLOCK_V=DLOGITS_BLOCK_V, num_warps=NUM_WARPS,
     )
     return out

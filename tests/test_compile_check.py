@@ -31,7 +31,7 @@ def run_check(*args: str) -> subprocess.CompletedProcess:
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernel tests compile and run the kernels")
 # One specialisation of every kernel but the MoE GEMMs, at bf16 and large blocks.
 ONE_OF_EACH = (r"^(_gspo_\w+ bf16 token .*KL_WEIGHTED=True BLOCK_T=512|_gspo_reduce_kernel fp32 token .*COUNT_EMPTY=True"
-               r"|_(logprob_stats|dlogits)_kernel bf16 bias bf16 HAS_BIAS=True WITH_ENTROPY=True"
+               r"|_tile_(stats|dlogits)_kernel bf16 bias bf16 HAS_BIAS=True WITH_ENTROPY=True"
                r"|_route_topk_kernel bf16 E=128 .*NORMALIZE=True FORCED=False"
                r"|_(count_experts|place_pairs)_kernel E=128|_tile_table_kernel E=128 BLOCK_M=128)")
 
@@ -61,7 +61,7 @@ def test_every_other_kernel_compiles_for_hopper_and_every_kernel_is_listed(tmp_p
     result = run_check("--arch", "90", "--match", ONE_OF_EACH, "--json", str(report))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert {row["kernel"] for row in rows_of(report)} == {
-        "_gspo_forward_kernel", "_gspo_backward_kernel", "_gspo_reduce_kernel", "_logprob_stats_kernel", "_dlogits_kernel",
+        "_gspo_forward_kernel", "_gspo_backward_kernel", "_gspo_reduce_kernel", "_tile_stats_kernel", "_tile_dlogits_kernel",
         "_route_topk_kernel", "_count_experts_kernel", "_place_pairs_kernel", "_tile_table_kernel",
     }
     listed = run_python("-c", "from gspo_kernels import compile_check as c; "

@@ -2,9 +2,10 @@
 
 Implementations: "reference" (logits -> log_softmax -> gather -> GSPO loss, as TRL computes it),
 "fused" (gspo_kernels.fused_linear_gspo_loss with its defaults: on a CPU each sequence's logits
-kept, 6NHV; on a GPU every logit recomputed in cuBLAS tiles, 8NHV), "fused_recompute" (budget 0:
-every logit recomputed, 8NHV), "fused_triton" (the same through the Triton tile kernels, forced
-with use_backend("triton")), "liger" (Liger-Kernel's chunked LigerFusedLinearGRPOLoss, sequence-level importance
+kept, 6NHV; on a GPU every logit recomputed in cuBLAS tiles with Triton epilogues, 8NHV),
+"fused_recompute" (budget 0: every logit recomputed, 8NHV), "fused_torch" (budget 0 with the
+PyTorch epilogues, forced with use_backend("torch"): what "fused" ran on a GPU before the Triton
+epilogues), "liger" (Liger-Kernel's chunked LigerFusedLinearGRPOLoss, sequence-level importance
 sampling, loss_type="grpo", beta=0, uncompiled), "liger-triton" (logits materialized, then
 Liger-Kernel's Triton `triton_grpo_loss` with the same options; CUDA only; it scores T-1 tokens
 per row, since it drops the last position of the logits). Peers are skipped when not installed.
@@ -24,7 +25,7 @@ import gspo_kernels as gk
 from gspo_engine.benchmarks.cases import Case
 from gspo_kernels import reference
 
-IMPLEMENTATIONS = ("reference", "fused", "fused_recompute", "fused_triton", "liger", "liger-triton")
+IMPLEMENTATIONS = ("reference", "fused", "fused_recompute", "fused_torch", "liger", "liger-triton")
 EPS_LOW, EPS_HIGH = 3e-4, 4e-4
 # (B, T, H, V): on a GPU the target shape, N = 16,384 tokens, H = 4096, V = 151,936 (Qwen3's vocabulary).
 SHAPES = {"gpu": [(4, 4096, 4096, 151936)], "cpu": [(2, 256, 256, 32768)], "smoke": [(2, 16, 32, 512)]}
@@ -34,7 +35,7 @@ def unavailable_reason(name: str, device: torch.device) -> str | None:
     """Why implementation `name` cannot run on `device`, or None when it can."""
     if name.startswith("liger") and importlib.util.find_spec("liger_kernel") is None:
         return "liger-kernel not installed"
-    if name in ("liger-triton", "fused_triton") and device.type != "cuda":
+    if name == "liger-triton" and device.type != "cuda":
         return "Triton kernel: CUDA only"
     return None
 
@@ -73,12 +74,12 @@ def make_step(name, inputs):
         def loss():
             return reference.fused_linear_gspo_loss_reference(
                 hidden, weight, targets, old_logps, advantages, mask, **options)[0]
-    elif name in ("fused", "fused_recompute", "fused_triton"):
+    elif name in ("fused", "fused_recompute", "fused_torch"):
         budget = {} if name == "fused" else dict(chunk_budget_mib=0)
 
         def loss():
             # a fresh context each call: a generator-based context manager cannot be entered twice
-            with gk.use_backend("triton") if name == "fused_triton" else contextlib.nullcontext():
+            with gk.use_backend("torch") if name == "fused_torch" else contextlib.nullcontext():
                 return gk.fused_linear_gspo_loss(
                     hidden, weight, targets, old_logps, advantages, mask, **options, **budget)[0]
     elif name == "liger":
