@@ -26,7 +26,8 @@ from gspo_kernels.wide_matmul import add_product_, mm_fp32
 # Rows x vocabulary entries of one logits tile, by device type. CPU: 512 x 8192, a 16 MiB fp32
 # tile whose matmuls run near the BLAS peak (about 100 GFLOP/s for H = 512 on 2 cores, against 70
 # at 4096 entries). CUDA: 8192 x 8192, a 256 MiB tile: on an H200 the lm_head loss at N = 16,384,
-# H = 4096, V = 151,936 took 194 ms with it, 207 ms at 4096 rows and 467 ms at 512 (bench/RESULTS.md).
+# H = 4096, V = 151,936 took 194 ms with it, 207 ms at 4096 rows and 467 ms at 512 (bench/RESULTS.md, with
+# the PyTorch epilogues; bench/gpu_profile.py sweeps the tile shapes again with the Triton ones).
 STREAM_TILES = {"cpu": (512, 8192), "cuda": (8192, 8192)}
 
 
