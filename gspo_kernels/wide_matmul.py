@@ -25,12 +25,13 @@ def _probe(kind: str, device: torch.device, dtype: torch.dtype) -> bool:
     expected = (a.to(dtype).double() @ b.to(dtype).double()).float()
     a, b, acc = a.to(device, dtype), b.to(device, dtype), acc.to(device)
     try:
+        # the layouts the lm_head uses: the weight's rows transposed (mm), d logits transposed (addmm)
         if kind == "mm":
-            got = torch.mm(a, b, out_dtype=torch.float32)
+            got = torch.mm(a, b.t().contiguous().t(), out_dtype=torch.float32)
         else:
             expected = expected + acc.cpu()
             got = acc.clone()
-            torch.addmm(got, a, b, out_dtype=torch.float32, out=got)
+            torch.addmm(got, a.t().contiguous().t(), b, out_dtype=torch.float32, out=got)
     except (RuntimeError, TypeError, NotImplementedError):
         return False
     return got.dtype == torch.float32 and torch.allclose(got.cpu(), expected, rtol=1e-4, atol=1e-4)
