@@ -516,14 +516,19 @@ def test_matches_liger_with_its_conventions(use_bias_correction_kl):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("with_bias, with_entropy", [(False, False), (True, True)])
-def test_triton_epilogues_write_every_element_and_match_the_pytorch_tile(monkeypatch, dtype, with_bias, with_entropy):
-    """Statistics and d logits of an awkward tile: 71 rows, vocabulary chunk [1000, 1333) of 4099."""
+@pytest.mark.parametrize("with_bias, with_entropy, tile", [(False, False, None), (True, True, None),
+                                                           (True, False, (16, 1000))])
+def test_triton_epilogues_write_every_element_and_match_the_pytorch_tile(monkeypatch, dtype, with_bias, with_entropy,
+                                                                         tile):
+    """Statistics and d logits of an awkward tile: 71 rows, vocabulary chunk [1000, 1333) of 4099; the
+    statistics also over 5 x 5 tiles of 16 rows x 1000 entries (the last ones partial)."""
     pytest.importorskip("triton")
     from gspo_kernels import fused_linear_stream, fused_linear_triton
 
     monkeypatch.setattr(fused_linear_triton, "allocate_output",
                         lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype, device=device))
+    if tile is not None:
+        monkeypatch.setitem(fused_linear_stream.STREAM_TILES, DEVICE.type, tile)
     hidden, weight, bias, targets = (t.to(dtype) if t.is_floating_point() else t for t in make_lm_head(12))
     bias = bias if with_bias else None
     rows, flat_targets = hidden.reshape(-1, HIDDEN)[:71], targets.reshape(-1)[:71]
