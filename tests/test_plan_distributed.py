@@ -95,10 +95,8 @@ def config_of(case: str, base: Path):
     return load_config(CONFIGS / f"{CASES[case][0]}.yaml", overrides(case, base))
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict:
-    """Every case's peaks per rank, from one torchrun launch of 2 processes, and the cases' folder."""
-    base = tmp_path_factory.mktemp("plan_rank_peaks")
+def launch(base: Path) -> subprocess.CompletedProcess:
+    """One torchrun launch of 2 processes measuring every case into `base`."""
     cases = [{"id": case_id(case), "config": str(CONFIGS / f"{CASES[case][0]}.yaml"),
               "overrides": overrides(case, base)} for case in CASES]
     (base / "cases.json").write_text(json.dumps(cases))
@@ -106,8 +104,25 @@ def runs(tmp_path_factory) -> dict:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(RANKS),
                str(ROOT / "tests" / "plan_rank_peaks.py"), str(base / "cases.json"), str(base)]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
-                            check=False)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+                          check=False)
+
+
+# In 2 of some 60 launches on 2 cores a rank died in native code with "terminate called without an
+# active exception" (SIGABRT) and no Python traceback, before the last case was written. Such a
+# launch is run once more, in a fresh folder; a crash that repeats still fails the test.
+NATIVE_ABORT = "terminate called without an active exception"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """Every case's peaks per rank, from one torchrun launch of 2 processes, and the cases' folder."""
+    base = tmp_path_factory.mktemp("plan_rank_peaks")
+    result = launch(base)
+    if result.returncode != 0 and NATIVE_ABORT in result.stderr:
+        print(f"plan_rank_peaks.py: a rank aborted in native code; launching again\n{result.stderr[-2000:]}")
+        base = tmp_path_factory.mktemp("plan_rank_peaks")
+        result = launch(base)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     peaks = {case: [json.loads((base / f"{case_id(case)}-rank{rank}.json").read_text()) for rank in range(RANKS)]
              for case in CASES}
