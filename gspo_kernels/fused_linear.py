@@ -25,8 +25,8 @@ of sequences under a memory budget, `chunk_budget_mib`, that does not depend on 
 Only response tokens (mask != 0) are computed at all in `fused_linear_gspo_loss`; in
 `token_logprobs`' backward, rows whose gradient is zero are skipped. Every matmul runs on the
 tensor cores through cuBLAS; on CUDA a streamed tile's statistics and its d logits are Triton
-kernels that read the tile once (gspo_kernels/fused_linear_triton.py). Which strategy the default budget picks at which shape, and the extra
-memory of each: docs/fused_linear.md.
+kernels that read the tile once (gspo_kernels/fused_linear_triton.py). Which strategy the default
+budget picks at which shape, and the extra memory of each: docs/fused_linear.md.
 """
 
 from __future__ import annotations
