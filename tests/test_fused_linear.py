@@ -517,11 +517,11 @@ def test_matches_liger_with_its_conventions(use_bias_correction_kl):
     assert all(rel_err(g, r) < 1e-4 for g, r in zip(grads, liger_grads))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 # 5 x 5 tiles: 7 s in the interpreter, with the slow tests.
 MANY_TILES = pytest.param(True, False, (16, 1000), marks=pytest.mark.slow)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_bias, with_entropy, tile", [(False, False, None), (True, True, None), MANY_TILES])
 def test_triton_epilogues_write_every_element_and_match_the_pytorch_tile(monkeypatch, dtype, with_bias, with_entropy,
                                                                          tile):
