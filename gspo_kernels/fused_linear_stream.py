@@ -58,7 +58,7 @@ def logits_tile(hidden_rows, weight, bias, v0, v1, inv_temperature, out=None):
     elif out.dtype == hidden_rows.dtype:
         tile = torch.mm(hidden_rows, weight_tile, out=out)
     else:
-        tile = out.copy_(hidden_rows @ weight_tile)
+        tile = out.copy_(mm_fp32(hidden_rows, weight_tile))
     if bias is not None:
         tile += bias[v0:v1].to(tile.dtype)
     if inv_temperature != 1.0:
