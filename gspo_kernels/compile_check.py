@@ -168,26 +168,31 @@ def fused_linear_specialisations() -> list[Specialisation]:
 
     specs = []
     width = 8192  # the vocabulary chunk of a streamed tile on a GPU (gspo_kernels.stream_tile)
-    # the logits tile is fp32 (cuBLAS's fp32 result); a bias is in the operands' dtype or in fp32; d logits are
-    # written in the operands' dtype
+    options = {"num_warps": flt.NUM_WARPS}
+    common = dict(logits_ptr=torch.float32, targets_ptr=torch.int64, width=width, vocab_start=width,
+                  stride_lm=width, inv_temperature=1.0)
+
+    def bias_text(bias):
+        return f"bias {dtype_name(bias)} " if bias is not None else ""
+
+    # The logits tile is fp32 (cuBLAS's fp32 result) whatever the operands, so the statistics kernel
+    # varies only with the bias, which is in the operands' dtype or in fp32.
+    for bias, with_entropy in itertools.product((None, *FLOAT_DTYPES), (False, True)):
+        constexprs = dict(HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, BLOCK_V=flt.STATS_BLOCK_V)
+        specs.append(Specialisation(
+            flt._tile_stats_kernel, f"{bias_text(bias)}{describe(constexprs, **options)}",
+            dict(common, bias_ptr=bias or torch.float32, max_ptr=torch.float32, sum_exp_ptr=torch.float32,
+                 sum_exp_z_ptr=torch.float32, target_logit_ptr=torch.float32), constexprs, **options,
+        ))
+    # d logits are written in the operands' dtype
     biases = [(dtype, bias) for dtype in FLOAT_DTYPES for bias in dict.fromkeys((None, dtype, torch.float32))]
     for (dtype, bias), with_entropy in itertools.product(biases, (False, True)):
-        bias_text = f" bias {dtype_name(bias)}" if bias is not None else ""
-        options = {"num_warps": flt.NUM_WARPS}
-        common = dict(logits_ptr=torch.float32, bias_ptr=bias or torch.float32, targets_ptr=torch.int64,
-                      width=width, vocab_start=width, stride_lm=width, inv_temperature=1.0)
-        flags = dict(HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy)
-        stats = dict(flags, BLOCK_V=flt.STATS_BLOCK_V)
+        constexprs = dict(HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, BLOCK_V=flt.DLOGITS_BLOCK_V)
         specs.append(Specialisation(
-            flt._tile_stats_kernel, f"{dtype_name(dtype)}{bias_text} {describe(stats, **options)}",
-            dict(common, max_ptr=torch.float32, sum_exp_ptr=torch.float32, sum_exp_z_ptr=torch.float32,
-                 target_logit_ptr=torch.float32), stats, **options,
-        ))
-        dlogits = dict(flags, BLOCK_V=flt.DLOGITS_BLOCK_V)
-        specs.append(Specialisation(
-            flt._tile_dlogits_kernel, f"{dtype_name(dtype)}{bias_text} {describe(dlogits, **options)}",
-            dict(common, lse_ptr=torch.float32, entropy_ptr=torch.float32, grad_logp_ptr=torch.float32,
-                 grad_entropy_ptr=torch.float32, out_ptr=dtype, stride_om=width), dlogits, **options,
+            flt._tile_dlogits_kernel, f"{dtype_name(dtype)} {bias_text(bias)}{describe(constexprs, **options)}",
+            dict(common, bias_ptr=bias or torch.float32, lse_ptr=torch.float32, entropy_ptr=torch.float32,
+                 grad_logp_ptr=torch.float32, grad_entropy_ptr=torch.float32, out_ptr=dtype, stride_om=width),
+            constexprs, **options,
         ))
     return specs
 

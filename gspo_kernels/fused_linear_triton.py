@@ -154,11 +154,12 @@ def dlogits_tile(hidden_rows, weight, bias, v0, v1, targets, lse, entropy, grad_
         return out
     tile = _logits(hidden_rows, weight, v0, v1)
     with_entropy = grad_entropy is not None
-    row_stats = [t.float().contiguous() for t in (lse, grad_logp)]
-    entropy_stats = [t.float().contiguous() for t in (entropy, grad_entropy)] if with_entropy else row_stats
+    lse, grad_logp = (t.float().contiguous() for t in (lse, grad_logp))
+    # without entropy the kernel never reads its two entropy pointers
+    entropy, grad_entropy = (t.float().contiguous() for t in (entropy, grad_entropy)) if with_entropy else (lse, lse)
     _tile_dlogits_kernel[(num_rows, triton.cdiv(v1 - v0, DLOGITS_BLOCK_V))](
-        tile, bias if bias is not None else tile, _token_ids(targets), row_stats[0], entropy_stats[0], row_stats[1],
-        entropy_stats[1], out, v1 - v0, v0, tile.stride(0), out.stride(0), inv_temperature,
+        tile, bias if bias is not None else tile, _token_ids(targets), lse, entropy, grad_logp, grad_entropy, out,
+        v1 - v0, v0, tile.stride(0), out.stride(0), inv_temperature,
         HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, BLOCK_V=DLOGITS_BLOCK_V, num_warps=NUM_WARPS,
     )
     return out

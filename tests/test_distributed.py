@@ -41,6 +41,18 @@ SETTINGS = {
 }
 
 
+# The run of the towers' two-rank tests (tests/test_qwen3_vl_distributed.py, test_qwen3_omni_distributed.py):
+# 4 prompts x 4 completions of 3 tokens scored by digit_match, 2 minibatches, 2 steps.
+TOWER_RUN = {
+    "rewards": [{"function": "digit_match"}],
+    "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 3},
+    "gspo": {"eps_low": 0.2, "eps_high": 0.28, "num_minibatches": 2, "micro_batch_tokens": 64},
+    "optim": {"learning_rate": 1e-3, "warmup_steps": 0},
+    "train": {"steps": 2, "cpu_threads": 1},
+    "logging": {"every": 1},
+}
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from test_distributed import assert_same_weights, ok, run_together, train_args
+from test_distributed import TOWER_RUN, assert_same_weights, ok, run_together, train_args
 from transformers import Qwen3VLForConditionalGeneration
 
 pytestmark = pytest.mark.slow
@@ -14,12 +14,7 @@ SETTINGS = {
     "model": {"name_or_path": "tiny-vl"},
     "data": {"dataset": "builtin_vision", "builtin": {"tasks": ["colour", "count"], "num_rows": 64},
              "vision_resolution": 32},
-    "rewards": [{"function": "digit_match"}],
-    "rollout": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 3},
-    "gspo": {"eps_low": 0.2, "eps_high": 0.28, "num_minibatches": 2, "micro_batch_tokens": 64},
-    "optim": {"learning_rate": 1e-3, "warmup_steps": 0},
-    "train": {"steps": 2, "cpu_threads": 1},
-    "logging": {"every": 1},
+    **TOWER_RUN,
 }
 
 
